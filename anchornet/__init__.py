@@ -5,26 +5,65 @@ and cropping. It never imports Ray.
 """
 
 from anchornet.cam import cam_from_features, class_activation_map
+from anchornet.checkpoint import CheckpointError, ModelCard, load_checkpoint, save_checkpoint
+from anchornet.classifiers import Classifier, WeightsUnavailableError, build_classifier, classifier_names
+from anchornet.early_exit import EarlyExitClassifier, EarlyExitResult, accumulated_confidence, cumulative_step_macs
 from anchornet.layers import MBConv, SqueezeExcite
 from anchornet.macs import count_macs
 from anchornet.model import TABLE1, AnchorNet, MBConvConfig, anchornet_test
 from anchornet.patches import PatchSelection, crop_patches, random_patches, select_patches
+from anchornet.preprocessing import ImageDecodeError, Preprocessing, decode_image
 from anchornet.receptive_field import ReceptiveField, receptive_field_of
+from anchornet.thresholds import (
+    BudgetPoint,
+    StepTable,
+    anytime_accuracy,
+    budgeted_search,
+    collect_step_table,
+    evaluate_thresholds,
+    fit_thresholds,
+    load_thresholds,
+    save_thresholds,
+)
 
 __all__ = [
     "TABLE1",
     "AnchorNet",
+    "BudgetPoint",
+    "CheckpointError",
+    "Classifier",
+    "EarlyExitClassifier",
+    "EarlyExitResult",
+    "ImageDecodeError",
     "MBConv",
     "MBConvConfig",
+    "ModelCard",
     "PatchSelection",
+    "Preprocessing",
     "ReceptiveField",
     "SqueezeExcite",
+    "StepTable",
+    "WeightsUnavailableError",
+    "accumulated_confidence",
     "anchornet_test",
+    "anytime_accuracy",
+    "budgeted_search",
+    "build_classifier",
     "cam_from_features",
     "class_activation_map",
+    "classifier_names",
+    "collect_step_table",
     "count_macs",
     "crop_patches",
+    "cumulative_step_macs",
+    "decode_image",
+    "evaluate_thresholds",
+    "fit_thresholds",
+    "load_checkpoint",
+    "load_thresholds",
     "random_patches",
     "receptive_field_of",
+    "save_checkpoint",
+    "save_thresholds",
     "select_patches",
 ]

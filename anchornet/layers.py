@@ -8,10 +8,27 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["ConvBnAct", "MBConv", "ShortcutCrop", "SqueezeExcite"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ConvBnAct", "MBConv", "Normalize", "ShortcutCrop", "SqueezeExcite"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ShortcutCrop = Literal["center", "top_left"]
 LayerFactory = Callable[..., nn.Module]
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` on ``[0, 1]`` RGB input, so a model carries its own normalisation."""
+
+    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
+        super().__init__()
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError(f"mean and std must have the same length and std > 0, got {mean} and {std}")
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
 class ConvBnAct(nn.Sequential):

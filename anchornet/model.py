@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anchornet.layers import ConvBnAct, MBConv, ShortcutCrop, SqueezeExcite
+from anchornet.layers import IMAGENET_MEAN, IMAGENET_STD, ConvBnAct, MBConv, Normalize, ShortcutCrop, SqueezeExcite
 from anchornet.receptive_field import ReceptiveField, receptive_field_of
 
 __all__ = ["TABLE1", "AnchorNet", "MBConvConfig", "anchornet_test"]
@@ -54,6 +54,7 @@ class AnchorNet(nn.Module):
         head_channels: width of the 1x1 head convolution.
         blocks: the block table; Table 1 by default.
         stem: ``(kernel, channels, stride)`` of the stem convolution.
+        mean, std: input normalisation applied first: the model takes ``[0, 1]`` RGB tensors.
     """
 
     def __init__(
@@ -66,6 +67,8 @@ class AnchorNet(nn.Module):
         blocks: tuple[MBConvConfig, ...] = TABLE1,
         stem: tuple[int, int, int] = TABLE1_STEM,
         in_channels: int = 3,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -79,9 +82,12 @@ class AnchorNet(nn.Module):
             "blocks": [list(asdict(b).values()) for b in blocks],
             "stem": list(stem),
             "in_channels": in_channels,
+            "mean": list(mean),
+            "std": list(std),
         }
         stem_kernel, stem_channels, stem_stride = stem
         se_layer = partial(SqueezeExcite, act_layer=nn.SiLU) if se else None
+        self.normalize = Normalize(tuple(mean), tuple(std))
         layers: list[nn.Module] = [ConvBnAct(in_channels, stem_channels, stem_kernel, stem_stride)]
         width = stem_channels
         for cfg in blocks:
@@ -129,11 +135,11 @@ class AnchorNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` images to the final pre-pooling map ``F``, ``(B, head_channels, rows, cols)``."""
+        """``[0, 1]`` RGB images ``(B, C, H, W)`` to the pre-pooling map ``F``, ``(B, head_channels, rows, cols)``."""
         if x.dim() != 4:
             raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(x.shape)}")
         self.receptive_field.check_input(x.shape[-2], x.shape[-1])
-        return self.head(self.features(x))
+        return self.head(self.features(self.normalize(x)))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Global average pooling and the linear classifier: ``F`` to logits ``(B, num_classes)``."""

@@ -1,12 +1,31 @@
 from __future__ import annotations
 
+import os
+import re
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from _s3 import S3Server, free_port, s3_env, start_s3_server
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 IMAGENETTE = SHARED_DATA / "imagenette"
+
+# Fixed for the whole session before any Ray process starts, so every Ray worker, job and subprocess
+# inherits it: no token auth for local test clusters, quiet logs, and the AWS chain pointed at the local S3
+# server (started on this port only by the tests that ask for it).
+_S3_PORT = free_port()
+os.environ.update(
+    {
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DEDUP_LOGS": "0",
+        "RAY_memory_monitor_refresh_ms": "0",
+        **s3_env(f"http://127.0.0.1:{_S3_PORT}"),
+    }
+)
 
 
 @pytest.fixture(autouse=True)
@@ -20,3 +39,37 @@ def imagenette() -> Path:
     if not (IMAGENETTE / "val").is_dir():
         pytest.skip(f"real images not found at {IMAGENETTE}")
     return IMAGENETTE
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (SeaweedFS) on 127.0.0.1 for the whole session; the AWS variables point at it."""
+    server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"), port=_S3_PORT)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket; returns its ``s3://`` URI."""
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    s3_server.create_bucket(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray for the whole session: 2 logical CPUs, no GPU, no dashboard (tests use fractional CPUs)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=2,
+            num_gpus=0,
+            include_dashboard=False,
+            object_store_memory=512 * 1024**2,
+            log_to_driver=False,
+        )
+    yield
+    ray.shutdown()

@@ -1,0 +1,183 @@
+"""One self-describing checkpoint format for AnchorNet and the downstream classifiers.
+
+A checkpoint is a ``torch.save``d dict of plain values and tensors, loadable with ``weights_only=True``:
+
+    {"format": "anchornet-checkpoint", "version": 1, "kind": "anchornet" | "classifier",
+     "arch": {...constructor arguments...}, "state_dict": {...}, "card": {...}}
+
+The card holds the class names, the preprocessing, the working input size, the MACs at that size, the
+training provenance and anything else given to ``save_checkpoint`` (metrics, thresholds).
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from anchornet import storage
+from anchornet.classifiers import Classifier, build_classifier
+from anchornet.macs import count_macs
+from anchornet.model import AnchorNet
+from anchornet.preprocessing import Preprocessing
+
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "ModelCard", "load_checkpoint", "save_checkpoint"]
+
+FORMAT = "anchornet-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint of this package, or one that does not match its own card."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a checkpoint says about its model."""
+
+    kind: str
+    arch: dict[str, Any]
+    input_size: int
+    macs: int
+    class_names: list[str] | None = None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gmacs(self) -> float:
+        return self.macs / 1e9
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "arch": self.arch,
+            "input_size": self.input_size,
+            "macs": self.macs,
+            "class_names": self.class_names,
+            "preprocessing": self.preprocessing,
+            "provenance": self.provenance,
+            **self.extra,
+        }
+
+
+def _kind_and_arch(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    if isinstance(model, AnchorNet):
+        return "anchornet", model.config
+    if isinstance(model, Classifier):
+        return "classifier", model.config
+    raise TypeError(f"can only checkpoint AnchorNet or Classifier models, got {type(model).__name__}")
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    input_size: int | None = None,
+    class_names: list[str] | None = None,
+    preprocessing: Preprocessing | dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+    **extra: Any,
+) -> ModelCard:
+    """Write ``model`` and its card to a local path or ``s3://`` URI; returns the card.
+
+    ``input_size`` is the side of the square input the model works at (224 for AnchorNet, K for the patch
+    networks); the MACs at that size are counted here. ``extra`` keys (metrics, thresholds, ...) must be plain
+    values (str, int, float, bool, None, lists and dicts of them).
+    """
+    kind, arch = _kind_and_arch(model)
+    net = getattr(model, "module", model)
+    if input_size is None:
+        input_size = 224 if kind == "anchornet" else 95
+    num_classes = arch["num_classes"]
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
+    if isinstance(preprocessing, Preprocessing):
+        preprocessing = preprocessing.to_dict()
+    info = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        **(provenance or {}),
+    }
+    card = ModelCard(
+        kind=kind,
+        arch=arch,
+        input_size=int(input_size),
+        macs=int(count_macs(net, input_size)),
+        class_names=list(class_names) if class_names is not None else None,
+        preprocessing=dict(preprocessing or {}),
+        provenance=info,
+        extra=dict(extra),
+    )
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "arch": _plain(arch, "arch"),
+        "card": _plain(card.to_dict(), "card"),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    storage.write_bytes(path, buffer.getvalue())
+    return card
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelCard]:
+    """Read a checkpoint written by ``save_checkpoint``: the model in eval mode on CPU, and its card.
+
+    Raises ``FileNotFoundError`` when the file is missing and ``CheckpointError`` for a file that is not one
+    of ours (or a newer format version).
+    """
+    data = storage.read_bytes(path)
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and weights_only errors all mean "not ours"
+        raise CheckpointError(f"{path} is not an AnchorNet checkpoint ({type(err).__name__})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an AnchorNet checkpoint (no '{FORMAT}' header)")
+    if payload.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {payload['version']}; this package reads <= {VERSION}")
+    kind, arch = payload["kind"], payload["arch"]
+    if kind == "anchornet":
+        model: nn.Module = AnchorNet(**arch)
+    elif kind == "classifier":
+        model = build_classifier(arch["name"], arch["num_classes"])
+    else:
+        raise CheckpointError(f"{path} holds an unknown model kind {kind!r}")
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not match the architecture on its card: {err}") from err
+    card_dict = dict(payload["card"])
+    known = {
+        k: card_dict.pop(k)
+        for k in ("kind", "arch", "input_size", "macs", "class_names", "preprocessing", "provenance")
+    }
+    return model.eval(), ModelCard(**known, extra=card_dict)
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as built-in types only (``weights_only`` loading refuses subclasses such as TorchVersion)."""
+    if value is None or isinstance(value, bool):
+        return value
+    for kind in (str, int, float):  # inf and nan floats included (thresholds)
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise TypeError(f"{where} has a non-string key")
+        return {str(key): _plain(item, f"{where}.{key}") for key, item in value.items()}
+    raise TypeError(
+        f"{where} is a {type(value).__name__}; card values must be plain (str, int, float, bool, list, dict)"
+    )

@@ -1,0 +1,197 @@
+"""Downstream classifiers (f_glance, f_patch) by name, with their weights and their normalisation.
+
+``build_classifier("resnet50", num_classes=10, weights="imagenet")`` gives a ``Classifier``: the network
+behind a ``Normalize`` layer, so it takes ``[0, 1]`` RGB tensors like every model in this package. Any
+torchvision classification model can be added with ``register_classifier``.
+"""
+
+from __future__ import annotations
+
+import io
+import urllib.error
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from anchornet import storage
+from anchornet.layers import IMAGENET_MEAN, IMAGENET_STD, Normalize
+
+__all__ = [
+    "Classifier",
+    "ClassifierEntry",
+    "WeightsUnavailableError",
+    "build_classifier",
+    "classifier_names",
+    "register_classifier",
+]
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be fetched (offline, say); the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class ClassifierEntry:
+    """How to build one architecture and where its ImageNet weights come from.
+
+    ``builder(num_classes)`` returns the bare network; ``imagenet_weights()`` returns a state dict for
+    ``builder(1000)``.
+    """
+
+    builder: Callable[[int], nn.Module]
+    imagenet_weights: Callable[[], dict[str, torch.Tensor]] | None
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+_REGISTRY: dict[str, ClassifierEntry] = {}
+
+
+def register_classifier(name: str, entry: ClassifierEntry) -> None:
+    """Make ``name`` available to ``build_classifier`` (and to checkpoints that name it)."""
+    _REGISTRY[name] = entry
+
+
+def classifier_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _torchvision_entry(name: str) -> ClassifierEntry:
+    def build(num_classes: int) -> nn.Module:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+    def imagenet_weights() -> dict[str, torch.Tensor]:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        return download_state_dict(weights.url, f"torchvision weights {weights}")
+
+    return ClassifierEntry(build, imagenet_weights)
+
+
+def _lite0_entry() -> ClassifierEntry:
+    from anchornet import pretrained
+
+    def build(num_classes: int) -> nn.Module:
+        import timm
+
+        return timm.create_model(pretrained.LITE0_TIMM_NAME, pretrained=False, num_classes=num_classes)
+
+    return ClassifierEntry(
+        build, pretrained.load_efficientnet_lite0_imagenet, pretrained.LITE0_MEAN, pretrained.LITE0_STD
+    )
+
+
+for _name in (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "densenet121",
+    "densenet201",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+):
+    register_classifier(_name, _torchvision_entry(_name))
+register_classifier("efficientnet_lite0", _lite0_entry())
+
+
+def download_state_dict(url: str, what: str) -> dict[str, torch.Tensor]:
+    """Fetch a state dict through torch.hub's cache; offline, a ``WeightsUnavailableError`` in one line."""
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, weights_only=True)
+    except (urllib.error.URLError, OSError, ConnectionError) as err:
+        reason = getattr(err, "reason", err)
+        raise WeightsUnavailableError(
+            f"could not download {what} from {url} ({reason}); pass weights=PATH (a local file or s3:// URI) instead"
+        ) from err
+
+
+class Classifier(nn.Module):
+    """A named downstream network behind its own input normalisation; takes ``[0, 1]`` RGB images."""
+
+    def __init__(self, arch: str, num_classes: int, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.arch = arch
+        self.num_classes = num_classes
+        self.normalize = Normalize(tuple(mean), tuple(std))
+        self.net = net
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``build_classifier(**model.config)`` rebuilds the architecture (without weights)."""
+        return {"name": self.arch, "num_classes": self.num_classes}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+def build_classifier(
+    name: str,
+    num_classes: int,
+    weights: str | None = None,
+    *,
+    head_from: Sequence[int] | None = None,
+) -> Classifier:
+    """A downstream classifier with ``num_classes`` outputs.
+
+    Args:
+        name: a registered architecture (``classifier_names()``).
+        weights: ``None`` (random init); ``"imagenet"`` (torchvision's default weights, downloaded when online,
+            or the packaged offline weights for ``efficientnet_lite0``); or a local path / ``s3://`` URI of a
+            checkpoint of this package or a plain state dict of the same architecture.
+        head_from: with ImageNet weights and ``num_classes != 1000``, initialise the new classifier rows from
+            these ImageNet classes (one index per class) instead of at random, so a pretrained network is
+            usable on a subset of ImageNet classes before any fine-tuning.
+    """
+    if name not in _REGISTRY and name in torchvision.models.list_models(module=torchvision.models):
+        register_classifier(name, _torchvision_entry(name))  # any torchvision classification model works
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown classifier {name!r}; known: {', '.join(classifier_names())}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    entry = _REGISTRY[name]
+    if weights is None:
+        return Classifier(name, num_classes, entry.builder(num_classes), entry.mean, entry.std)
+    if weights == "imagenet":
+        if entry.imagenet_weights is None:
+            raise WeightsUnavailableError(f"no ImageNet weights are known for {name!r}")
+        net = entry.builder(1000)
+        net.load_state_dict(entry.imagenet_weights())
+        if num_classes != 1000:
+            _replace_head(net, num_classes, head_from)
+        elif head_from is not None:
+            raise ValueError("head_from needs num_classes != 1000")
+        return Classifier(name, num_classes, net, entry.mean, entry.std)
+    model = Classifier(name, num_classes, entry.builder(num_classes), entry.mean, entry.std)
+    state = _load_state_dict(weights)
+    if not any(k.startswith("net.") for k in state):
+        state = {f"net.{k}": v for k, v in state.items()}
+    model.load_state_dict(state)
+    return model
+
+
+def _load_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    obj = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{uri} holds no state dict")
+    return obj
+
+
+def _replace_head(net: nn.Module, num_classes: int, head_from: Sequence[int] | None) -> None:
+    """Swap the last ``nn.Linear`` of ``net`` for one with ``num_classes`` outputs."""
+    name, old = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    if head_from is not None:
+        rows = list(head_from)
+        if len(rows) != num_classes or not all(0 <= r < old.out_features for r in rows):
+            raise ValueError(f"head_from needs {num_classes} class indices in [0, {old.out_features})")
+        with torch.no_grad():
+            new.weight.copy_(old.weight[rows])
+            if old.bias is not None:
+                new.bias.copy_(old.bias[rows])
+    parent_name, _, attr = name.rpartition(".")
+    setattr(net.get_submodule(parent_name) if parent_name else net, attr, new)

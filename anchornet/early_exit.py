@@ -1,0 +1,369 @@
+"""Sequential early-exit inference (paper Alg. 1): a glance at the resized image, then AnchorNet's patches.
+
+Step 1 classifies ``x_1``, the whole image resized to ``K x K``, with ``f_glance``; steps ``t = 2..T`` add
+``f_patch`` on the ``t - 1``-th best patch ``x_t``. With ``z_t = sum_{s <= t} f(x_s)`` a sample exits at the
+first ``t < T`` with ``confidence(z_t) >= rho_t``, else at ``T`` with ``argmax z_T``. The batch shrinks at every
+step: each network runs only on the samples still undecided, as a dense sub-batch, and AnchorNet runs once,
+only on the samples that go past step 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anchornet.cam import class_activation_map
+from anchornet.macs import count_macs
+from anchornet.model import AnchorNet
+from anchornet.patches import PatchSelection, crop_patches, random_patches, select_patches
+
+__all__ = [
+    "Aggregate",
+    "EarlyExitClassifier",
+    "EarlyExitResult",
+    "PatchPolicy",
+    "accumulated_confidence",
+    "cumulative_step_macs",
+]
+
+Aggregate = Literal["logits", "probs"]
+PatchPolicy = Literal["anchornet", "random"]
+
+
+def cumulative_step_macs(anchornet_macs: int, glance_macs: int, patch_macs: int, num_steps: int) -> list[int]:
+    """MACs of one sample that exits at step ``t = 1..num_steps`` (REFERENCE section 4, cost accounting).
+
+    ``C(exit at 1) = glance``; ``C(exit at t >= 2) = anchornet + glance + (t - 1) * patch``. Pass
+    ``anchornet_macs=0`` for the random-patch baseline, which runs no AnchorNet.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    costs = [int(glance_macs)]
+    costs += [int(anchornet_macs) + int(glance_macs) + (t - 1) * int(patch_macs) for t in range(2, num_steps + 1)]
+    return costs
+
+
+def accumulated_confidence(
+    z: torch.Tensor, num_steps: int | torch.Tensor, aggregate: Aggregate = "logits"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence and prediction of accumulated outputs ``z_t`` (classes on the last dimension).
+
+    ``aggregate="logits"``: ``z_t`` sums logits, confidence ``max softmax(z_t)``. ``aggregate="probs"``: ``z_t``
+    sums softmax probabilities, confidence ``max(z_t) / t`` (the mean probability; ``num_steps`` is ``t``, an
+    int or a tensor broadcastable to ``z.shape[:-1]``). Returns ``(confidence, argmax z_t)``.
+    """
+    if aggregate == "logits":
+        confidence = z.softmax(dim=-1).amax(dim=-1)
+    elif aggregate == "probs":
+        confidence = z.amax(dim=-1) / num_steps
+    else:
+        raise ValueError(f"aggregate must be 'logits' or 'probs', got {aggregate!r}")
+    return confidence, z.argmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class EarlyExitResult:
+    """What the engine decided for a batch of ``B`` images with ``k = num_patches``.
+
+    Attributes:
+        prediction: class index, ``(B,)``.
+        confidence: the confidence at the exit step, ``(B,)`` (see ``accumulated_confidence``).
+        exit_step: 1-based step the sample exited at, ``(B,)``; 1 is the glance, ``t >= 2`` the ``t - 1``-th patch.
+        macs: multiply-accumulates actually spent on the sample, int64 ``(B,)``.
+        logits: the accumulated ``z`` at the exit step, ``(B, num_classes)`` (summed probabilities for
+            ``aggregate="probs"``).
+        boxes: half-open windows ``(x0, y0, x1, y1)`` of the patches the sample looked at, best first,
+            ``(B, k, 4)``; NaN in the slots it did not look at.
+        scores: CAM scores of those patches, ``(B, k)``; NaN likewise (and always for random patches).
+    """
+
+    prediction: torch.Tensor
+    confidence: torch.Tensor
+    exit_step: torch.Tensor
+    macs: torch.Tensor
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    scores: torch.Tensor
+
+
+class EarlyExitClassifier(nn.Module):
+    """The sequential early-exit pipeline of paper Alg. 1 over ``T = num_patches + 1`` steps.
+
+    The caller moves the module and the images to a device and calls ``.eval()``; every forward pass runs
+    under ``torch.inference_mode()``.
+
+    Args:
+        anchornet: the patch proposer; its ``receptive_field.size`` is the patch side ``K``.
+        glance_net: ``f_glance``, classifies the whole image resized to ``patch_size x patch_size``.
+        patch_net: ``f_patch``, classifies one patch; same classes as ``glance_net``.
+        thresholds: ``rho_1..rho_{T-1}``, one confidence per step but the last; 0 exits everyone, ``inf`` no one.
+        num_patches: patches per image, ``T - 1``.
+        iou_threshold: NMS threshold of ``select_patches``.
+        patch_size: input side of both downstream networks; ``K`` by default. Patches are always cut ``K x K``
+            from the full image and resized only when this differs from ``K``.
+        aggregate: accumulate ``"logits"`` (default, the released code) or softmax ``"probs"`` (the paper).
+        patch_policy: ``"anchornet"`` patches, or ``"random"`` grid cells (``random_patches``, the baseline of
+            paper Table 3). Random patches are drawn for the whole batch on every call, so that a sample's
+            patches do not depend on the thresholds; AnchorNet never runs and its MACs are not charged.
+        generator: random generator of the random policy (its device is where the draws happen).
+        image_size: ``(H, W)`` at which ``step_macs`` charges AnchorNet; ``predict`` charges the size it gets.
+    """
+
+    def __init__(
+        self,
+        anchornet: AnchorNet,
+        glance_net: nn.Module,
+        patch_net: nn.Module,
+        thresholds: Sequence[float],
+        num_patches: int = 4,
+        iou_threshold: float = 0.3,
+        *,
+        patch_size: int | None = None,
+        aggregate: Aggregate = "logits",
+        patch_policy: PatchPolicy = "anchornet",
+        generator: torch.Generator | None = None,
+        image_size: tuple[int, int] = (224, 224),
+    ) -> None:
+        super().__init__()
+        if num_patches < 1:
+            raise ValueError(f"num_patches must be at least 1, got {num_patches}")
+        if aggregate not in ("logits", "probs"):
+            raise ValueError(f"aggregate must be 'logits' or 'probs', got {aggregate!r}")
+        if patch_policy not in ("anchornet", "random"):
+            raise ValueError(f"patch_policy must be 'anchornet' or 'random', got {patch_policy!r}")
+        self.anchornet = anchornet
+        self.glance_net = glance_net
+        self.patch_net = patch_net
+        self.receptive_field = anchornet.receptive_field
+        self.num_patches = num_patches
+        self.iou_threshold = iou_threshold
+        self.patch_size = patch_size if patch_size is not None else self.receptive_field.size
+        self.aggregate: Aggregate = aggregate
+        self.patch_policy: PatchPolicy = patch_policy
+        self.generator = generator
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.receptive_field.check_input(*self.image_size)
+        self.thresholds = thresholds
+
+        channels = anchornet.config["in_channels"]
+        self.glance_macs = count_macs(glance_net, (channels, self.patch_size, self.patch_size))
+        self.patch_macs = count_macs(patch_net, (channels, self.patch_size, self.patch_size))
+        self._anchornet_macs: dict[tuple[int, int], int] = {}
+        self.anchornet_macs = self._anchornet_cost(*self.image_size)
+
+    @property
+    def num_steps(self) -> int:
+        """``T = num_patches + 1``: the glance and one step per patch."""
+        return self.num_patches + 1
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """``rho_1..rho_{T-1}``; set it to switch budgets without rebuilding the engine."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, thresholds: Sequence[float]) -> None:
+        values = tuple(float(rho) for rho in thresholds)
+        expected = self.num_steps - 1
+        if len(values) != expected:
+            raise ValueError(
+                f"expected {expected} thresholds rho_1..rho_{expected} (T = num_patches + 1 = {self.num_steps} steps, "
+                f"none for the last), got {len(values)}"
+            )
+        if any(math.isnan(rho) for rho in values):
+            raise ValueError(f"thresholds must not be NaN, got {values}")
+        self._thresholds = values
+
+    @property
+    def step_macs(self) -> list[int]:
+        """Cumulative MACs of exiting at ``t = 1..T`` on an ``image_size`` image (``cumulative_step_macs``)."""
+        return cumulative_step_macs(self.anchornet_macs, self.glance_macs, self.patch_macs, self.num_steps)
+
+    def _anchornet_cost(self, height: int, width: int) -> int:
+        if self.patch_policy == "random":
+            return 0
+        if (height, width) not in self._anchornet_macs:
+            channels = self.anchornet.config["in_channels"]
+            self._anchornet_macs[height, width] = count_macs(self.anchornet, (channels, height, width))
+        return self._anchornet_macs[height, width]
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.dim() != 4:
+            raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(images.shape)}")
+        self.receptive_field.check_input(images.shape[-2], images.shape[-1])
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` to ``(B, C, patch_size, patch_size)``, bilinear with antialiasing."""
+        size = (self.patch_size, self.patch_size)
+        if tuple(images.shape[-2:]) == size:
+            return images
+        return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+    def _contribution(self, outputs: torch.Tensor) -> torch.Tensor:
+        """``f(x_t)`` as it enters the sum ``z_t``: logits or probabilities, at least float32."""
+        dtype = torch.promote_types(outputs.dtype, torch.float32)
+        return outputs.to(dtype) if self.aggregate == "logits" else outputs.softmax(dim=-1, dtype=dtype)
+
+    def _draw_random(self, images: torch.Tensor) -> PatchSelection | None:
+        if self.patch_policy != "random":
+            return None
+        drawn = random_patches(
+            self.receptive_field,
+            (images.shape[-2], images.shape[-1]),
+            images.shape[0],
+            self.num_patches,
+            generator=self.generator,
+        )
+        return _index_selection(drawn, slice(None), images.device)
+
+    def _select(self, images: torch.Tensor) -> PatchSelection:
+        """AnchorNet's patches of ``images``: CAM of its own top-1 class, then greedy NMS, best first."""
+        cam, _ = class_activation_map(self.anchornet, images)
+        return select_patches(cam, self.receptive_field, self.num_patches, self.iou_threshold)
+
+    def _patches(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """One ``K x K`` window per image, ``boxes`` ``(B, 4)``, resized to the networks' input side."""
+        return self._resize(crop_patches(images, boxes[:, None], size=self.receptive_field.size)[:, 0])
+
+    def forward(self, images: torch.Tensor, *, exit_at: int | None = None) -> EarlyExitResult:
+        return self.predict(images, exit_at=exit_at)
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor, *, exit_at: int | None = None) -> EarlyExitResult:
+        """Alg. 1 on a batch ``(B, C, H, W)`` with ``H, W >= K``.
+
+        ``exit_at=t`` (1..T) is anytime mode: every sample exits at step ``t`` whatever its confidence. A sample
+        with fewer valid patches than ``num_patches`` (``PatchSelection.num_valid``) exits at its last available
+        step ``1 + num_valid`` at the latest, in both modes.
+        """
+        self._check_images(images)
+        steps = self.num_steps
+        if exit_at is not None and not (isinstance(exit_at, int) and 1 <= exit_at <= steps):
+            raise ValueError(f"exit_at must be an int step in 1..{steps} (T = num_patches + 1), got {exit_at!r}")
+        batch, device, k = images.shape[0], images.device, self.num_patches
+        drawn = self._draw_random(images)
+
+        z = self._contribution(self.glance_net(self._resize(images)))
+        logits = torch.empty_like(z)
+        confidence = z.new_empty(batch)
+        prediction = torch.empty(batch, dtype=torch.long, device=device)
+        exit_step = torch.empty(batch, dtype=torch.long, device=device)
+        boxes = torch.full((batch, k, 4), float("nan"), device=device)
+        scores = torch.full((batch, k), float("nan"), dtype=z.dtype, device=device)
+        ran_anchornet = torch.zeros(batch, dtype=torch.bool, device=device)
+        active = torch.arange(batch, device=device)  # rows of the batch still undecided, in order
+
+        def stop_at(t: int, step_confidence: torch.Tensor) -> torch.Tensor:
+            if exit_at is not None:
+                return torch.full_like(step_confidence, t >= exit_at, dtype=torch.bool)
+            if t == steps:
+                return torch.ones_like(step_confidence, dtype=torch.bool)
+            return step_confidence >= self._thresholds[t - 1]
+
+        def record(t: int, stop: torch.Tensor, step_confidence: torch.Tensor, step_prediction: torch.Tensor) -> None:
+            rows = active[stop]
+            prediction[rows] = step_prediction[stop]
+            confidence[rows] = step_confidence[stop]
+            exit_step[rows] = t
+            logits[rows] = z[stop]
+
+        step_confidence, step_prediction = accumulated_confidence(z, 1, self.aggregate)
+        stop = stop_at(1, step_confidence)
+        record(1, stop, step_confidence, step_prediction)
+        keep = ~stop
+        active, z = active[keep], z[keep]
+        step_confidence, step_prediction = step_confidence[keep], step_prediction[keep]
+
+        if active.numel() > 0:
+            sub_images = images.index_select(0, active)
+            selection = _index_selection(drawn, active) if drawn is not None else self._select(sub_images)
+            ran_anchornet[active] = self.patch_policy == "anchornet"
+            last_step = 1 + selection.num_valid
+            # Only possible without any valid patch: such a sample exits at step 1, having paid for AnchorNet.
+            stop = last_step <= 1
+            record(1, stop, step_confidence, step_prediction)
+            keep = ~stop
+            active, z, sub_images, last_step = active[keep], z[keep], sub_images[keep], last_step[keep]
+            selection = _index_selection(selection, keep)
+
+            for t in range(2, steps + 1):
+                if active.numel() == 0:
+                    break
+                j = t - 2
+                z = z + self._contribution(self.patch_net(self._patches(sub_images, selection.boxes[:, j])))
+                boxes[active, j] = selection.boxes[:, j].to(boxes.dtype)
+                scores[active, j] = selection.scores[:, j].to(scores.dtype)
+                step_confidence, step_prediction = accumulated_confidence(z, t, self.aggregate)
+                stop = stop_at(t, step_confidence) | (last_step <= t)
+                record(t, stop, step_confidence, step_prediction)
+                keep = ~stop
+                active, z, sub_images, last_step = active[keep], z[keep], sub_images[keep], last_step[keep]
+                selection = _index_selection(selection, keep)
+
+        anchornet_macs = self._anchornet_cost(images.shape[-2], images.shape[-1]) if ran_anchornet.any() else 0
+        macs = self.glance_macs + ran_anchornet.long() * anchornet_macs + (exit_step - 1) * self.patch_macs
+        return EarlyExitResult(
+            prediction=prediction,
+            confidence=confidence,
+            exit_step=exit_step,
+            macs=macs,
+            logits=logits,
+            boxes=boxes,
+            scores=scores,
+        )
+
+    @torch.inference_mode()
+    def step_logits(self, images: torch.Tensor, *, max_batch: int | None = None) -> tuple[torch.Tensor, PatchSelection]:
+        """Every sample through all ``T`` steps, for confidence tables (threshold search, anytime accuracy).
+
+        Returns:
+            ``(outputs, selection)``: ``outputs[:, t - 1]`` is the raw ``f(x_t)`` of step ``t``, **not**
+            accumulated, ``(B, T, num_classes)``; NaN rows for the steps past a sample's last valid patch.
+            ``selection`` is the ``PatchSelection`` the patches came from. All valid patches of all images go
+            through ``patch_net`` in one batch, or in chunks of at most ``max_batch`` (likewise the glance and
+            AnchorNet passes).
+        """
+        self._check_images(images)
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        batch = images.shape[0]
+        chunk = max_batch or max(batch * self.num_patches, 1)
+        drawn = self._draw_random(images)
+
+        glance = torch.cat([self.glance_net(self._resize(x)) for x in images.split(chunk)])
+        selection = drawn or _cat_selections([self._select(x) for x in images.split(chunk)])
+        outputs = glance.new_full((batch, self.num_steps, glance.shape[-1]), float("nan"))
+        outputs[:, 0] = glance
+        rows, slots = selection.valid.nonzero(as_tuple=True)
+        for start in range(0, rows.numel(), chunk):
+            b, j = rows[start : start + chunk], slots[start : start + chunk]
+            patches = self._patches(images.index_select(0, b), selection.boxes[b, j])
+            outputs[b, j + 1] = self.patch_net(patches).to(outputs.dtype)
+        return outputs, selection
+
+
+def _index_selection(
+    selection: PatchSelection, index: torch.Tensor | slice, device: torch.device | None = None
+) -> PatchSelection:
+    """The rows ``index`` of a ``PatchSelection`` (optionally moved to ``device``)."""
+    return PatchSelection(
+        boxes=selection.boxes[index].to(device),
+        cells=selection.cells[index].to(device),
+        scores=selection.scores[index].to(device),
+        valid=selection.valid[index].to(device),
+    )
+
+
+def _cat_selections(selections: Sequence[PatchSelection]) -> PatchSelection:
+    return PatchSelection(
+        boxes=torch.cat([s.boxes for s in selections]),
+        cells=torch.cat([s.cells for s in selections]),
+        scores=torch.cat([s.scores for s in selections]),
+        valid=torch.cat([s.valid for s in selections]),
+    )

@@ -1,0 +1,110 @@
+"""ImageFolder trees (``<root>/<class>/<image>``), local or ``s3://``: a sorted index and a torch Dataset."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+import torch
+from torch.utils.data import Dataset
+
+from anchornet import storage
+from anchornet.preprocessing import Preprocessing, decode_image
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "ImageFolderIndex", "scan_image_folder"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+@dataclass(frozen=True)
+class ImageFolderIndex:
+    """Every image of a tree in a fixed order: classes sorted by name, files sorted within a class.
+
+    ``items[i] = (relative_path, label)`` with ``relative_path = "<class>/<file>"`` (the image id).
+    """
+
+    root: str
+    classes: list[str]
+    items: list[tuple[str, int]]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def uri(self, index: int) -> str:
+        return storage.join(self.root, *self.items[index][0].split("/"))
+
+
+def scan_image_folder(
+    root: str | os.PathLike[str],
+    classes: Sequence[str] | None = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> ImageFolderIndex:
+    """Index ``<root>/<class>/<image>``; files with other extensions are ignored, case-insensitively.
+
+    ``classes`` fixes the class list (a checkpoint's, say): a class directory not in it is an error, and a
+    listed class without a directory simply has no images. Raises ``FileNotFoundError`` for a missing root
+    and ``ValueError`` for a tree with no class directories or no images.
+    """
+    fs, path = storage.resolve(root)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound and not (storage.is_remote(root) and _has_children(fs, path)):
+        raise FileNotFoundError(f"input not found: {root}")
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    suffixes = tuple(e.lower() for e in extensions)
+    found: dict[str, list[str]] = {}
+    for entry in entries:
+        rel = entry.path[len(path) :].lstrip("/")
+        parts = rel.split("/")
+        if entry.type == pafs.FileType.Directory and len(parts) == 1:
+            found.setdefault(parts[0], [])
+        elif entry.type == pafs.FileType.File and len(parts) == 2 and parts[1].lower().endswith(suffixes):
+            found.setdefault(parts[0], []).append(parts[1])
+    found = {name: files for name, files in found.items() if not name.startswith(".")}
+    if not found:
+        raise ValueError(f"no class directories under {root}: expected <root>/<class>/<image>")
+    if classes is None:
+        classes = sorted(found)
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(f"class directories not in the given class list under {root}: {', '.join(unknown[:5])}")
+        classes = list(classes)
+    label = {name: i for i, name in enumerate(classes)}
+    items = [(f"{name}/{file}", label[name]) for name in sorted(found) for file in sorted(found[name])]
+    items.sort(key=lambda item: (item[1], item[0]))
+    if not items:
+        raise ValueError(f"no images under {root} (extensions: {', '.join(extensions)})")
+    return ImageFolderIndex(root=str(root), classes=list(classes), items=items)
+
+
+def _has_children(fs: pafs.FileSystem, path: str) -> bool:
+    try:
+        return bool(fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True)))
+    except OSError:
+        return False
+
+
+class ImageFolderDataset(Dataset):
+    """Decoded, preprocessed images of an ``ImageFolderIndex``: ``(uint8 (3, S, S), label)`` pairs.
+
+    ``transform`` (if given) runs on the decoded RGB PIL image instead of ``preprocessing``, for training
+    augmentation; it must return a ``(3, S, S)`` tensor.
+    """
+
+    def __init__(
+        self,
+        index: ImageFolderIndex,
+        preprocessing: Preprocessing | None = None,
+        transform: Callable[..., torch.Tensor] | None = None,
+    ) -> None:
+        self.index = index
+        self.transform = transform or preprocessing or Preprocessing()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = decode_image(storage.read_bytes(self.index.uri(i)))
+        return self.transform(image), self.index.items[i][1]

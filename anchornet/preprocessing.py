@@ -1,0 +1,116 @@
+"""Image decoding and the geometric preprocessing a model card names (resize, centre crop).
+
+Normalisation is not here: every model in this package carries its own (``anchornet.layers.Normalize``)
+and takes ``[0, 1]`` RGB tensors, so the same pixels can feed AnchorNet, the glance and the patch networks.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from PIL import Image, ImageFile
+from torchvision.transforms.v2 import functional as TF
+
+__all__ = ["ImageDecodeError", "Preprocessing", "decode_image", "to_float"]
+
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a usable image; the message says why in one line."""
+
+
+def decode_image(data: bytes, *, min_size: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``data`` to an RGB PIL image, whatever its mode (grey, CMYK, palette, alpha).
+
+    Transparent pixels are composited on white. Raises ``ImageDecodeError`` for empty or non-image bytes, a
+    truncated file, more than ``max_pixels`` pixels (a decompression bomb; checked before decoding) or a side
+    shorter than ``min_size``.
+    """
+    if not data:
+        raise ImageDecodeError("empty image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(f"image of {width} x {height} pixels exceeds the limit of {max_pixels} pixels")
+            previous = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            try:
+                image.load()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageDecodeError(f"image exceeds the pixel limit: {err}") from err
+    except Image.UnidentifiedImageError as err:
+        raise ImageDecodeError("not an image (unrecognised format)") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageDecodeError(f"corrupt or truncated image: {err}") from err
+    if min(image.size) < min_size:
+        raise ImageDecodeError(
+            f"image of {image.size[0]} x {image.size[1]} pixels is too small: at least {min_size} x {min_size} needed"
+        )
+    return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode != "RGBA" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the shorter side to ``resize_size``, centre-crop ``image_size``; uint8 ``(3, S, S)`` out.
+
+    ``resize_size == image_size`` is the "as is" mode for data that is already square at ``image_size``
+    (resize and crop are then no-ops on such images).
+    """
+
+    image_size: int = 224
+    resize_size: int = 256
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1 or self.resize_size < self.image_size:
+            raise ValueError(f"need 1 <= image_size <= resize_size, got {self.image_size} and {self.resize_size}")
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ValueError(f"unknown interpolation {self.interpolation!r}")
+
+    @classmethod
+    def as_is(cls, image_size: int = 224) -> Preprocessing:
+        return cls(image_size=image_size, resize_size=image_size)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        mode = TF.InterpolationMode(self.interpolation)
+        tensor = TF.pil_to_tensor(image)
+        if tensor.shape[-2:] != (self.image_size, self.image_size) or self.resize_size != self.image_size:
+            tensor = TF.resize(tensor, [self.resize_size], interpolation=mode, antialias=True)
+            tensor = TF.center_crop(tensor, [self.image_size, self.image_size])
+        return tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        return cls(**{k: data[k] for k in ("image_size", "resize_size", "interpolation") if k in data})
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[0, 255]`` images to float ``[0, 1]``; float input is returned unchanged."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images

@@ -1,0 +1,107 @@
+"""Local paths and ``s3://`` URIs behind one small interface, through ``pyarrow.fs``.
+
+S3 credentials come from the standard AWS chain (environment, shared profile, instance role); nothing is
+configured in code. ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) points at an S3-compatible server
+such as MinIO or SeaweedFS, and ``AWS_REGION``/``AWS_DEFAULT_REGION`` sets the region.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+__all__ = [
+    "exists",
+    "is_remote",
+    "join",
+    "makedirs",
+    "read_bytes",
+    "resolve",
+    "s3_filesystem",
+    "write_bytes",
+]
+
+
+def is_remote(uri: str | os.PathLike[str]) -> bool:
+    """Whether ``uri`` names an object in S3 (``s3://bucket/key``)."""
+    return str(uri).startswith("s3://")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem on the default credential chain, honouring ``AWS_ENDPOINT_URL``."""
+    kwargs: dict[str, object] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding ``uri`` and the path inside it (``bucket/key`` for S3, absolute for local)."""
+    text = str(uri)
+    if is_remote(text):
+        return s3_filesystem(), text.removeprefix("s3://").rstrip("/")
+    if "://" in text and not text.startswith("file://"):
+        raise ValueError(f"unsupported URI scheme in {text!r}: use a local path or s3://bucket/key")
+    return pafs.LocalFileSystem(), str(Path(text.removeprefix("file://")).expanduser().resolve())
+
+
+def join(uri: str | os.PathLike[str], *parts: str) -> str:
+    """``uri`` joined with ``parts``, keeping an ``s3://`` prefix."""
+    text = str(uri)
+    if is_remote(text):
+        return posixpath.join(text.rstrip("/"), *parts)
+    return str(Path(text, *parts))
+
+
+def exists(uri: str | os.PathLike[str]) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str | os.PathLike[str]) -> None:
+    """Create a directory (a no-op on S3, where prefixes need no creation)."""
+    fs, path = resolve(uri)
+    if not is_remote(uri):
+        fs.create_dir(path, recursive=True)
+
+
+def read_bytes(uri: str | os.PathLike[str]) -> bytes:
+    """The whole object or file at ``uri``; ``FileNotFoundError`` with the URI when it does not exist."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no such file: {uri}") from err
+    except OSError as err:
+        if "NoSuchKey" in str(err) or "does not exist" in str(err) or "NOT_FOUND" in str(err).upper():
+            raise FileNotFoundError(f"no such file: {uri}") from err
+        raise
+
+
+def write_bytes(uri: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``uri``; local writes go through a temporary file and a rename, so they are atomic."""
+    fs, path = resolve(uri)
+    if is_remote(uri):
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

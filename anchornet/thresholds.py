@@ -1,0 +1,355 @@
+"""Budgeted batch classification (MSDNet's protocol, REFERENCE section 5): exit thresholds fit on a held-out split.
+
+A ``StepTable`` holds, for each of ``N`` held-out samples and each step ``t = 1..T``, the confidence and the
+prediction of the accumulated ``z_t``. For exit proportions ``p_k`` (``k = 1..T``), ``fit_thresholds`` picks
+``rho_k`` as the confidence of the ``floor(N p_k)``-th most confident sample not yet exited at an earlier step;
+``budgeted_search`` sweeps ``p_k ∝ q^k`` and evaluates each fit on a *different* (test) table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from anchornet.early_exit import Aggregate, EarlyExitClassifier, accumulated_confidence
+
+__all__ = [
+    "DEFAULT_QS",
+    "BudgetPoint",
+    "StepTable",
+    "anytime_accuracy",
+    "budgeted_search",
+    "collect_step_table",
+    "evaluate_thresholds",
+    "exit_counts",
+    "fit_thresholds",
+    "load_thresholds",
+    "save_thresholds",
+]
+
+#: The standard sweep q = 0.05, 0.10, ..., 1.95.
+DEFAULT_QS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 40))
+
+_FORMAT = "anchornet.thresholds"
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """Per-sample, per-step outcomes of the early-exit engine on ``N`` samples and ``T`` steps.
+
+    Attributes:
+        confidence: confidence of ``z_t``, ``(N, T)`` (see ``accumulated_confidence``).
+        correct: whether ``argmax z_t`` is the label, bool ``(N, T)``.
+        prediction: ``argmax z_t``, ``(N, T)``; optional for hand-built tables.
+        last_step: the last step each sample can reach, ``(N,)`` in ``1..T`` (``1 + num_valid`` patches; ``T``
+            when omitted). A sample exits there whatever its confidence; its columns past it repeat it.
+    """
+
+    confidence: torch.Tensor
+    correct: torch.Tensor
+    prediction: torch.Tensor | None = None
+    last_step: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.confidence.dim() != 2 or self.correct.shape != self.confidence.shape:
+            raise ValueError(
+                f"confidence and correct must both be (N, T), got {tuple(self.confidence.shape)} "
+                f"and {tuple(self.correct.shape)}"
+            )
+        if self.prediction is not None and self.prediction.shape != self.confidence.shape:
+            raise ValueError(f"prediction must be (N, T), got {tuple(self.prediction.shape)}")
+        object.__setattr__(self, "correct", self.correct.bool())
+        num, steps = self.confidence.shape
+        if self.last_step is None:
+            object.__setattr__(self, "last_step", torch.full((num,), steps, dtype=torch.long))
+        last_step = self.last_step.to(self.confidence.device, torch.long)
+        if last_step.shape != (num,) or (last_step < 1).any() or (last_step > steps).any():
+            raise ValueError(f"last_step must be (N,) with values in 1..{steps}")
+        object.__setattr__(self, "last_step", last_step)
+
+    @property
+    def num_samples(self) -> int:
+        return self.confidence.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.confidence.shape[1]
+
+    @classmethod
+    def from_logits(cls, step_logits: torch.Tensor, labels: torch.Tensor, aggregate: Aggregate = "logits") -> StepTable:
+        """Accumulate raw per-step outputs ``f(x_t)``, ``(N, T, num_classes)`` as ``step_logits`` returns them.
+
+        ``z_t = sum_{s <= t} f(x_s)`` (logits) or ``sum softmax(f(x_s))`` (``aggregate="probs"``). Steps whose
+        row holds NaN (no valid patch) end the sample: ``last_step`` is the count of leading finite steps.
+        """
+        if step_logits.dim() != 3 or labels.shape != step_logits.shape[:1]:
+            raise ValueError(
+                f"expected step_logits (N, T, C) and labels (N,), got {tuple(step_logits.shape)} "
+                f"and {tuple(labels.shape)}"
+            )
+        available = (~torch.isnan(step_logits).any(dim=-1)).long().cumprod(dim=1).bool()
+        last_step = available.sum(dim=1)
+        if (last_step < 1).any():
+            raise ValueError("step 1 (the glance) must be finite for every sample")
+        dtype = torch.promote_types(step_logits.dtype, torch.float32)
+        outputs = torch.where(available[..., None], step_logits.to(dtype), 0.0)
+        if aggregate == "probs":
+            outputs = outputs.softmax(dim=-1) * available[..., None]
+        z = outputs.cumsum(dim=1)
+        confidence, prediction = accumulated_confidence(z, available.cumsum(dim=1).clamp(min=1), aggregate)
+        correct = prediction == labels.to(prediction.device)[:, None]
+        return cls(confidence=confidence, correct=correct, prediction=prediction, last_step=last_step)
+
+    @classmethod
+    def concat(cls, tables: Sequence[StepTable]) -> StepTable:
+        """Stack the samples of several tables with the same number of steps."""
+        if not tables:
+            raise ValueError("no tables to concatenate")
+        predictions = [t.prediction for t in tables]
+        return cls(
+            confidence=torch.cat([t.confidence for t in tables]),
+            correct=torch.cat([t.correct for t in tables]),
+            prediction=None if any(p is None for p in predictions) else torch.cat(predictions),
+            last_step=torch.cat([t.last_step for t in tables]),
+        )
+
+    def exit_steps(self, thresholds: Sequence[float]) -> torch.Tensor:
+        """1-based exit step of every sample under ``rho_1..rho_{T-1}``, ``(N,)`` (Alg. 1, ``confidence >= rho``)."""
+        rho = _check_thresholds(thresholds, self.num_steps)
+        steps = torch.arange(1, self.num_steps + 1, device=self.confidence.device)
+        rho = torch.tensor([*rho, -math.inf], dtype=self.confidence.dtype, device=self.confidence.device)
+        exits = (self.confidence >= rho) | (steps >= self.last_step[:, None])
+        exits[:, -1] = True
+        return exits.long().argmax(dim=1) + 1
+
+
+@dataclass(frozen=True)
+class BudgetPoint:
+    """One named budget: thresholds and, when fitted by ``budgeted_search``, what they gave on the test table.
+
+    Attributes:
+        name: how a deployment picks it, e.g. ``"q=0.50"``.
+        thresholds: ``rho_1..rho_{T-1}``.
+        q: the proportion ratio of the search, ``p_k ∝ q^k``.
+        expected_macs: mean MACs per sample on the test table.
+        accuracy: top-1 accuracy on the test table, in ``[0, 1]``.
+        exit_fractions: fraction of test samples exiting at each step ``t = 1..T``.
+    """
+
+    name: str
+    thresholds: tuple[float, ...]
+    q: float | None = None
+    expected_macs: float | None = None
+    accuracy: float | None = None
+    exit_fractions: tuple[float, ...] | None = None
+
+
+def collect_step_table(
+    engine: EarlyExitClassifier,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    max_batch: int | None = None,
+) -> StepTable:
+    """Run ``engine.step_logits`` on every ``(images, labels)`` batch; the table is gathered on the CPU.
+
+    Images go to the device of the caller's choosing beforehand; labels are moved next to the outputs.
+    """
+    tables = []
+    for images, labels in batches:
+        outputs, _ = engine.step_logits(images, max_batch=max_batch)
+        table = StepTable.from_logits(outputs, labels.to(outputs.device), engine.aggregate)
+        tables.append(
+            StepTable(
+                confidence=table.confidence.cpu(),
+                correct=table.correct.cpu(),
+                prediction=table.prediction.cpu() if table.prediction is not None else None,
+                last_step=table.last_step.cpu(),
+            )
+        )
+    return StepTable.concat(tables)
+
+
+def anytime_accuracy(table: StepTable) -> list[float]:
+    """Anytime protocol: accuracy when every sample exits at step ``t``, for ``t = 1..T`` (at most its last step)."""
+    return table.correct.double().mean(dim=0).tolist()
+
+
+def exit_counts(num_samples: int, p_exit: Sequence[float]) -> list[int]:
+    """``floor(N p_k)`` for proportions ``p_k`` normalised to sum to one (a 1e-9 slack absorbs rounding)."""
+    p = torch.as_tensor(p_exit, dtype=torch.float64)
+    if p.dim() != 1 or not torch.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"exit proportions must be finite, non-negative and not all zero, got {list(p_exit)}")
+    p = p / p.sum()
+    return [math.floor(num_samples * float(pk) + 1e-9) for pk in p]
+
+
+def fit_thresholds(table: StepTable, p_exit: Sequence[float]) -> tuple[float, ...]:
+    """``rho_1..rho_{T-1}`` that make ``floor(N p_k)`` held-out samples exit at step ``k`` (MSDNet's rule).
+
+    ``rho_k`` is the confidence of the ``n_k = floor(N p_k)``-th most confident sample among those that did not
+    exit before step ``k``; samples tied with it exit too. ``rho_T = -inf`` is implied and not returned.
+    Edge cases: ``n_k = 0`` or nobody left gives ``rho_k = +inf`` (no exit); fewer than ``n_k`` left gives the
+    least confident of them (all exit). Samples whose ``last_step`` is ``k`` must exit there and take their
+    places among the ``n_k`` first.
+
+    Args:
+        p_exit: ``T`` non-negative proportions ``p_1..p_T``, normalised here.
+    """
+    steps = table.num_steps
+    if len(p_exit) != steps:
+        raise ValueError(f"expected {steps} exit proportions p_1..p_{steps}, got {len(p_exit)}")
+    counts = exit_counts(table.num_samples, p_exit)
+    remaining = torch.ones(table.num_samples, dtype=torch.bool, device=table.confidence.device)
+    thresholds: list[float] = []
+    for k in range(1, steps):
+        confidence = table.confidence[:, k - 1]
+        forced = table.last_step == k
+        ranked = torch.where(forced, math.inf, confidence)[remaining].sort(descending=True).values
+        wanted = counts[k - 1]
+        rho = math.inf if wanted == 0 or ranked.numel() == 0 else float(ranked[min(wanted, ranked.numel()) - 1])
+        thresholds.append(rho)
+        remaining &= ~((confidence >= rho) | forced)
+    return tuple(thresholds)
+
+
+def evaluate_thresholds(
+    table: StepTable, thresholds: Sequence[float], step_macs: Sequence[int]
+) -> tuple[float, float, list[float]]:
+    """Apply ``rho_1..rho_{T-1}`` to a table.
+
+    Args:
+        step_macs: cumulative MACs of exiting at ``t = 1..T`` (``EarlyExitClassifier.step_macs``).
+
+    Returns:
+        ``(expected_macs, accuracy, exit_fractions)``: mean MACs per sample, top-1 accuracy in ``[0, 1]`` and
+        the fraction of samples exiting at each step ``t = 1..T``.
+    """
+    if len(step_macs) != table.num_steps:
+        raise ValueError(f"expected {table.num_steps} step costs, got {len(step_macs)}")
+    exit_step = table.exit_steps(thresholds)
+    index = (exit_step - 1)[:, None]
+    costs = torch.tensor([float(c) for c in step_macs], dtype=torch.float64, device=exit_step.device)
+    accuracy = table.correct.gather(1, index).double().mean()
+    fractions = torch.bincount(exit_step - 1, minlength=table.num_steps).double() / table.num_samples
+    return float(costs[exit_step - 1].mean()), float(accuracy), fractions.tolist()
+
+
+def budgeted_search(
+    val_table: StepTable,
+    test_table: StepTable,
+    step_macs: Sequence[int],
+    qs: Sequence[float] = DEFAULT_QS,
+) -> list[BudgetPoint]:
+    """MSDNet's sweep: for each ``q``, ``p_k ∝ q^k`` (``k = 1..T``), thresholds fit on ``val_table`` and
+    evaluated on ``test_table``. Small ``q`` exits early (cheap), large ``q`` late (costly)."""
+    if val_table.num_steps != test_table.num_steps:
+        raise ValueError(f"tables differ in steps: {val_table.num_steps} and {test_table.num_steps}")
+    points = []
+    for q in qs:
+        if not q > 0:
+            raise ValueError(f"q must be positive, got {q}")
+        p_exit = [q**k for k in range(1, val_table.num_steps + 1)]
+        thresholds = fit_thresholds(val_table, p_exit)
+        expected_macs, accuracy, fractions = evaluate_thresholds(test_table, thresholds, step_macs)
+        points.append(
+            BudgetPoint(
+                name=f"q={q:.2f}",
+                thresholds=thresholds,
+                q=float(q),
+                expected_macs=expected_macs,
+                accuracy=accuracy,
+                exit_fractions=tuple(fractions),
+            )
+        )
+    return points
+
+
+def save_thresholds(
+    budgets: Iterable[BudgetPoint] | Mapping[str, Sequence[float]], path: str | os.PathLike[str]
+) -> None:
+    """Write named budgets as JSON: ``{"format", "version", "budgets": [{"name", "thresholds", ...}]}``.
+
+    ``budgets`` is a list of ``BudgetPoint`` or a mapping ``name -> thresholds``. JSON has no infinity, so
+    infinite thresholds are written as the strings ``"inf"`` and ``"-inf"``; fields that are ``None`` are left out.
+    """
+    if isinstance(budgets, Mapping):
+        budgets = [BudgetPoint(name=name, thresholds=tuple(float(r) for r in rho)) for name, rho in budgets.items()]
+    entries = []
+    for point in budgets:
+        entry: dict[str, object] = {"name": point.name, "thresholds": [_encode(r) for r in point.thresholds]}
+        if point.q is not None:
+            entry["q"] = point.q
+        if point.expected_macs is not None:
+            entry["expected_macs"] = point.expected_macs
+        if point.accuracy is not None:
+            entry["accuracy"] = point.accuracy
+        if point.exit_fractions is not None:
+            entry["exit_fractions"] = list(point.exit_fractions)
+        entries.append(entry)
+    names = [e["name"] for e in entries]
+    if len(set(names)) != len(names):
+        raise ValueError(f"budget names must be unique, got {names}")
+    document = {"format": _FORMAT, "version": _VERSION, "budgets": entries}
+    _write_text(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+def load_thresholds(path: str | os.PathLike[str]) -> dict[str, BudgetPoint]:
+    """Read what ``save_thresholds`` wrote: ``name -> BudgetPoint``, in file order."""
+    document = json.loads(_read_text(path))
+    if not isinstance(document, dict) or document.get("format") != _FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not an {_FORMAT} file")
+    if document.get("version") != _VERSION:
+        raise ValueError(f"unsupported {_FORMAT} version {document.get('version')!r}, expected {_VERSION}")
+    budgets: dict[str, BudgetPoint] = {}
+    for entry in document["budgets"]:
+        fractions = entry.get("exit_fractions")
+        budgets[entry["name"]] = BudgetPoint(
+            name=entry["name"],
+            thresholds=tuple(_decode(r) for r in entry["thresholds"]),
+            q=entry.get("q"),
+            expected_macs=entry.get("expected_macs"),
+            accuracy=entry.get("accuracy"),
+            exit_fractions=tuple(fractions) if fractions is not None else None,
+        )
+    return budgets
+
+
+def _check_thresholds(thresholds: Sequence[float], num_steps: int) -> tuple[float, ...]:
+    values = tuple(float(r) for r in thresholds)
+    if len(values) != num_steps - 1:
+        raise ValueError(f"expected {num_steps - 1} thresholds rho_1..rho_{num_steps - 1}, got {len(values)}")
+    if any(math.isnan(r) for r in values):
+        raise ValueError(f"thresholds must not be NaN, got {values}")
+    return values
+
+
+def _encode(value: float) -> float | str:
+    if math.isnan(value):
+        raise ValueError("a threshold is NaN")
+    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+def _decode(value: float | str) -> float:
+    if isinstance(value, str):
+        if value not in ("inf", "-inf"):
+            raise ValueError(f"unexpected threshold {value!r}: numbers, 'inf' or '-inf' only")
+        return float(value)
+    return float(value)
+
+
+def _write_text(path: str | os.PathLike[str], text: str) -> None:
+    """The one place that writes; swap it for remote storage."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _read_text(path: str | os.PathLike[str]) -> str:
+    """The one place that reads; swap it for remote storage."""
+    with open(path, encoding="utf-8") as f:
+        return f.read()

@@ -1,0 +1,116 @@
+"""Downstream classifiers: registry, weights from files, S3 and (mocked-offline / local) downloads."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from anchornet import storage
+from anchornet.classifiers import (
+    Classifier,
+    WeightsUnavailableError,
+    build_classifier,
+    classifier_names,
+    download_state_dict,
+)
+
+pytestmark = pytest.mark.model
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_lite0"])
+def test_built_with_num_classes(name: str) -> None:
+    model = build_classifier(name, 7).eval()
+    assert isinstance(model, Classifier) and model.config == {"name": name, "num_classes": 7}
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 95, 95)).shape == (2, 7)
+
+
+def test_registry_lists_the_paper_networks_and_accepts_any_torchvision_model() -> None:
+    assert {"resnet18", "resnet34", "resnet50", "densenet121", "densenet201", "efficientnet_lite0"} <= set(
+        classifier_names()
+    )
+    assert build_classifier("shufflenet_v2_x0_5", 3).config["name"] == "shufflenet_v2_x0_5"
+    with pytest.raises(ValueError, match="unknown classifier 'resnet9000'"):
+        build_classifier("resnet9000", 3)
+
+
+def test_weights_from_a_local_state_dict(tmp_path: Path) -> None:
+    source = build_classifier("resnet18", 5)
+    torch.save(source.net.state_dict(), tmp_path / "plain.pth")
+    torch.save(source.state_dict(), tmp_path / "wrapped.pth")
+    for file in ("plain.pth", "wrapped.pth"):
+        loaded = build_classifier("resnet18", 5, weights=str(tmp_path / file))
+        assert torch.equal(loaded.net.fc.weight, source.net.fc.weight)
+
+
+@pytest.mark.slow
+def test_weights_from_s3(s3_bucket: str) -> None:
+    import io
+
+    source = build_classifier("resnet18", 4)
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    uri = storage.join(s3_bucket, "weights", "r18.pth")
+    storage.write_bytes(uri, buffer.getvalue())
+    assert torch.equal(build_classifier("resnet18", 4, weights=uri).net.fc.bias, source.net.fc.bias)
+
+
+def test_imagenet_weights_with_a_head_for_a_class_subset() -> None:
+    full = build_classifier("efficientnet_lite0", 1000, weights="imagenet")
+    sub = build_classifier("efficientnet_lite0", 3, weights="imagenet", head_from=[0, 217, 482])
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(sub.eval()(x), full.eval()(x)[:, [0, 217, 482]])
+    with pytest.raises(ValueError, match="head_from"):
+        build_classifier("efficientnet_lite0", 3, weights="imagenet", head_from=[0, 1])
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_download_from_a_local_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    serve_dir = tmp_path / "www"
+    serve_dir.mkdir()
+    state = {"w": torch.arange(4.0)}
+    torch.save(state, serve_dir / "tiny-0123abcd.pth")
+    handler = lambda *a, **k: _Handler(*a, directory=str(serve_dir), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/tiny-0123abcd.pth"
+        assert torch.equal(download_state_dict(url, "tiny weights")["w"], state["w"])
+    finally:
+        server.shutdown()
+
+
+def test_offline_download_fails_in_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once closed
+    with pytest.raises(WeightsUnavailableError, match=r"could not download .* pass weights=PATH") as info:
+        download_state_dict(f"http://127.0.0.1:{port}/resnet18-f37072fd.pth", "torchvision weights")
+    assert "\n" not in str(info.value)
+
+
+def test_torchvision_imagenet_weights_go_through_the_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+
+    def fake_download(url: str, what: str) -> dict[str, torch.Tensor]:
+        seen.append(url)
+        raise WeightsUnavailableError(f"could not download {what} from {url} (offline)")
+
+    monkeypatch.setattr("anchornet.classifiers.download_state_dict", fake_download)
+    with pytest.raises(WeightsUnavailableError, match="offline"):
+        build_classifier("resnet18", 10, weights="imagenet")
+    assert seen == ["https://download.pytorch.org/models/resnet18-f37072fd.pth"]

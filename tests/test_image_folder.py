@@ -1,0 +1,67 @@
+"""ImageFolder indexing (local and S3) and the decoding Dataset."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from anchornet import storage
+from anchornet.image_folder import ImageFolderDataset, scan_image_folder
+from anchornet.preprocessing import Preprocessing
+
+
+def _png(size: tuple[int, int] = (120, 100), mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _make_tree(write, root: str) -> None:
+    for cls, files in {"b_cls": ["2.png", "1.PNG"], "a_cls": ["x.png"], "c_empty": []}.items():
+        for name in files:
+            write(storage.join(root, cls, name), _png())
+    write(storage.join(root, "a_cls", "notes.txt"), b"ignored")
+
+
+def test_local_index_is_sorted_and_labelled(tmp_path: Path) -> None:
+    _make_tree(storage.write_bytes, str(tmp_path))
+    (tmp_path / "c_empty").mkdir()
+    index = scan_image_folder(tmp_path)
+    assert index.classes == ["a_cls", "b_cls", "c_empty"]
+    assert index.items == [("a_cls/x.png", 0), ("b_cls/1.PNG", 1), ("b_cls/2.png", 1)]
+    dataset = ImageFolderDataset(index, Preprocessing(image_size=96, resize_size=100))
+    image, label = dataset[2]
+    assert image.shape == (3, 96, 96) and label == 1
+
+
+def test_given_class_list(tmp_path: Path) -> None:
+    _make_tree(storage.write_bytes, str(tmp_path))
+    index = scan_image_folder(tmp_path, classes=["z_first", "a_cls", "b_cls"])
+    assert index.items[0] == ("a_cls/x.png", 1)
+    with pytest.raises(ValueError, match="not in the given class list"):
+        scan_image_folder(tmp_path, classes=["a_cls"])
+
+
+def test_bad_trees(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        scan_image_folder(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no class directories"):
+        scan_image_folder(tmp_path)
+    (tmp_path / "cls").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        scan_image_folder(tmp_path)
+
+
+@pytest.mark.slow
+def test_s3_tree(s3_bucket: str) -> None:
+    root = storage.join(s3_bucket, "train")
+    _make_tree(storage.write_bytes, root)
+    index = scan_image_folder(root)
+    assert index.classes == ["a_cls", "b_cls"]
+    assert [item for item, _ in index.items] == ["a_cls/x.png", "b_cls/1.PNG", "b_cls/2.png"]
+    assert ImageFolderDataset(index)[0][0].shape == (3, 224, 224)
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        scan_image_folder(storage.join(s3_bucket, "nothing-here"))

@@ -1,0 +1,45 @@
+"""Local and s3:// storage behind one interface (S3 against a real local server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from anchornet import storage
+
+
+def test_local_roundtrip_is_atomic_and_creates_parents(tmp_path: Path) -> None:
+    uri = tmp_path / "a" / "b" / "c.bin"
+    assert not storage.exists(uri)
+    storage.write_bytes(uri, b"one")
+    storage.write_bytes(uri, b"two")
+    assert storage.read_bytes(uri) == b"two"
+    assert sorted(p.name for p in uri.parent.iterdir()) == ["c.bin"], "no temporary file left behind"
+
+
+def test_missing_file_says_which(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.bin"):
+        storage.read_bytes(tmp_path / "nope.bin")
+
+
+def test_join_keeps_the_scheme() -> None:
+    assert storage.join("s3://bucket/runs/", "x", "y.pt") == "s3://bucket/runs/x/y.pt"
+    assert storage.join("/tmp/runs", "y.pt") == "/tmp/runs/y.pt"
+    assert storage.is_remote("s3://b/k") and not storage.is_remote("/b/k")
+
+
+def test_unknown_scheme_is_refused() -> None:
+    with pytest.raises(ValueError, match="unsupported URI scheme"):
+        storage.resolve("gs://bucket/key")
+
+
+@pytest.mark.slow
+def test_s3_roundtrip(s3_bucket: str) -> None:
+    uri = storage.join(s3_bucket, "dir", "blob.bin")
+    assert not storage.exists(uri)
+    storage.write_bytes(uri, b"\x00payload")
+    assert storage.exists(uri)
+    assert storage.read_bytes(uri) == b"\x00payload"
+    with pytest.raises(FileNotFoundError, match=r"missing\.bin"):
+        storage.read_bytes(storage.join(s3_bucket, "missing.bin"))
