@@ -1,0 +1,270 @@
+"""Bounded HTTP load test of the early-exit Serve app against a one-deployment full-224 classifier, on 127.0.0.1.
+
+For each app in turn: deploy it on an embedded local Ray, send ``--clients`` concurrent clients for
+``--duration`` seconds, then idle ``--cooldown`` seconds, polling the replica counts every second so that the
+autoscaling up under load and back down after shows. Prints throughput, p50/p99 latency, errors (non-200 or
+failed requests), top-1 accuracy on the folder labels, mean MACs per image and the replica timeline.
+
+    python -m benchmarks.serve_load --data ../shared/data/imagenette/val --clients 8 --duration 45
+
+Without checkpoints it uses the packaged offline ImageNet EfficientNet-Lite0 weights restricted to the folder's
+classes (``--head-from``) for the glance, patch and full classifiers, and an untrained AnchorNet: the point is
+the serving cost, not the accuracy of an untuned pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+IMAGENETTE_INDICES = "0,217,482,491,497,566,569,571,574,701"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="ImageFolder (class folders) of test images")
+    parser.add_argument("--limit", type=int, default=200, help="images taken evenly over the folder")
+    parser.add_argument("--anchornet", default=None, help="AnchorNet checkpoint (default: untrained)")
+    parser.add_argument("--glance", default=None, help="glance checkpoint (default: ImageNet Lite0 at K)")
+    parser.add_argument("--patch", default=None, help="patch checkpoint (default: ImageNet Lite0 at K)")
+    parser.add_argument("--full", default=None, help="full-224 baseline checkpoint (default: ImageNet Lite0)")
+    parser.add_argument("--head-from", default=IMAGENETTE_INDICES, help="ImageNet indices of the folder classes")
+    parser.add_argument("--thresholds", default=None, help="saved thresholds JSON; else --rho for every step")
+    parser.add_argument("--budget", default=None, help="budget of --thresholds to use")
+    parser.add_argument("--rho", type=float, default=0.6, help="threshold of every step without --thresholds")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=45.0, help="seconds of load per app")
+    parser.add_argument("--cooldown", type=float, default=25.0, help="seconds of idle after the load, per app")
+    parser.add_argument("--replica-cpus", type=float, default=0.25)
+    parser.add_argument("--max-replicas", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def _images(root: Path, limit: int) -> tuple[list[tuple[bytes, int]], list[str]]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.is_file()]
+    step = max(1, len(files) // limit)
+    return [(f.read_bytes(), label) for f, label in files[::step][:limit]], classes
+
+
+def _checkpoints(args: argparse.Namespace, classes: list[str], root: Path) -> dict[str, str]:
+    from anchornet import AnchorNet, Preprocessing, build_classifier, save_checkpoint
+
+    paths = {"anchornet": args.anchornet, "glance": args.glance, "patch": args.patch, "full": args.full}
+    head_from = [int(i) for i in args.head_from.split(",")]
+    as_is = Preprocessing.as_is(224)
+    if paths["anchornet"] is None:
+        paths["anchornet"] = str(root / "anchornet.pt")
+        save_checkpoint(
+            AnchorNet(num_classes=len(classes)),
+            paths["anchornet"],
+            input_size=224,
+            class_names=classes,
+            preprocessing=as_is,
+            provenance={"note": "untrained"},
+        )
+    lite0 = None
+    for role, size in (("glance", 95), ("patch", 95), ("full", 224)):
+        if paths[role] is None:
+            lite0 = lite0 or build_classifier("efficientnet_lite0", len(classes), "imagenet", head_from=head_from)
+            paths[role] = str(root / f"{role}.pt")
+            save_checkpoint(lite0, paths[role], input_size=size, class_names=classes, preprocessing=as_is)
+    return paths
+
+
+def _deployment(args: argparse.Namespace, target: int, max_ongoing: int = 32) -> dict[str, Any]:
+    return {
+        "num_cpus": args.replica_cpus,
+        "max_ongoing_requests": max_ongoing,
+        "torch_threads": args.torch_threads,
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "max_replicas": args.max_replicas,
+            "target_ongoing_requests": target,
+            "metrics_interval_s": 1.0,
+            "look_back_period_s": 4.0,
+            "upscale_delay_s": 2.0,
+            "downscale_delay_s": 8.0,
+        },
+    }
+
+
+class ReplicaPoller(threading.Thread):
+    """Running replicas of every deployment of ``app``, once a second: ``[(t, {name: count})]``."""
+
+    def __init__(self, app: str, start: float) -> None:
+        super().__init__(daemon=True)
+        self.app, self.start_time, self.samples = app, start, []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        from ray import serve
+
+        while not self.done.wait(1.0):
+            try:
+                status = serve.status().applications[self.app]
+            except Exception:  # a missed sample is fine
+                continue
+            counts = {name: d.replica_states.get("RUNNING", 0) for name, d in status.deployments.items()}
+            self.samples.append((round(time.perf_counter() - self.start_time, 1), counts))
+
+
+def _load(url: str, images: list[tuple[bytes, int]], clients: int, duration: float, params: dict[str, str]) -> dict:
+    import requests
+
+    results: list[tuple[float, int, dict | None, int]] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + duration
+
+    def client(offset: int) -> None:
+        session = requests.Session()
+        i = offset
+        while time.perf_counter() < deadline:
+            data, label = images[i % len(images)]
+            i += clients
+            start = time.perf_counter()
+            try:
+                response = session.post(
+                    url, data=data, params=params, timeout=60, headers={"Content-Type": "image/jpeg"}
+                )
+                status, body = response.status_code, response.json() if response.ok else None
+            except Exception:  # counted as an error
+                status, body = -1, None
+            with lock:
+                results.append((time.perf_counter() - start, status, body, label))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    begin = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - begin
+    ok = [(lat, body, label) for lat, status, body, label in results if status == 200]
+    latencies = sorted(lat for lat, _, _ in ok)
+    summary: dict[str, Any] = {
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "throughput_rps": len(ok) / elapsed,
+        "p50_ms": 1e3 * statistics.median(latencies) if latencies else None,
+        "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
+        "server_p50_ms": statistics.median(b["latency_ms"] for _, b, _ in ok) if ok else None,
+        "accuracy": sum(b["prediction"]["index"] == label for _, b, label in ok) / len(ok) if ok else None,
+        "mean_gmacs": statistics.fmean(b["gmacs"] for _, b, _ in ok) if ok else None,
+    }
+    steps = [b["exit_step"] for _, b, _ in ok]
+    summary["exit_steps"] = {s: steps.count(s) for s in sorted(set(steps))}
+    return summary
+
+
+def _run_phase(name: str, app: Any, args: argparse.Namespace, images: list, params: dict[str, str]) -> dict:
+    import requests
+    from ray import serve
+
+    serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
+    url = f"http://127.0.0.1:{args.port}/{name}/classify"
+    for data, _ in images[:8]:  # warm up every code path once
+        requests.post(url, data=data, params=params, headers={"Content-Type": "image/jpeg"}, timeout=120)
+    single = _load(url, images, 1, min(10.0, args.duration / 3), params)
+    poller = ReplicaPoller(name, time.perf_counter())
+    poller.start()
+    loaded = _load(url, images, args.clients, args.duration, params)
+    time.sleep(args.cooldown)
+    poller.done.set()
+    poller.join()
+    serve.delete(name)
+    return {"one_client": single, "loaded": loaded, "replicas": poller.samples}
+
+
+def _timeline(samples: list[tuple[float, dict[str, int]]], every: int = 5) -> str:
+    lines = []
+    for t, counts in samples[::every]:
+        lines.append(f"    t={t:5.1f}s  " + "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    import torch
+    from ray import serve
+
+    from pipelines.serve import build_app, build_baseline_app
+
+    images, classes = _images(args.data, args.limit)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _checkpoints(args, classes, Path(tmp))
+        params = {"budget": args.budget} if args.budget else {"thresholds": ",".join([str(args.rho)] * 4)}
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": args.port, "request_timeout_s": 60})
+            early = build_app(
+                {
+                    "anchornet": paths["anchornet"],
+                    "glance": paths["glance"],
+                    "patch": paths["patch"],
+                    "thresholds": args.thresholds,
+                    "deployments": {
+                        "ingress": _deployment(args, 8, 64),
+                        "glance": _deployment(args, 4),
+                        "anchornet": _deployment(args, 4),
+                        "patch": _deployment(args, 4),
+                    },
+                }
+            )
+            baseline = build_baseline_app({"classifier": paths["full"], "deployment": _deployment(args, 4)})
+            results = {
+                "early_exit": _run_phase("earlyexit", early, args, images, params),
+                "full224": _run_phase("full224", baseline, args, images, {}),
+            }
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    conditions = {
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "images": len(images),
+        "replica_cpus": args.replica_cpus,
+        "max_replicas": args.max_replicas,
+        "torch_threads": args.torch_threads,
+        "request": params,
+    }
+    print(f"conditions: {json.dumps(conditions)}")
+    for name, result in results.items():
+        for phase in ("one_client", "loaded"):
+            r = result[phase]
+            print(
+                f"{name:10s} {phase:10s} {r['throughput_rps']:6.1f} req/s  p50 {r['p50_ms'] or 0:7.1f} ms  "
+                f"p99 {r['p99_ms'] or 0:7.1f} ms  server p50 {r['server_p50_ms'] or 0:6.1f} ms  "
+                f"errors {r['errors']}/{r['requests']}  top-1 {r['accuracy'] or 0:.3f}  "
+                f"GMACs {r['mean_gmacs'] or 0:.3f}  exits {r['exit_steps']}"
+            )
+        peak = {}
+        for _, counts in result["replicas"]:
+            for k, v in counts.items():
+                peak[k] = max(peak.get(k, 0), v)
+        print(f"  replicas (peak {peak}; last {result['replicas'][-1][1] if result['replicas'] else {}}):")
+        print(_timeline(result["replicas"]))
+    if args.json:
+        args.json.write_text(json.dumps({"conditions": conditions, "results": results}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""Serve the early-exit classifier over HTTP on an embedded local Ray, until Ctrl-C.
+
+    python jobs/serve.py --anchornet CKPT --glance CKPT --patch CKPT [--thresholds JSON] [--port PORT]
+
+Prints the URL; then ``curl -H 'Content-Type: image/jpeg' --data-binary @img.jpg URL/classify``. On a cluster,
+deploy ``serve_config.yaml`` with ``serve deploy`` instead (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from pipelines.serve import ServeArgs
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--anchornet", required=True, help="AnchorNet checkpoint")
+    parser.add_argument("--glance", required=True, help="f_glance checkpoint")
+    parser.add_argument("--patch", required=True, help="f_patch checkpoint")
+    parser.add_argument("--thresholds", default=None, help="saved thresholds JSON (named budgets)")
+    parser.add_argument("--default-budget", default=None, help="budget of requests that name none")
+    parser.add_argument("--num-patches", type=int, default=4, help="T - 1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
+    parser.add_argument("--replica-cpus", type=float, default=0.25, help="CPUs reserved per replica")
+    parser.add_argument("--max-replicas", type=int, default=2, help="autoscaling limit per model deployment")
+    return parser.parse_args(argv)
+
+
+def serve_args(args: argparse.Namespace) -> ServeArgs:
+    from pipelines.serve import ServeArgs
+
+    def deployment(target: int) -> dict[str, object]:
+        autoscaling = {"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": target}
+        return {"num_cpus": args.replica_cpus, "autoscaling_config": autoscaling}
+
+    return ServeArgs(
+        anchornet=args.anchornet,
+        glance=args.glance,
+        patch=args.patch,
+        thresholds=args.thresholds,
+        default_budget=args.default_budget,
+        num_patches=args.num_patches,
+        deployments={
+            "ingress": {**deployment(16), "max_ongoing_requests": 64},
+            "glance": deployment(8),
+            "anchornet": deployment(8),
+            "patch": deployment(8),
+        },
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = serve_args(args)
+    except ValidationError as err:
+        print(f"serve: invalid arguments: {err}")
+        return 2
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only cluster of this process
+    import ray
+    from ray import serve
+
+    from pipelines.serve import build_app
+
+    try:
+        app = build_app(config)
+    except (OSError, ValueError) as err:
+        print(f"serve: {err}")
+        return 1
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name="anchornet", route_prefix="/", blocking=False)
+        url = f"http://{args.host}:{args.port}"
+        print(f"AnchorNet serving at {url}  (POST {url}/classify, GET {url}/info, docs {url}/docs); Ctrl-C stops")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,684 @@
+"""Ray Serve app: early-exit classification over HTTP (paper Alg. 1, REFERENCE section 4), one deployment per model.
+
+::
+
+    HTTP -> Ingress (FastAPI: decode, preprocess, thresholds, the early-exit loop)
+              |-> Glance      f_glance on the image resized to K          (batched, autoscaled)
+              |-> AnchorNet   CAM, NMS boxes and K x K crops, once         (batched, autoscaled)
+              '-> Patch       f_patch on one crop per call, step by step  (batched, autoscaled)
+
+The ingress asks the glance classifier first and stops when ``confidence(z_1) >= rho_1``; otherwise it asks
+AnchorNet once for the patches and the patch classifier one patch at a time until ``confidence(z_t) >= rho_t``
+or the patches run out. Decisions use ``anchornet.accumulated_confidence`` and the MACs
+``anchornet.cumulative_step_macs``, so a response equals ``EarlyExitClassifier.predict`` on the same image.
+
+Build it with ``build_app(ServeArgs(...))`` (``serve_config.yaml`` fills the same args for ``serve deploy``).
+Thresholds are live: they come from the ingress ``user_config`` (``thresholds_path``, ``default_budget``,
+inline ``budgets``) through ``reconfigure``, without restarting replicas.
+
+This module has no ``from __future__ import annotations``: Serve reads the builder's annotation as a class.
+"""
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from fastapi import FastAPI, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve.config import AutoscalingConfig
+from ray.serve.handle import DeploymentHandle
+
+from anchornet import (
+    ImageDecodeError,
+    Preprocessing,
+    accumulated_confidence,
+    class_activation_map,
+    count_macs,
+    crop_patches,
+    cumulative_step_macs,
+    decode_image,
+    load_checkpoint,
+    load_thresholds,
+    select_patches,
+)
+from anchornet.model import AnchorNet
+from anchornet.preprocessing import to_float
+from pipelines.serve_http import ApiError, install_error_handlers, jsonable, read_image_bytes, resolve_thresholds
+
+__all__ = [
+    "BaselineArgs",
+    "DeploymentArgs",
+    "DeploymentsArgs",
+    "ServeArgs",
+    "ServingSpec",
+    "build_app",
+    "build_baseline_app",
+    "check_serve_config",
+    "load_budgets",
+]
+
+Aggregate = Literal["logits", "probs"]
+#: Built-in budgets, always available: every step (the most accurate and costly) and the glance only.
+BUILTIN_BUDGETS: dict[str, tuple[float, ...] | None] = {"all-steps": None, "glance-only": None}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Typed arguments (the ``args:`` of serve_config.yaml)
+
+
+class DeploymentArgs(BaseModel):
+    """Resources, autoscaling and batching of one deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    autoscaling_config: dict[str, Any] = Field(
+        default_factory=lambda: {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}
+    )
+    max_batch_size: int = Field(16, ge=1, description="model deployments: largest @serve.batch")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="model deployments: wait to fill a batch")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
+
+    @model_validator(mode="after")
+    def _check_autoscaling(self) -> "DeploymentArgs":
+        unknown = set(self.autoscaling_config) - set(AutoscalingConfig.model_fields)
+        if unknown:
+            raise ValueError(f"unknown autoscaling_config keys {sorted(unknown)}")
+        AutoscalingConfig(**self.autoscaling_config)
+        return self
+
+    def options(self, name: str) -> dict[str, Any]:
+        """``Deployment.options(...)`` for this deployment."""
+        return {
+            "name": name,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "autoscaling_config": dict(self.autoscaling_config),
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+
+
+def _ingress_defaults() -> DeploymentArgs:
+    return DeploymentArgs(
+        num_cpus=0.5,
+        max_ongoing_requests=64,
+        autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+    )
+
+
+class DeploymentsArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ingress: DeploymentArgs = Field(default_factory=_ingress_defaults)
+    glance: DeploymentArgs = Field(default_factory=DeploymentArgs)
+    anchornet: DeploymentArgs = Field(default_factory=DeploymentArgs)
+    patch: DeploymentArgs = Field(default_factory=DeploymentArgs)
+
+
+class ServeArgs(BaseModel):
+    """Arguments of ``build_app``: checkpoints, thresholds, the early-exit settings, limits and deployments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anchornet: str = Field(description="AnchorNet checkpoint (path or s3:// URI)")
+    glance: str = Field(description="f_glance checkpoint")
+    patch: str = Field(description="f_patch checkpoint")
+    thresholds: str | None = Field(None, description="saved thresholds JSON (anchornet.save_thresholds)")
+    default_budget: str | None = Field(None, description="budget used when a request names none")
+    num_patches: int = Field(4, ge=1, description="T - 1")
+    iou_threshold: float = Field(0.3, ge=0, le=1)
+    aggregate: Aggregate = "logits"
+    top_k: int = Field(5, ge=1, description="classes returned by default")
+    max_body_bytes: int = Field(10 * 1024**2, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit, checked before decoding")
+    deployments: DeploymentsArgs = Field(default_factory=DeploymentsArgs)
+
+
+class BaselineArgs(BaseModel):
+    """Arguments of ``build_baseline_app``: one full-size classifier in one deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    classifier: str
+    top_k: int = Field(5, ge=1)
+    max_body_bytes: int = Field(10 * 1024**2, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    deployment: DeploymentArgs = Field(default_factory=DeploymentArgs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the ingress knows about the models (read from the checkpoint cards by the builder)
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """Everything the ingress needs from the model cards, so that it loads no model itself."""
+
+    class_names: list[str]
+    preprocessing: dict[str, Any]
+    patch_size: int  # K, the side of the crops and of the networks' input
+    min_side: int  # smallest image side accepted (AnchorNet's K)
+    num_patches: int
+    aggregate: Aggregate
+    anchornet_macs: int
+    glance_macs: int
+    patch_macs: int
+    top_k: int
+    max_body_bytes: int
+    max_pixels: int
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return self.num_patches + 1
+
+    @property
+    def step_macs(self) -> list[int]:
+        return cumulative_step_macs(self.anchornet_macs, self.glance_macs, self.patch_macs, self.num_steps)
+
+
+def _class_names(card: Any) -> list[str]:
+    num_classes = card.arch["num_classes"]
+    return list(card.class_names) if card.class_names else [str(i) for i in range(num_classes)]
+
+
+def serving_spec(args: ServeArgs) -> ServingSpec:
+    """Read the three checkpoints and check that they fit together; the MACs come from the flop counter."""
+    anchornet, anchornet_card = load_checkpoint(args.anchornet)
+    _, glance_card = load_checkpoint(args.glance)
+    _, patch_card = load_checkpoint(args.patch)
+    if not isinstance(anchornet, AnchorNet):
+        raise ValueError(f"{args.anchornet} is a {anchornet_card.kind} checkpoint, not an AnchorNet one")
+    for role, card in (("glance", glance_card), ("patch", patch_card)):
+        if card.kind != "classifier":
+            raise ValueError(f"--{role} checkpoint is a {card.kind} checkpoint, not a classifier")
+    if _class_names(glance_card) != _class_names(patch_card):
+        raise ValueError("the glance and patch classifiers must have the same classes (names and order)")
+    if glance_card.input_size != patch_card.input_size:
+        raise ValueError(f"glance and patch input sizes differ: {glance_card.input_size} and {patch_card.input_size}")
+    preprocessing = Preprocessing.from_dict(anchornet_card.preprocessing or {})
+    k = anchornet.receptive_field.size
+    if preprocessing.image_size < k:
+        raise ValueError(f"preprocessing image_size {preprocessing.image_size} is smaller than AnchorNet's K={k}")
+    size = preprocessing.image_size
+    anchornet_macs = anchornet_card.macs if anchornet_card.input_size == size else count_macs(anchornet, size)
+    return ServingSpec(
+        class_names=_class_names(glance_card),
+        preprocessing=preprocessing.to_dict(),
+        patch_size=glance_card.input_size,
+        min_side=k,
+        num_patches=args.num_patches,
+        aggregate=args.aggregate,
+        anchornet_macs=int(anchornet_macs),
+        glance_macs=int(glance_card.macs),
+        patch_macs=int(patch_card.macs),
+        top_k=args.top_k,
+        max_body_bytes=args.max_body_bytes,
+        max_pixels=args.max_pixels,
+        models={
+            "anchornet": {"arch": "anchornet", "input_size": size, "macs": int(anchornet_macs), "K": k},
+            "glance": {
+                "arch": glance_card.arch["name"],
+                "input_size": glance_card.input_size,
+                "macs": glance_card.macs,
+            },
+            "patch": {"arch": patch_card.arch["name"], "input_size": patch_card.input_size, "macs": patch_card.macs},
+        },
+    )
+
+
+def load_budgets(config: dict[str, Any], num_steps: int) -> tuple[dict[str, dict[str, Any]], str]:
+    """Named budgets and the default one from an ingress ``user_config``.
+
+    ``config`` keys: ``thresholds_path`` (a saved thresholds JSON), ``budgets`` (``name -> [rho...]``, added
+    after the file's), ``default_budget`` (else the middle budget of the file, else ``all-steps``). Two
+    budgets are always there: ``all-steps`` (every ``rho = inf``) and ``glance-only`` (every ``rho = 0``).
+    Raises ``ValueError`` for unknown keys, a wrong number of thresholds or an unknown default.
+    """
+    unknown = set(config) - {"thresholds_path", "budgets", "default_budget"}
+    if unknown:
+        raise ValueError(f"unknown user_config keys {sorted(unknown)}")
+    count = num_steps - 1
+    budgets: dict[str, dict[str, Any]] = {}
+    if config.get("thresholds_path"):
+        for name, point in load_thresholds(config["thresholds_path"]).items():
+            budgets[name] = {k: v for k, v in asdict(point).items() if v is not None and k != "name"}
+    for name, rho in (config.get("budgets") or {}).items():
+        budgets[name] = {"thresholds": tuple(float(r) for r in rho)}
+    fitted = list(budgets)
+    budgets.setdefault("all-steps", {"thresholds": (math.inf,) * count})
+    budgets.setdefault("glance-only", {"thresholds": (0.0,) * count})
+    for name, budget in budgets.items():
+        rho = budget["thresholds"]
+        if len(rho) != count or any(math.isnan(r) for r in rho):
+            raise ValueError(f"budget {name!r} needs {count} thresholds (T = {num_steps} steps), got {list(rho)}")
+    default = config.get("default_budget") or (fitted[len(fitted) // 2] if fitted else "all-steps")
+    if default not in budgets:
+        raise ValueError(f"default_budget {default!r} is not one of {list(budgets)}")
+    return budgets, default
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model deployments
+
+
+def _by_shape(items: Sequence[torch.Tensor], run: Callable[[torch.Tensor], list[Any]]) -> list[Any]:
+    """Run ``run`` once per group of equally shaped tensors of ``items``; results back in ``items`` order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(tuple(item.shape), []).append(i)
+    results: list[Any] = [None] * len(items)
+    for indices in groups.values():
+        for i, result in zip(indices, run(torch.stack([items[i] for i in indices])), strict=True):
+            results[i] = result
+    return results
+
+
+def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, C, H, W)`` float to ``size x size``, bilinear with antialiasing (as ``EarlyExitClassifier``)."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+@serve.deployment
+class ClassifierDeployment:
+    """A downstream classifier (glance or patch): uint8 ``(3, H, W)`` in, float32 logits ``(C,)`` out.
+
+    Images are resized to the checkpoint's ``input_size`` when they differ; concurrent calls share one batch.
+    """
+
+    def __init__(
+        self, checkpoint: str, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005, torch_threads: int = 1
+    ) -> None:
+        torch.set_num_threads(torch_threads)
+        self.model, self.card = load_checkpoint(checkpoint)
+        self.input_size = self.card.input_size
+        self.__call__.set_max_batch_size(max_batch_size)
+        self.__call__.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @torch.inference_mode()
+    def _forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model(resize_to(to_float(images), self.input_size)).float())
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return _by_shape(images, self._forward)
+
+
+@serve.deployment
+class AnchorNetDeployment:
+    """AnchorNet: uint8 ``(3, H, W)`` in; the CAM's best patches out, ``{"boxes", "scores", "crops"}``.
+
+    ``boxes`` ``(n, 4)`` half-open windows, best first; ``scores`` their CAM scores ``(n,)``; ``crops`` the
+    ``K x K`` uint8 pixels ``(n, 3, K, K)``; ``n <= num_patches`` (fewer when NMS leaves fewer cells).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        num_patches: int = 4,
+        iou_threshold: float = 0.3,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.005,
+        torch_threads: int = 1,
+    ) -> None:
+        torch.set_num_threads(torch_threads)
+        self.model, self.card = load_checkpoint(checkpoint)
+        self.receptive_field = self.model.receptive_field
+        self.num_patches = num_patches
+        self.iou_threshold = iou_threshold
+        self.__call__.set_max_batch_size(max_batch_size)
+        self.__call__.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @torch.inference_mode()
+    def _propose(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        cam, _ = class_activation_map(self.model, to_float(images))
+        selection = select_patches(cam, self.receptive_field, self.num_patches, self.iou_threshold)
+        crops = crop_patches(images, selection.boxes, size=self.receptive_field.size)
+        return [
+            {"boxes": selection.boxes[b][valid], "scores": selection.scores[b][valid].float(), "crops": crops[b][valid]}
+            for b, valid in enumerate(selection.valid)
+        ]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return _by_shape(images, self._propose)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ingress
+
+api = FastAPI(
+    title="AnchorNet early-exit classifier",
+    description="Glance at the image, then look at AnchorNet's patches only while the prediction is unsure.",
+    version="1",
+)
+install_error_handlers(api)
+
+_IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+            },
+        },
+    }
+}
+
+
+class ClassScore(BaseModel):
+    index: int
+    name: str
+    probability: float
+
+
+class PatchInfo(BaseModel):
+    step: int = Field(description="the step that looked at this patch (2 = the best patch)")
+    box: list[float] = Field(description="half-open (x0, y0, x1, y1) in the preprocessed image")
+    cam_score: float
+
+
+class Classification(BaseModel):
+    prediction: ClassScore
+    top_k: list[ClassScore]
+    confidence: float
+    exit_step: int = Field(description="1 = the glance, t >= 2 = after the (t-1)-th patch")
+    num_steps: int
+    macs: int = Field(description="multiply-accumulates spent on this image")
+    gmacs: float
+    budget: str | None
+    thresholds: list[float | str]
+    patches: list[PatchInfo]
+    patches_available: int | None = Field(description="patches AnchorNet proposed; null when it did not run")
+    image_size: list[int] = Field(description="(width, height) as received")
+    latency_ms: float = Field(description="time in the ingress, decoding included")
+
+
+def contribution(logits: torch.Tensor, aggregate: Aggregate) -> torch.Tensor:
+    """``f(x_t)`` as it enters ``z_t`` (as ``EarlyExitClassifier``): float32 logits or softmax probabilities."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return logits.to(dtype) if aggregate == "logits" else logits.softmax(dim=-1, dtype=dtype)
+
+
+async def decode_request(request: Request, spec: ServingSpec | dict[str, Any]) -> tuple[torch.Tensor, list[int]]:
+    """Read, decode and preprocess the image of a request: uint8 ``(3, S, S)`` and the original (width, height)."""
+    get = spec.get if isinstance(spec, dict) else lambda key: getattr(spec, key)
+    data = await read_image_bytes(request, get("max_body_bytes"))
+    preprocessing = Preprocessing.from_dict(get("preprocessing"))
+
+    def decode() -> tuple[torch.Tensor, list[int]]:
+        image = decode_image(data, min_size=get("min_side"), max_pixels=get("max_pixels"))
+        return preprocessing(image), list(image.size)
+
+    try:
+        return await asyncio.to_thread(decode)
+    except ImageDecodeError as err:
+        status = 413 if "exceeds" in str(err) else 400
+        raise ApiError(status, "bad_image", str(err)) from None
+
+
+def _top_k(probs: torch.Tensor, names: list[str], k: int) -> list[ClassScore]:
+    values, indices = probs.topk(min(k, probs.numel()))
+    return [
+        ClassScore(index=int(i), name=names[int(i)], probability=float(v)) for v, i in zip(values, indices, strict=True)
+    ]
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """Decodes and preprocesses, then runs the early-exit loop over the model deployments."""
+
+    def __init__(
+        self, glance: DeploymentHandle, anchornet: DeploymentHandle, patch: DeploymentHandle, spec: ServingSpec
+    ) -> None:
+        self.glance, self.anchornet, self.patch = glance, anchornet, patch
+        self.spec = spec
+        self.budgets, self.default_budget = load_budgets({}, spec.num_steps)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Live thresholds: ``user_config`` as ``load_budgets`` reads it."""
+        self.budgets, self.default_budget = load_budgets(dict(config or {}), self.spec.num_steps)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/info")
+    async def info(self) -> dict[str, Any]:
+        spec = self.spec
+        return jsonable(
+            {
+                "classes": spec.class_names,
+                "num_steps": spec.num_steps,
+                "num_patches": spec.num_patches,
+                "patch_size": spec.patch_size,
+                "min_image_side": spec.min_side,
+                "aggregate": spec.aggregate,
+                "preprocessing": spec.preprocessing,
+                "models": spec.models,
+                "step_macs": spec.step_macs,
+                "default_budget": self.default_budget,
+                "budgets": {name: {**b, "thresholds": list(b["thresholds"])} for name, b in self.budgets.items()},
+                "limits": {"max_body_bytes": spec.max_body_bytes, "max_pixels": spec.max_pixels},
+            }
+        )
+
+    @api.post("/classify", response_model=Classification, openapi_extra=_IMAGE_BODY)
+    async def classify(
+        self,
+        request: Request,
+        budget: str | None = Query(None, description="a named budget, e.g. q=0.50 (see /info)"),
+        thresholds: str | None = Query(None, description="rho_1..rho_{T-1}, comma-separated, e.g. 0.9,0.8,0.7,0.6"),
+        top_k: int | None = Query(None, ge=1, description="classes to return"),
+    ) -> Classification:
+        start = time.perf_counter()
+        spec = self.spec
+        thresholds_of = {name: b["thresholds"] for name, b in self.budgets.items()}
+        budget_name, rho = resolve_thresholds(thresholds_of, self.default_budget, spec.num_patches, budget, thresholds)
+        image, image_size = await decode_request(request, spec)
+
+        z = contribution(await self.glance.remote(image), spec.aggregate)
+        t, patches, available = 1, [], None
+        confidence, prediction = accumulated_confidence(z, t, spec.aggregate)
+        if not (spec.num_steps == 1 or confidence >= rho[0]):
+            proposal = await self.anchornet.remote(image)
+            available = int(proposal["boxes"].shape[0])
+            for j in range(available):
+                t = j + 2
+                z = z + contribution(await self.patch.remote(proposal["crops"][j]), spec.aggregate)
+                confidence, prediction = accumulated_confidence(z, t, spec.aggregate)
+                patches.append(
+                    PatchInfo(step=t, box=proposal["boxes"][j].tolist(), cam_score=float(proposal["scores"][j]))
+                )
+                if t == spec.num_steps or confidence >= rho[t - 1]:
+                    break
+        macs = spec.glance_macs + (spec.anchornet_macs if available is not None else 0) + (t - 1) * spec.patch_macs
+        probs = z.softmax(dim=-1) if spec.aggregate == "logits" else z / t
+        names = spec.class_names
+        return Classification(
+            prediction=ClassScore(index=int(prediction), name=names[int(prediction)], probability=float(confidence)),
+            top_k=_top_k(probs, names, top_k or spec.top_k),
+            confidence=float(confidence),
+            exit_step=t,
+            num_steps=spec.num_steps,
+            macs=int(macs),
+            gmacs=macs / 1e9,
+            budget=budget_name,
+            thresholds=jsonable(list(rho)),
+            patches=patches,
+            patches_available=available,
+            image_size=image_size,
+            latency_ms=(time.perf_counter() - start) * 1e3,
+        )
+
+
+def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
+    """The early-exit app: Glance, AnchorNet and Patch deployments behind the FastAPI ``Ingress``.
+
+    Reads the checkpoint cards (class names, K, MACs, preprocessing) and checks the thresholds here, so that a
+    bad configuration fails at deploy time rather than at the first request.
+    """
+    args = ServeArgs.model_validate(args) if isinstance(args, dict) else args
+    spec = serving_spec(args)
+    user_config = {"thresholds_path": args.thresholds, "default_budget": args.default_budget}
+    load_budgets(user_config, spec.num_steps)
+    d = args.deployments
+
+    def model(deployment: Any, name: str, opts: DeploymentArgs, checkpoint: str, **kwargs: Any) -> Any:
+        batching = {"max_batch_size": opts.max_batch_size, "batch_wait_timeout_s": opts.batch_wait_timeout_s}
+        return deployment.options(**opts.options(name)).bind(
+            checkpoint, **kwargs, **batching, torch_threads=opts.torch_threads
+        )
+
+    glance = model(ClassifierDeployment, "Glance", d.glance, args.glance)
+    anchornet = model(
+        AnchorNetDeployment,
+        "AnchorNet",
+        d.anchornet,
+        args.anchornet,
+        num_patches=args.num_patches,
+        iou_threshold=args.iou_threshold,
+    )
+    patch = model(ClassifierDeployment, "Patch", d.patch, args.patch)
+    return Ingress.options(**d.ingress.options("Ingress"), user_config=user_config).bind(glance, anchornet, patch, spec)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Baseline: one deployment, one full-size classifier (the comparison of the load test)
+
+baseline_api = FastAPI(title="Full-size classifier (baseline)", version="1")
+install_error_handlers(baseline_api)
+
+
+@serve.deployment
+@serve.ingress(baseline_api)
+class FullClassifier:
+    """Decode, preprocess to the checkpoint's input size and classify, all in one (batched) deployment."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        top_k: int = 5,
+        max_body_bytes: int = 10 * 1024**2,
+        max_pixels: int = 40_000_000,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.005,
+        torch_threads: int = 1,
+    ) -> None:
+        torch.set_num_threads(torch_threads)
+        self.model, card = load_checkpoint(checkpoint)
+        self.class_names = _class_names(card)
+        self.macs = int(card.macs)
+        preprocessing = Preprocessing.from_dict(card.preprocessing or {})
+        if preprocessing.image_size != card.input_size:
+            preprocessing = Preprocessing(image_size=card.input_size, resize_size=max(card.input_size, 256))
+        self.limits = {
+            "max_body_bytes": max_body_bytes,
+            "max_pixels": max_pixels,
+            "min_side": 1,
+            "preprocessing": preprocessing.to_dict(),
+        }
+        self.top_k = top_k
+        self.classify_batch.set_max_batch_size(max_batch_size)
+        self.classify_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def classify_batch(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return _by_shape(images, lambda x: list(self.model(to_float(x)).float()))
+
+    @baseline_api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @baseline_api.post("/classify", openapi_extra=_IMAGE_BODY)
+    async def classify(self, request: Request, top_k: int | None = Query(None, ge=1)) -> dict[str, Any]:
+        start = time.perf_counter()
+        image, image_size = await decode_request(request, self.limits)
+        probs = (await self.classify_batch(image)).softmax(dim=-1)
+        scores = _top_k(probs, self.class_names, top_k or self.top_k)
+        return {
+            "prediction": scores[0].model_dump(),
+            "top_k": [s.model_dump() for s in scores],
+            "exit_step": 1,
+            "macs": self.macs,
+            "gmacs": self.macs / 1e9,
+            "image_size": image_size,
+            "latency_ms": (time.perf_counter() - start) * 1e3,
+        }
+
+
+def build_baseline_app(args: BaselineArgs | dict[str, Any]) -> serve.Application:
+    args = BaselineArgs.model_validate(args) if isinstance(args, dict) else args
+    opts = args.deployment
+    return FullClassifier.options(**opts.options("FullClassifier")).bind(
+        args.classifier,
+        top_k=args.top_k,
+        max_body_bytes=args.max_body_bytes,
+        max_pixels=args.max_pixels,
+        max_batch_size=opts.max_batch_size,
+        batch_wait_timeout_s=opts.batch_wait_timeout_s,
+        torch_threads=opts.torch_threads,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Serve config YAML: Serve's schema plus a strict key check (the schema ignores unknown keys)
+
+
+def _unknown_keys(data: Any, allowed: Sequence[str], where: str) -> list[str]:
+    if not isinstance(data, dict):
+        return [f"{where} must be a mapping"]
+    return [f"unknown key {where}.{key}" for key in data if key not in allowed]
+
+
+def check_serve_config(config: dict[str, Any]) -> list[str]:
+    """Problems of a ``serve deploy`` config; empty when it is valid.
+
+    Validates with Serve's ``ServeDeploySchema``, then checks every key of the top level, the applications,
+    their deployments and autoscaling configs against the schema's fields (Serve silently drops unknown keys,
+    so a typo like ``max_ongoing_request`` would otherwise be ignored), and the ``args`` of applications built
+    by ``build_app`` / ``build_baseline_app`` against ``ServeArgs`` / ``BaselineArgs`` (which forbid extras).
+    """
+    from pydantic import ValidationError
+    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+
+    problems = _unknown_keys(config, list(ServeDeploySchema.model_fields), "config")
+    if problems:
+        return problems
+    try:
+        ServeDeploySchema.model_validate(config)
+    except ValidationError as err:
+        return [f"serve schema: {line}" for line in str(err).splitlines()]
+    builders = {f"{__name__}:build_app": ServeArgs, f"{__name__}:build_baseline_app": BaselineArgs}
+    for i, app in enumerate(config.get("applications") or []):
+        where = f"applications[{i}]"
+        problems += _unknown_keys(app, list(ServeApplicationSchema.model_fields), where)
+        for j, deployment in enumerate(app.get("deployments") or []):
+            dwhere = f"{where}.deployments[{j}]"
+            problems += _unknown_keys(deployment, list(DeploymentSchema.model_fields), dwhere)
+            if isinstance(deployment.get("autoscaling_config"), dict):
+                problems += _unknown_keys(
+                    deployment["autoscaling_config"],
+                    list(AutoscalingConfig.model_fields),
+                    f"{dwhere}.autoscaling_config",
+                )
+        model = builders.get(app.get("import_path", ""))
+        if model is not None:
+            try:
+                model.model_validate(app.get("args") or {})
+            except ValidationError as err:
+                problems += [f"{where}.args: {e['loc']}: {e['msg']}" for e in err.errors()]
+    return problems

@@ -1,0 +1,196 @@
+"""The HTTP edge of the serving app, without Ray: reading an image out of a request, parsing the thresholds a
+request asks for, and the JSON error every bad request gets.
+
+Every rejection is an ``ApiError`` (status, machine-readable code, one-line message) that the FastAPI apps of
+``pipelines.serve`` turn into ``{"error": {"code": ..., "message": ...}}`` with that status, never a 500.
+"""
+
+from __future__ import annotations
+
+import email.errors
+import email.policy
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
+from email.parser import BytesParser
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+__all__ = [
+    "RAW_CONTENT_TYPES",
+    "ApiError",
+    "install_error_handlers",
+    "json_float",
+    "parse_thresholds",
+    "read_image_bytes",
+    "resolve_thresholds",
+]
+
+#: Media types accepted as a raw image body (besides any ``image/*``); a missing Content-Type counts as raw too.
+RAW_CONTENT_TYPES = ("application/octet-stream",)
+#: Multipart form fields searched for the image, in order; otherwise the only part, or the first with a filename.
+IMAGE_FIELDS = ("file", "image")
+
+_BAD_MULTIPART_DEFECTS = (
+    email.errors.StartBoundaryNotFoundDefect,
+    email.errors.CloseBoundaryNotFoundDefect,
+    email.errors.MultipartInvariantViolationDefect,
+    email.errors.NoBoundaryInMultipartDefect,
+)
+
+
+class ApiError(Exception):
+    """A request the service refuses: HTTP ``status`` (4xx), a stable ``code`` and a one-line ``message``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def to_response(self) -> JSONResponse:
+        return JSONResponse({"error": {"code": self.code, "message": self.message}}, status_code=self.status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """JSON errors for ``ApiError`` and query validation (422); anything unexpected is a JSON 500."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        return err.to_response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in err.errors()
+        )
+        return ApiError(422, "invalid_parameter", problems or "invalid request").to_response()
+
+
+async def _read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+async def read_image_bytes(request: Request, max_body_bytes: int) -> bytes:
+    """The encoded image of a ``POST``: the raw body, or the ``file``/``image`` part of a multipart form.
+
+    Raises ``ApiError``: 413 for a body over ``max_body_bytes`` (from Content-Length before reading, or while
+    reading), 415 for a media type that is neither an image, ``application/octet-stream`` nor
+    ``multipart/form-data``, 400 for an empty body or a malformed multipart form.
+    """
+    content_type = request.headers.get("content-type", "").strip()
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    is_multipart = media_type == "multipart/form-data"
+    if media_type and not (is_multipart or media_type.startswith("image/") or media_type in RAW_CONTENT_TYPES):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"unsupported media type {media_type!r}: send the image bytes as image/* or application/octet-stream, "
+            "or as the 'file' field of a multipart/form-data form",
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise ApiError(400, "bad_request", f"invalid Content-Length {declared!r}") from None
+        if length > max_body_bytes:
+            raise ApiError(
+                413, "body_too_large", f"request body of {length} bytes exceeds the limit of {max_body_bytes}"
+            )
+    body = await _read_limited(request.stream(), max_body_bytes)
+    if not body:
+        raise ApiError(400, "empty_body", "empty request body: send an image")
+    if is_multipart:
+        body = parse_multipart(body, content_type)
+        if not body:
+            raise ApiError(400, "empty_body", "the image part of the multipart form is empty")
+    return body
+
+
+def parse_multipart(body: bytes, content_type: str) -> bytes:
+    """The image part of a ``multipart/form-data`` body (see ``IMAGE_FIELDS``); ``ApiError`` 400 if malformed."""
+    try:
+        header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    except UnicodeEncodeError:
+        raise ApiError(400, "bad_multipart", "malformed multipart Content-Type header") from None
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
+    if message.get_boundary() is None:
+        raise ApiError(400, "bad_multipart", "malformed multipart form: no boundary in the Content-Type header")
+    if not message.is_multipart() or any(isinstance(d, _BAD_MULTIPART_DEFECTS) for d in message.defects):
+        raise ApiError(400, "bad_multipart", "malformed multipart form: boundaries missing or broken")
+    parts = list(message.iter_parts())
+    if not parts:
+        raise ApiError(400, "bad_multipart", "malformed multipart form: no parts")
+    named = {part.get_param("name", header="content-disposition"): part for part in parts}
+    chosen = next((named[field] for field in IMAGE_FIELDS if field in named), None)
+    if chosen is None:
+        with_file = [part for part in parts if part.get_filename()]
+        chosen = parts[0] if len(parts) == 1 else (with_file[0] if with_file else None)
+    if chosen is None:
+        raise ApiError(400, "bad_multipart", f"multipart form has no image field (expected one of {IMAGE_FIELDS})")
+    payload = chosen.get_payload(decode=True)
+    return payload if isinstance(payload, bytes) else b""
+
+
+def parse_thresholds(text: str, count: int) -> tuple[float, ...]:
+    """``"0.9,0.8,inf"`` to ``count`` floats ``rho_1..rho_count``; ``ApiError`` 400 when malformed."""
+    items = [item.strip() for item in text.split(",")]
+    try:
+        values = tuple(float(item) for item in items)
+    except ValueError:
+        raise ApiError(
+            400, "bad_thresholds", f"thresholds must be {count} comma-separated numbers (or inf), got {text!r}"
+        ) from None
+    if len(values) != count:
+        raise ApiError(
+            400,
+            "bad_thresholds",
+            f"expected {count} thresholds rho_1..rho_{count} (one per step but the last), got {len(values)}",
+        )
+    if any(math.isnan(v) for v in values):
+        raise ApiError(400, "bad_thresholds", "thresholds must not be NaN")
+    return values
+
+
+def resolve_thresholds(
+    budgets: Mapping[str, Sequence[float]],
+    default_budget: str,
+    count: int,
+    budget: str | None = None,
+    thresholds: str | None = None,
+) -> tuple[str | None, tuple[float, ...]]:
+    """``(budget name or None, rho_1..rho_count)`` a request asks for: ``?budget=NAME``, ``?thresholds=...``,
+    or the default budget; both at once, an unknown name or malformed thresholds give ``ApiError`` 400."""
+    if budget is not None and thresholds is not None:
+        raise ApiError(400, "bad_budget", "pass either budget or thresholds, not both")
+    if thresholds is not None:
+        return None, parse_thresholds(thresholds, count)
+    name = default_budget if budget is None else budget
+    if name not in budgets:
+        known = ", ".join(budgets) or "none"
+        raise ApiError(400, "unknown_budget", f"unknown budget {name!r}; known budgets: {known}")
+    return name, tuple(float(v) for v in budgets[name])
+
+
+def json_float(value: float) -> float | str:
+    """JSON has no infinity: ``inf`` and ``-inf`` become strings, as in the saved thresholds files."""
+    return value if math.isfinite(value) else ("inf" if value > 0 else "-inf" if value < 0 else "nan")
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with every non-finite float made a string (``json_float``), through lists and dicts."""
+    if isinstance(value, float):
+        return json_float(value)
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,319 @@
+"""The Serve app over HTTP on the shared local Ray: early exit equal to the engine, live thresholds, bad input."""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from anchornet import (
+    EarlyExitClassifier,
+    Preprocessing,
+    anchornet_test,
+    build_classifier,
+    decode_image,
+    load_checkpoint,
+    save_checkpoint,
+    save_thresholds,
+)
+from anchornet.preprocessing import to_float
+from pipelines.serve_http import ApiError, parse_multipart, parse_thresholds
+
+requests = pytest.importorskip("requests")
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = [f"class{i}" for i in range(10)]
+NUM_PATCHES = 3
+MAX_BODY = 300_000
+MAX_PIXELS = 4_000_000
+
+
+def _encode(image: Image.Image, fmt: str = "JPEG", **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _photo(seed: int, size: tuple[int, int] = (256, 240)) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(3, 8, 8, generator=g)
+    big = torch.nn.functional.interpolate(small[None], size=size[::-1], mode="bilinear")[0]
+    noise = torch.rand(3, *size[::-1], generator=g) * 0.2
+    pixels = ((big * 0.8 + noise).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels, "RGB")
+
+
+def _png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A tiny PNG whose header claims ``width x height`` pixels."""
+    png = bytearray(_encode(Image.new("L", (8, 8)), "PNG"))
+    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
+    png[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    png[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(png[ihdr - 4 : ihdr + 13])))
+    return bytes(png)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure helpers (no Ray)
+
+
+def test_parse_thresholds() -> None:
+    assert parse_thresholds("0.9, 0.8,inf", 3) == (0.9, 0.8, math.inf)
+    for bad in ("0.9,0.8", "a,b,c", "0.9,nan,0.1", ""):
+        with pytest.raises(ApiError) as err:
+            parse_thresholds(bad, 3)
+        assert err.value.status == 400
+
+
+def test_parse_multipart() -> None:
+    body = b'--XX\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\nJPEGDATA\r\n--XX--\r\n'
+    assert parse_multipart(body, "multipart/form-data; boundary=XX") == b"JPEGDATA"
+    for content_type, broken in (
+        ("multipart/form-data; boundary=XX", b"no boundaries here"),
+        ("multipart/form-data", body),
+    ):
+        with pytest.raises(ApiError) as err:
+            parse_multipart(broken, content_type)
+        assert err.value.status == 400
+
+
+def test_serve_config_yaml_is_valid_and_strict() -> None:
+    from pipelines.serve import check_serve_config
+
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    assert check_serve_config(config) == []
+    app = config["applications"][0]
+    assert app["import_path"] == "pipelines.serve:build_app"
+
+    typo = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    typo["applications"][0]["deployments"] = [{"name": "Glance", "max_ongoing_request": 8}]
+    typo["applications"][0]["args"]["deployments"]["patch"]["autoscaling_config"]["target_ongoing_request"] = 3
+    typo["applications"][0]["args"]["num_patch"] = 4
+    problems = "\n".join(check_serve_config(typo))
+    assert "max_ongoing_request" in problems
+    assert "target_ongoing_request" in problems
+    assert "num_patch" in problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The app over HTTP
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    paths = {name: str(root / f"{name}.pt") for name in ("anchornet", "glance", "patch")}
+    save_checkpoint(
+        anchornet_test(10), paths["anchornet"], input_size=224, class_names=CLASSES, preprocessing=Preprocessing()
+    )
+    for name in ("glance", "patch"):
+        save_checkpoint(build_classifier("mobilenet_v3_small", 10), paths[name], input_size=95, class_names=CLASSES)
+    paths["thresholds"] = str(root / "thresholds.json")
+    save_thresholds({"q=0.50": [0.5, 0.4, 0.3], "strict": [math.inf] * NUM_PATCHES}, paths["thresholds"])
+    return paths
+
+
+def _tiny(**autoscaling: int) -> dict[str, object]:
+    return {
+        "num_cpus": 0.1,
+        "max_ongoing_requests": 16,
+        "max_batch_size": 4,
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, **autoscaling},
+    }
+
+
+@pytest.fixture(scope="module")
+def server(ray_local: None, checkpoints: dict[str, str]) -> Iterator[str]:
+    """The app on a free 127.0.0.1 port, every replica on a tenth of a CPU."""
+    from _s3 import free_port
+    from ray import serve
+
+    from pipelines.serve import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    args = {
+        "anchornet": checkpoints["anchornet"],
+        "glance": checkpoints["glance"],
+        "patch": checkpoints["patch"],
+        "thresholds": checkpoints["thresholds"],
+        "default_budget": "q=0.50",
+        "num_patches": NUM_PATCHES,
+        "max_body_bytes": MAX_BODY,
+        "max_pixels": MAX_PIXELS,
+        "deployments": {name: _tiny() for name in ("ingress", "glance", "anchornet", "patch")},
+    }
+    serve.run(build_app(args), name="anchornet", route_prefix="/", blocking=False)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints: dict[str, str]) -> EarlyExitClassifier:
+    anchornet, _ = load_checkpoint(checkpoints["anchornet"])
+    glance, _ = load_checkpoint(checkpoints["glance"])
+    patch, _ = load_checkpoint(checkpoints["patch"])
+    return EarlyExitClassifier(anchornet, glance, patch, [math.inf] * NUM_PATCHES, NUM_PATCHES, patch_size=95).eval()
+
+
+def _classify(url: str, data: bytes, content_type: str = "image/jpeg", **params: str) -> requests.Response:
+    return requests.post(
+        f"{url}/classify", data=data, headers={"Content-Type": content_type}, params=params, timeout=60
+    )
+
+
+def _engine_result(engine: EarlyExitClassifier, data: bytes, thresholds: list[float]) -> dict[str, object]:
+    image = Preprocessing()(decode_image(data, min_size=95))
+    engine.thresholds = thresholds
+    result = engine.predict(to_float(image)[None])
+    return {
+        "prediction": int(result.prediction[0]),
+        "exit_step": int(result.exit_step[0]),
+        "macs": int(result.macs[0]),
+        "confidence": float(result.confidence[0]),
+    }
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_health_info_and_openapi(server: str) -> None:
+    assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok"}
+    info = requests.get(f"{server}/info", timeout=30).json()
+    assert info["classes"] == CLASSES
+    assert info["num_steps"] == NUM_PATCHES + 1
+    assert info["default_budget"] == "q=0.50"
+    assert info["budgets"]["strict"]["thresholds"] == ["inf"] * NUM_PATCHES
+    assert {"all-steps", "glance-only", "q=0.50"} <= set(info["budgets"])
+    macs = info["step_macs"]
+    assert len(macs) == NUM_PATCHES + 1 and macs == sorted(macs)
+    assert "/classify" in requests.get(f"{server}/openapi.json", timeout=30).json()["paths"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_http_equals_engine(server: str, engine: EarlyExitClassifier) -> None:
+    data = _encode(_photo(1))
+    outputs, _ = engine.step_logits(to_float(Preprocessing()(decode_image(data)))[None])
+    confidences = outputs[0].float().cumsum(0).softmax(-1).amax(-1).tolist()  # confidence of z_t, t = 1..T
+    # Exit exactly at step 3: rho_1, rho_2 just above the confidence there, rho_3 just below.
+    mid = [confidences[0] + 1e-3, confidences[1] + 1e-3, confidences[2] - 1e-3]
+    for rho, expected_step in (([0.0] * NUM_PATCHES, 1), ([math.inf] * NUM_PATCHES, NUM_PATCHES + 1), (mid, 3)):
+        got = _classify(server, data, thresholds=",".join(str(r) for r in rho))
+        assert got.status_code == 200, got.text
+        body = got.json()
+        want = _engine_result(engine, data, rho)
+        assert want["exit_step"] == expected_step
+        assert (body["prediction"]["index"], body["exit_step"], body["macs"]) == (
+            want["prediction"],
+            want["exit_step"],
+            want["macs"],
+        )
+        assert body["confidence"] == pytest.approx(want["confidence"], abs=1e-4)
+        assert len(body["patches"]) == body["exit_step"] - 1
+        assert body["prediction"]["name"] == CLASSES[body["prediction"]["index"]]
+    # Named budgets, the default, and top_k.
+    strict = _classify(server, data, budget="strict", top_k="3").json()
+    assert strict["budget"] == "strict" and strict["exit_step"] == NUM_PATCHES + 1 and len(strict["top_k"]) == 3
+    for patch in strict["patches"]:
+        x0, y0, x1, y1 = patch["box"]
+        assert x1 - x0 == y1 - y0 == 95 and math.isfinite(patch["cam_score"])
+    assert _classify(server, data).json()["budget"] == "q=0.50"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_image_modes_and_multipart(server: str) -> None:
+    photo = _photo(2)
+    cmyk = _encode(photo.convert("CMYK"), "JPEG")
+    palette = _encode(photo.convert("P", palette=Image.Palette.ADAPTIVE), "PNG")
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(128)
+    for data, content_type in (
+        (_encode(photo.convert("L")), "image/jpeg"),
+        (cmyk, "image/jpeg"),
+        (palette, "image/png"),
+        (_encode(rgba, "PNG"), "image/png"),
+        (_encode(photo, "PNG"), "application/octet-stream"),
+    ):
+        got = _classify(server, data, content_type)
+        assert got.status_code == 200, got.text
+    got = requests.post(f"{server}/classify", files={"file": ("a.jpg", _encode(photo), "image/jpeg")}, timeout=60)
+    assert got.status_code == 200, got.text
+    assert got.json()["image_size"] == list(photo.size)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_bad_input_gets_4xx_json_and_service_stays_up(server: str) -> None:
+    good = _encode(_photo(3))
+    multipart = "multipart/form-data; boundary=XYZ"
+    cases = [
+        ("empty body", lambda: _classify(server, b""), 400),
+        ("not an image", lambda: _classify(server, b"this is not an image at all"), 400),
+        ("truncated JPEG", lambda: _classify(server, good[: len(good) // 2]), 400),
+        ("too small", lambda: _classify(server, _encode(_photo(4, (64, 200)))), 400),
+        ("decompression bomb", lambda: _classify(server, _png_bomb(), "image/png"), 413),
+        ("body over the limit", lambda: _classify(server, b"\xff" * (MAX_BODY + 1)), 413),
+        ("unsupported media type", lambda: _classify(server, good, "text/plain"), 415),
+        ("malformed multipart", lambda: _classify(server, b"--nope\r\nbroken", multipart), 400),
+        ("multipart without boundary", lambda: _classify(server, good, "multipart/form-data"), 400),
+        ("unknown budget", lambda: _classify(server, good, budget="q=9.99"), 400),
+        ("too few thresholds", lambda: _classify(server, good, thresholds="0.9,0.8"), 400),
+        ("non-numeric thresholds", lambda: _classify(server, good, thresholds="a,b,c"), 400),
+        ("budget and thresholds", lambda: _classify(server, good, budget="strict", thresholds="1,1,1"), 400),
+        ("bad top_k", lambda: _classify(server, good, top_k="zero"), 422),
+    ]
+    for what, send, status in cases:
+        got = send()
+        assert got.status_code == status, f"{what}: {got.status_code} {got.text}"
+        error = got.json()["error"]
+        assert error["code"] and error["message"], what
+    too_small = _classify(server, _encode(_photo(4, (64, 200)))).json()["error"]["message"]
+    assert "95" in too_small and "too small" in too_small
+    got = _classify(server, good)
+    assert got.status_code == 200, got.text
+    assert requests.get(f"{server}/healthz", timeout=30).status_code == 200
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_thresholds_are_live_config(server: str, checkpoints: dict[str, str]) -> None:
+    from ray import serve
+
+    from pipelines.serve import build_app
+
+    args = {
+        "anchornet": checkpoints["anchornet"],
+        "glance": checkpoints["glance"],
+        "patch": checkpoints["patch"],
+        "thresholds": checkpoints["thresholds"],
+        "default_budget": "strict",
+        "num_patches": NUM_PATCHES,
+        "max_body_bytes": MAX_BODY,
+        "max_pixels": MAX_PIXELS,
+        "deployments": {name: _tiny() for name in ("ingress", "glance", "anchornet", "patch")},
+    }
+    before = requests.get(f"{server}/info", timeout=30).json()
+    serve.run(build_app(args), name="anchornet", route_prefix="/", blocking=False)
+    info = requests.get(f"{server}/info", timeout=30).json()
+    assert before["default_budget"] == "q=0.50" and info["default_budget"] == "strict"
+    body = _classify(server, _encode(_photo(5))).json()
+    assert body["budget"] == "strict" and body["exit_step"] == NUM_PATCHES + 1
+
+
+def test_jobs_serve_arguments() -> None:
+    from jobs.serve import parse_args, serve_args
+
+    args = serve_args(parse_args(["--anchornet", "a.pt", "--glance", "g.pt", "--patch", "p.pt", "--port", "9000"]))
+    assert (args.anchornet, args.num_patches, args.thresholds) == ("a.pt", 4, None)
+    assert args.deployments.glance.num_cpus == 0.25
