@@ -26,6 +26,7 @@ __all__ = [
     "WeightsUnavailableError",
     "build_classifier",
     "classifier_names",
+    "imagenet_indices",
     "register_classifier",
 ]
 
@@ -195,3 +196,17 @@ def _replace_head(net: nn.Module, num_classes: int, head_from: Sequence[int] | N
                 new.bias.copy_(old.bias[rows])
     parent_name, _, attr = name.rpartition(".")
     setattr(net.get_submodule(parent_name) if parent_name else net, attr, new)
+
+
+def imagenet_indices(class_names: Sequence[str]) -> list[int]:
+    """ImageNet-1k output index of each class named by its WordNet id (``n01440764`` -> 0), for ``head_from``.
+
+    Raises ``ValueError`` naming the first class that is not an ImageNet-1k WordNet id.
+    """
+    from timm.data import ImageNetInfo
+
+    wnids = {wnid: i for i, wnid in enumerate(ImageNetInfo().label_names())}
+    missing = [name for name in class_names if name not in wnids]
+    if missing:
+        raise ValueError(f"class {missing[0]!r} is not an ImageNet-1k WordNet id; give the class indices explicitly")
+    return [wnids[name] for name in class_names]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from anchornet import storage
 from anchornet.early_exit import Aggregate, EarlyExitClassifier, accumulated_confidence
 
 __all__ = [
@@ -344,12 +345,8 @@ def _decode(value: float | str) -> float:
 
 
 def _write_text(path: str | os.PathLike[str], text: str) -> None:
-    """The one place that writes; swap it for remote storage."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    storage.write_bytes(path, text.encode("utf-8"))
 
 
 def _read_text(path: str | os.PathLike[str]) -> str:
-    """The one place that reads; swap it for remote storage."""
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    return storage.read_bytes(path).decode("utf-8")

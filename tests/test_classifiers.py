@@ -114,3 +114,11 @@ def test_torchvision_imagenet_weights_go_through_the_download(monkeypatch: pytes
     with pytest.raises(WeightsUnavailableError, match="offline"):
         build_classifier("resnet18", 10, weights="imagenet")
     assert seen == ["https://download.pytorch.org/models/resnet18-f37072fd.pth"]
+
+
+def test_imagenet_indices_of_wordnet_ids() -> None:
+    from anchornet.classifiers import imagenet_indices
+
+    assert imagenet_indices(["n01440764", "n02102040", "n03888257"]) == [0, 217, 701]
+    with pytest.raises(ValueError, match="'cat' is not an ImageNet-1k WordNet id"):
+        imagenet_indices(["n01440764", "cat"])

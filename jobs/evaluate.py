@@ -1,0 +1,66 @@
+"""Evaluate the early-exit pipeline: accuracy against MACs, AnchorNet against random patches, real time.
+
+    python jobs/evaluate.py --data ROOT --anchornet CKPT --glance CKPT --patch CKPT --output REPORT_DIR \
+        (--full CKPT | --full-arch NAME) [--split val --holdout-size 1000 --limit N --batch-size 64 ...]
+
+ROOT is an ImageFolder tree with the test split (``val/``) and the training split (``train/``), whose held-out
+part fits the budgeted thresholds. Writes results.md, results.csv, metrics.json, thresholds.json,
+accuracy_vs_gmacs.png and gallery.png to REPORT_DIR (local or s3://).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pipelines.evaluate import EvaluateConfig, run_evaluation
+
+
+def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
+    parser = argparse.ArgumentParser(prog="evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="ImageFolder root with the test and training splits")
+    parser.add_argument("--anchornet", required=True, help="AnchorNet checkpoint (local or s3://)")
+    parser.add_argument("--glance", required=True, help="f_glance checkpoint")
+    parser.add_argument("--patch", required=True, help="f_patch checkpoint")
+    parser.add_argument("--output", required=True, help="report directory (local or s3://)")
+    full = parser.add_mutually_exclusive_group(required=True)
+    full.add_argument("--full", help="full-224 baseline: a classifier checkpoint fine-tuned at 224")
+    full.add_argument("--full-arch", help="full-224 baseline: this architecture with ImageNet weights, restricted "
+                      "to the dataset's classes (class directories must be ImageNet WordNet ids)")  # fmt: skip
+    parser.add_argument("--split", default="val", help="test split directory under --data (default: val)")
+    parser.add_argument("--holdout-split", default="train", help="split whose held-out part fits the thresholds")
+    parser.add_argument("--holdout-size", type=int, default=1000, help="held-out images (default: 1000)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N test images")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-patches", type=int, default=4, help="T - 1 (default: 4)")
+    parser.add_argument("--iou-threshold", type=float, default=0.3)
+    parser.add_argument("--seed", type=int, default=0, help="held-out sampling and random patches")
+    parser.add_argument("--gallery", type=int, default=8, help="images in the CAM gallery (0: none)")
+    parser.add_argument("--timing-batch", type=int, default=64, help="batch size of the real-time measurement")
+    parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    try:
+        return EvaluateConfig(**vars(args))
+    except ValueError as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        report = run_evaluation(config)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(f"full-224: {100 * report.full_accuracy:.2f} % top-1 at {report.full_gmacs:.4f} GMACs ({report.full_kind})")
+    for key, value in report.answers.items():
+        print(f"{key}: {'n/a' if value is None else f'{value:.3f}'}")
+    print("wrote: " + ", ".join(report.files))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,483 @@
+"""Evaluation: accuracy against MACs (anytime and budgeted), AnchorNet against random patches, real time.
+
+Runs in one process with plain PyTorch (no Ray needed: the test set is small next to training). The
+thresholds of the budgeted curve are fitted on a held-out part of the *training* split, never on the test
+split. Writes a Markdown and CSV table, the fitted budgets as a thresholds JSON (deployable), a plot of
+accuracy against GMACs and a gallery of CAMs with the chosen patches.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from anchornet import storage
+from anchornet.cam import class_activation_map
+from anchornet.checkpoint import ModelCard, load_checkpoint
+from anchornet.classifiers import build_classifier, imagenet_indices
+from anchornet.early_exit import EarlyExitClassifier, cumulative_step_macs
+from anchornet.image_folder import ImageFolderDataset, ImageFolderIndex, scan_image_folder
+from anchornet.macs import count_macs
+from anchornet.model import AnchorNet
+from anchornet.patches import select_patches
+from anchornet.preprocessing import Preprocessing, to_float
+from anchornet.thresholds import BudgetPoint, StepTable, anytime_accuracy, budgeted_search, save_thresholds
+
+__all__ = ["Curve", "EvaluateConfig", "EvaluationReport", "run_evaluation"]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Arguments of ``jobs/evaluate.py``; see its ``--help``."""
+
+    data: str
+    anchornet: str
+    glance: str
+    patch: str
+    output: str
+    full: str | None = None
+    full_arch: str | None = None
+    split: str = "val"
+    holdout_split: str = "train"
+    holdout_size: int = 1000
+    limit: int | None = None
+    batch_size: int = 64
+    num_patches: int = 4
+    iou_threshold: float = 0.3
+    seed: int = 0
+    gallery: int = 8
+    timing_batch: int = 64
+    timing_repeats: int = 3
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.full is None) == (self.full_arch is None):
+            raise ValueError("give exactly one full-224 baseline: --full CKPT or --full-arch NAME (ImageNet weights)")
+        for name in ("holdout_size", "batch_size", "num_patches", "timing_batch", "timing_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("--limit must be at least 1")
+
+
+@dataclass
+class Curve:
+    """One accuracy-against-cost curve: ``points`` are ``(label, gmacs, accuracy)``."""
+
+    name: str
+    protocol: str
+    points: list[tuple[str, float, float]] = field(default_factory=list)
+
+
+@dataclass
+class EvaluationReport:
+    curves: list[Curve]
+    full_accuracy: float
+    full_gmacs: float
+    full_kind: str
+    timing: dict[str, float]
+    answers: dict[str, float | None]
+    num_test: int
+    num_holdout: int
+    files: list[str]
+
+
+def _log(message: str) -> None:
+    print(f"[evaluate] {message}", flush=True)
+
+
+def _batches(
+    dataset: ImageFolderDataset | Subset, batch_size: int, what: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    done, total, last = 0, len(dataset), time.monotonic()
+    for images, labels in loader:
+        yield to_float(images), labels
+        done += len(labels)
+        if time.monotonic() - last > 10 or done == total:
+            _log(f"{what}: {done}/{total} images")
+            last = time.monotonic()
+
+
+def _holdout(index: ImageFolderIndex, size: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(len(index), generator=generator)[: min(size, len(index))].tolist())
+
+
+def _full_model(config: EvaluateConfig, classes: list[str]) -> tuple[nn.Module, str]:
+    if config.full is not None:
+        model, card = load_checkpoint(config.full)
+        _check_classes(card, classes, "--full")
+        return model, f"{card.arch['name']} fine-tuned at {card.input_size} ({config.full})"
+    model = build_classifier(config.full_arch, len(classes), weights="imagenet", head_from=imagenet_indices(classes))
+    return model.eval(), f"{config.full_arch} ImageNet-pretrained, restricted to the dataset's {len(classes)} classes"
+
+
+def _check_classes(card: ModelCard, classes: list[str], flag: str) -> None:
+    if card.class_names is not None and list(card.class_names) != list(classes):
+        raise ValueError(
+            f"{flag}: the checkpoint's classes differ from the data's ({len(card.class_names)} vs {len(classes)})"
+        )
+
+
+def _tables(
+    engine: EarlyExitClassifier, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], full: nn.Module | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    outputs, labels, full_logits = [], [], []
+    with torch.inference_mode():
+        for images, y in batches:
+            out, _ = engine.step_logits(images)
+            outputs.append(out)
+            labels.append(y)
+            if full is not None:
+                full_logits.append(full(images))
+    return torch.cat(outputs), torch.cat(labels), torch.cat(full_logits) if full is not None else None
+
+
+def _curves(
+    name: str,
+    outputs: dict[str, torch.Tensor],
+    labels: dict[str, torch.Tensor],
+    macs: tuple[int, int, int],
+    num_steps: int,
+    with_glance: bool,
+) -> list[Curve]:
+    anchornet_macs, glance_macs, patch_macs = macs
+    if with_glance:
+        step_macs = cumulative_step_macs(anchornet_macs, glance_macs, patch_macs, num_steps)
+        cols = slice(None)
+    else:
+        step_macs = [anchornet_macs + t * patch_macs for t in range(1, num_steps)]
+        cols = slice(1, None)
+    tables = {split: StepTable.from_logits(outputs[split][:, cols], labels[split]) for split in outputs}
+    anytime = Curve(name, "anytime")
+    for t, (acc, cost) in enumerate(zip(anytime_accuracy(tables["test"]), step_macs, strict=True), start=1):
+        anytime.points.append((f"t={t}", cost / 1e9, acc))
+    budgeted = Curve(name, "budgeted")
+    for point in budgeted_search(tables["holdout"], tables["test"], step_macs):
+        budgeted.points.append((point.name, point.expected_macs / 1e9, point.accuracy))
+    return [anytime, budgeted]
+
+
+def _cheapest_match(curve: Curve, target: float, tolerance: float = 0.005) -> tuple[str, float, float] | None:
+    matching = [p for p in curve.points if p[2] >= target - tolerance]
+    return min(matching, key=lambda p: p[1]) if matching else None
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
+    """Evaluate the pipeline and write the report under ``config.output``; returns what it wrote."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    anchornet, anchornet_card = load_checkpoint(config.anchornet)
+    glance, glance_card = load_checkpoint(config.glance)
+    patch, patch_card = load_checkpoint(config.patch)
+    if not isinstance(anchornet, AnchorNet):
+        raise ValueError(f"--anchornet {config.anchornet} is not an AnchorNet checkpoint")
+    test_index = scan_image_folder(storage.join(config.data, config.split), classes=anchornet_card.class_names)
+    classes = test_index.classes
+    for card, flag in ((glance_card, "--glance"), (patch_card, "--patch")):
+        _check_classes(card, classes, flag)
+    holdout_index = scan_image_folder(storage.join(config.data, config.holdout_split), classes=classes)
+    preprocessing = (
+        Preprocessing.from_dict(anchornet_card.preprocessing) if anchornet_card.preprocessing else Preprocessing()
+    )
+    test_set: ImageFolderDataset | Subset = ImageFolderDataset(test_index, preprocessing)
+    if config.limit is not None:
+        test_set = Subset(test_set, range(min(config.limit, len(test_index))))
+    holdout_set = Subset(
+        ImageFolderDataset(holdout_index, preprocessing), _holdout(holdout_index, config.holdout_size, config.seed)
+    )
+    full, full_kind = _full_model(config, classes)
+    image_size = preprocessing.image_size
+    full_macs = count_macs(full, image_size)
+    _log(
+        f"{len(test_set)} test images ({config.split}), "
+        f"{len(holdout_set)} held-out images ({config.holdout_split}) for thresholds"
+    )
+
+    thresholds = [math.inf] * config.num_patches
+    engines = {
+        policy: EarlyExitClassifier(
+            anchornet, glance, patch, thresholds, config.num_patches, config.iou_threshold,
+            patch_policy=policy, generator=torch.Generator().manual_seed(config.seed) if policy == "random" else None,
+            image_size=(image_size, image_size),
+        ).eval()
+        for policy in ("anchornet", "random")
+    }  # fmt: skip
+    outputs: dict[str, dict[str, torch.Tensor]] = {policy: {} for policy in engines}
+    labels: dict[str, torch.Tensor] = {}
+    full_logits = None
+    for split, dataset in (("holdout", holdout_set), ("test", test_set)):
+        for policy, engine in engines.items():
+            if policy == "random":
+                engine.generator.manual_seed(config.seed)
+            want_full = split == "test" and policy == "anchornet"
+            out, y, logits = _tables(
+                engine, _batches(dataset, config.batch_size, f"{split}/{policy}"), full if want_full else None
+            )
+            outputs[policy][split] = out
+            labels[split] = y
+            if want_full:
+                full_logits = logits
+    full_accuracy = (full_logits.argmax(1) == labels["test"]).float().mean().item()
+
+    num_steps = config.num_patches + 1
+    engine = engines["anchornet"]
+    macs = (engine.anchornet_macs, engine.glance_macs, engine.patch_macs)
+    random_macs = (0, engine.glance_macs, engine.patch_macs)
+    curves = [
+        *_curves("AnchorNet patches + glance", outputs["anchornet"], labels, macs, num_steps, with_glance=True),
+        *_curves("random patches + glance", outputs["random"], labels, random_macs, num_steps, with_glance=True),
+        *_curves("AnchorNet patches only", outputs["anchornet"], labels, macs, num_steps, with_glance=False),
+        *_curves("random patches only", outputs["random"], labels, random_macs, num_steps, with_glance=False),
+    ]
+    main_budgeted = curves[1]
+    match = _cheapest_match(main_budgeted, full_accuracy)
+
+    # Budgets fitted on the held-out split: the deployable thresholds of the serving application.
+    holdout_table = StepTable.from_logits(outputs["anchornet"]["holdout"], labels["holdout"])
+    test_table = StepTable.from_logits(outputs["anchornet"]["test"], labels["test"])
+    budgets = budgeted_search(holdout_table, test_table, engine.step_macs)
+    storage.makedirs(config.output)
+    save_thresholds(budgets, storage.join(config.output, "thresholds.json"))
+
+    timing = _measure_time(engine, full, test_set, config, budgets, match, full_macs)
+    anytime_gain = [
+        a[2] - r[2] for a, r in zip(curves[0].points, curves[2].points, strict=True)
+    ]  # AnchorNet minus random at each step, with glance
+    patch_only_gain = [a[2] - r[2] for a, r in zip(curves[4].points, curves[6].points, strict=True)]
+    answers: dict[str, float | None] = {
+        "min_gain_over_random_with_glance_points": 100 * min(anytime_gain[1:]) if len(anytime_gain) > 1 else None,
+        "min_gain_over_random_patches_only_points": 100 * min(patch_only_gain),
+        "max_gain_over_random_patches_only_points": 100 * max(patch_only_gain),
+        "fraction_of_full_macs_at_full_accuracy": match[1] * 1e9 / full_macs if match else None,
+        "time_speedup_over_macs_speedup": timing.get("time_over_macs"),
+    }
+    files = _write_report(
+        config, curves, full_accuracy, full_macs, full_kind, timing, answers, len(test_set), len(holdout_set)
+    )
+    files += _gallery(config, anchornet, test_set, classes)
+    return EvaluationReport(
+        curves=curves, full_accuracy=full_accuracy, full_gmacs=full_macs / 1e9, full_kind=full_kind, timing=timing,
+        answers=answers, num_test=len(test_set), num_holdout=len(holdout_set), files=files,
+    )  # fmt: skip
+
+
+def _measure_time(
+    engine: EarlyExitClassifier,
+    full: nn.Module,
+    test_set: ImageFolderDataset | Subset,
+    config: EvaluateConfig,
+    budgets: Sequence[BudgetPoint],
+    match: tuple[str, float, float] | None,
+    full_macs: int,
+) -> dict[str, float]:
+    """ms/image of the batched early-exit engine against the full-224 network on the same batch and cores."""
+    count = min(config.timing_batch, len(test_set))
+    images = torch.stack([test_set[i][0] for i in range(count)])
+    images = to_float(images)
+    chosen = next((b for b in budgets if match and b.name == match[0]), None) or max(budgets, key=lambda b: b.accuracy)
+    engine.thresholds = chosen.thresholds
+    with torch.inference_mode():
+        engine_s = _time(lambda: engine.predict(images), config.timing_repeats)
+        full_s = _time(lambda: full(images), config.timing_repeats)
+        engine_macs = engine.predict(images).macs.double().mean().item()
+    time_speedup = full_s / engine_s
+    macs_speedup = full_macs / engine_macs
+    _log(f"timing at budget {chosen.name}: {1000 * engine_s / count:.2f} ms/image vs {1000 * full_s / count:.2f} full")
+    return {
+        "budget": chosen.name,
+        "batch": count,
+        "threads": torch.get_num_threads(),
+        "engine_ms_per_image": 1000 * engine_s / count,
+        "full_ms_per_image": 1000 * full_s / count,
+        "engine_images_per_s": count / engine_s,
+        "full_images_per_s": count / full_s,
+        "engine_gmacs_per_image": engine_macs / 1e9,
+        "time_speedup": time_speedup,
+        "macs_speedup": macs_speedup,
+        "time_over_macs": time_speedup / macs_speedup,
+    }
+
+
+def _write_report(
+    config: EvaluateConfig,
+    curves: list[Curve],
+    full_accuracy: float,
+    full_macs: int,
+    full_kind: str,
+    timing: dict[str, float],
+    answers: dict[str, float | None],
+    num_test: int,
+    num_holdout: int,
+) -> list[str]:
+    rows = [(c.name, c.protocol, label, gmacs, acc) for c in curves for label, gmacs, acc in c.points]
+    rows.append(("full-224 network", "single", "224", full_macs / 1e9, full_accuracy))
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["curve", "protocol", "point", "gmacs", "top1"])
+    writer.writerows((a, b, c, f"{d:.4f}", f"{e:.4f}") for a, b, c, d, e in rows)
+    csv_uri = storage.join(config.output, "results.csv")
+    storage.write_bytes(csv_uri, text.getvalue().encode())
+
+    anytime = [c for c in curves if c.protocol == "anytime"]
+    lines = [
+        "# AnchorNet evaluation",
+        "",
+        f"Test split `{config.split}` ({num_test} images); thresholds fitted on {num_holdout} held-out images of "
+        f"`{config.holdout_split}`. Full-224 baseline: {full_kind}: **{100 * full_accuracy:.2f} %** top-1 at "
+        f"{full_macs / 1e9:.4f} GMACs.",
+        "",
+        "## Anytime prediction (every image exits at step t)",
+        "",
+        "Step t = 1 is the glance; with the glance, step t uses t - 1 patches; without it, t patches.",
+        "",
+        "| curve | " + " | ".join(label for label, _, _ in anytime[0].points) + " |",
+        "|---|" + "---|" * len(anytime[0].points),
+    ]
+    for curve in anytime:
+        cells = [f"{100 * acc:.2f} % @ {gmacs:.3f} G" for _, gmacs, acc in curve.points]
+        cells += ["-"] * (len(anytime[0].points) - len(cells))
+        lines.append(f"| {curve.name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Budgeted batch classification (thresholds from the held-out split)", ""]
+    lines += ["| curve | GMACs | top-1 |", "|---|---|---|"]
+    for curve in (c for c in curves if c.protocol == "budgeted"):
+        for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
+            label, gmacs, acc = curve.points[round(fraction * (len(curve.points) - 1))]
+            lines.append(f"| {curve.name} ({label}) | {gmacs:.3f} | {100 * acc:.2f} % |")
+    lines += [
+        "",
+        "## Real time",
+        "",
+        f"Batch {timing['batch']}, {timing['threads']} threads, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, budget {timing['budget']}: "
+        f"early exit {timing['engine_ms_per_image']:.2f} ms/image "
+        f"({timing['engine_gmacs_per_image']:.3f} GMACs) against {timing['full_ms_per_image']:.2f} ms/image for the "
+        f"full network: time speed-up {timing['time_speedup']:.2f}x "
+        f"for a MACs speed-up of {timing['macs_speedup']:.2f}x "
+        f"(ratio {timing['time_over_macs']:.2f}; the paper's GPU implementation: 0.52).",
+        "",
+        "## Answers",
+        "",
+    ]
+    for key, value in answers.items():
+        lines.append(f"- `{key}`: {'n/a' if value is None else f'{value:.3f}'}")
+    lines += ["", "![accuracy against GMACs](accuracy_vs_gmacs.png)", "", "![CAMs and patches](gallery.png)", ""]
+    md_uri = storage.join(config.output, "results.md")
+    storage.write_bytes(md_uri, "\n".join(lines).encode())
+    metrics = {
+        "config": asdict(config),
+        "full_accuracy": full_accuracy,
+        "full_gmacs": full_macs / 1e9,
+        "full_kind": full_kind,
+        "timing": timing,
+        "answers": answers,
+        "curves": [asdict(c) for c in curves],
+        "argv": sys.argv,
+    }
+    json_uri = storage.join(config.output, "metrics.json")
+    storage.write_bytes(json_uri, json.dumps(metrics, indent=2).encode())
+    plot_uri = storage.join(config.output, "accuracy_vs_gmacs.png")
+    storage.write_bytes(plot_uri, _plot(curves, full_accuracy, full_macs))
+    return [md_uri, csv_uri, json_uri, plot_uri, storage.join(config.output, "thresholds.json")]
+
+
+def _plot(curves: list[Curve], full_accuracy: float, full_macs: int) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, protocol in zip(axes, ("budgeted", "anytime"), strict=True):
+        for curve in (c for c in curves if c.protocol == protocol):
+            xs = [p[1] for p in curve.points]
+            ys = [100 * p[2] for p in curve.points]
+            ax.plot(xs, ys, marker="o" if protocol == "anytime" else None, markersize=3, label=curve.name)
+        ax.scatter([full_macs / 1e9], [100 * full_accuracy], marker="*", s=120, color="black", label="full-224 network")
+        ax.set_title(f"{protocol} ({'budgeted batch classification' if protocol == 'budgeted' else 'prediction'})")
+        ax.set_xlabel("GMACs per image")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _gallery(
+    config: EvaluateConfig, anchornet: AnchorNet, test_set: ImageFolderDataset | Subset, classes: list[str]
+) -> list[str]:
+    """CAM and chosen patches drawn over a few test images (like paper Fig. 2 and 3)."""
+    if config.gallery < 1:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.patches as mpatches
+    import matplotlib.pyplot as plt
+
+    step = max(1, len(test_set) // config.gallery)
+    picks = list(range(0, len(test_set), step))[: config.gallery]
+    images = to_float(torch.stack([test_set[i][0] for i in picks]))
+    with torch.inference_mode():
+        cam, logits = class_activation_map(anchornet, images)
+    selection = select_patches(cam, anchornet.receptive_field, config.num_patches, config.iou_threshold)
+    rf = anchornet.receptive_field
+    cols = min(4, len(picks))
+    rows = math.ceil(len(picks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for n, ax in enumerate(axes.flat[: len(picks)]):
+        ax.imshow(images[n].permute(1, 2, 0).numpy())
+        h, w = images.shape[-2:]
+        grid_rows, grid_cols = cam.shape[-2:]
+        # each cell's score drawn at its window centre, on the cell grid's extent
+        half = rf.size / 2
+        extent = (
+            half - rf.stride / 2,
+            half + (grid_cols - 0.5) * rf.stride,
+            half + (grid_rows - 0.5) * rf.stride,
+            half - rf.stride / 2,
+        )
+        ax.imshow(cam[n].numpy(), cmap="jet", alpha=0.4, extent=extent, interpolation="bilinear")
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+        for j in range(config.num_patches):
+            if not selection.valid[n, j]:
+                continue
+            x0, y0, x1, y1 = selection.boxes[n, j].tolist()
+            ax.add_patch(mpatches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5, color="white"))
+            ax.text(x0 + 3, y0 + 12, str(j + 2), color="white", fontsize=9, weight="bold")
+        ax.set_title(f"AnchorNet: {classes[int(logits[n].argmax())]}", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    uri = storage.join(config.output, "gallery.png")
+    storage.write_bytes(uri, buffer.getvalue())
+    return [uri]
