@@ -1,0 +1,261 @@
+"""Throughput of the precompute job against decode + resize alone, on the same Ray actors and cores.
+
+In one run on an ImageFolder tree (``--limit`` images evenly spaced over its sorted index, linked into a
+temporary tree):
+
+(a) decode + resize only: the job's own actor pool and reading code (``ShardWriter.decoded_batches``:
+    read, decode to RGB, resize + centre crop to 224), nothing else;
+(b) the full job (``run_precompute``): the same, plus AnchorNet, CAM, patch selection, crops, encoding and
+    the Parquet writes;
+
+then prints images/s of both (over the span from the first shard's start to the last shard's end, so actor
+start-up is left out; wall time including start-up beside it), the ratio (b)/(a), the peak resident memory
+of the driver and its Ray processes, and the crop encodings measured on the job's own patches.
+
+    python -m benchmarks.precompute_throughput --data ../shared/data/imagenette/val --limit 1000
+
+The AnchorNet is the full Table 1 architecture (0.06 GMACs at 224) with random weights unless
+``--anchornet`` names a checkpoint: the cost does not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import anchornet
+from anchornet import AnchorNet, Preprocessing, crop_patches, decode_image
+from anchornet.image_folder import scan_image_folder
+from pipelines import schema
+from pipelines.precompute import PrecomputeConfig, ShardWriter, _run_shards, plan_job, run_precompute
+
+
+class DecodeOnly(ShardWriter):
+    """The job's actor with everything after decode + resize taken out."""
+
+    def write_shard(self, shard: int, items: Sequence[tuple[str, int]]) -> tuple[int, int]:
+        good = bad = 0
+        for decoded in self.decoded_batches(items):
+            good += sum(d.image is not None for d in decoded)
+            bad += sum(d.image is None for d in decoded)
+        return good, bad
+
+
+class PeakMemory:
+    """Peak of the summed resident memory of this process and all its descendants (Linux /proc), sampled."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.peak_total = 0
+        self.peak_single = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _tree_rss() -> list[int]:
+        parent_of: dict[int, list[int]] = {}
+        rss: dict[int, int] = {}
+        page = os.sysconf("SC_PAGE_SIZE")
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                parent_of.setdefault(int(fields[1]), []).append(int(proc.name))
+                rss[int(proc.name)] = int((proc / "statm").read_text().split()[1]) * page
+            except (OSError, ValueError, IndexError):
+                continue
+        found, todo = [os.getpid()], [os.getpid()]
+        while todo:
+            for child in parent_of.get(todo.pop(), []):
+                found.append(child)
+                todo.append(child)
+        return [rss.get(pid, 0) for pid in found]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            sizes = self._tree_rss()
+            self.peak_total = max(self.peak_total, sum(sizes))
+            self.peak_single = max(self.peak_single, max(sizes, default=0))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _rate(reports: list[dict[str, Any]]) -> tuple[int, float]:
+    images = sum(r["images"] for r in reports)
+    span = max(r["finished"] for r in reports) - min(r["started"] for r in reports)
+    return images, images / span
+
+
+def _subset_tree(data: Path, limit: int | None, root: Path) -> int:
+    index = scan_image_folder(data)
+    items = index.items
+    if limit is not None and limit < len(items):
+        items = [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+    for rel, _ in items:
+        link = root / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to((data / rel).resolve())
+        (data / rel).read_bytes()  # warm the page cache so (a) and (b) read from the same place
+    return len(items)
+
+
+def compare_encodings(tree: Path, output: Path, max_images: int, quality: Sequence[int]) -> list[str]:
+    """Bytes, encode and decode time per crop, on the job's own selected patches (one thread)."""
+    rows = []
+    for path in sorted((output / schema.SHARDS_DIR).glob("part-*.parquet")):
+        rows += pq.read_table(path, columns=["image_id", "boxes"]).to_pylist()
+        if len(rows) >= max_images:
+            break
+    rows = rows[:max_images]
+    pre = Preprocessing()
+    images = torch.stack([pre(decode_image((tree / r["image_id"]).read_bytes())) for r in rows])
+    boxes = torch.tensor([r["boxes"] for r in rows], dtype=torch.float32)
+    crops = crop_patches(images, boxes).flatten(0, 1)
+    size = crops.shape[-1]
+    lines = [f"crop encodings on {len(crops)} patches ({size} x {size}) of {len(rows)} images, 1 thread:"]
+    variants: list[tuple[str, schema.Encoding, int]] = [("raw uint8", "raw", 0), ("PNG (zlib 6)", "png", 0)]
+    variants += [(f"JPEG q={q}", "jpeg", q) for q in quality]
+    for name, encoding, q in variants:
+        start = time.perf_counter()
+        encoded = schema.encode_crops(crops, encoding, q)
+        encode_ms = (time.perf_counter() - start) / len(crops) * 1e3
+        start = time.perf_counter()
+        decoded = torch.stack([schema.decode_crop(b, encoding, size) for b in encoded])
+        decode_ms = (time.perf_counter() - start) / len(crops) * 1e3
+        error = (decoded.float() - crops.float()).abs()
+        sink = io.BytesIO()
+        pq.write_table(pa.table({"crop": pa.array(encoded, pa.binary())}), sink, compression="zstd")
+        lines.append(
+            f"  {name:<13} {np.mean([len(b) for b in encoded]) / 1024:6.1f} KiB/crop "
+            f"(in Parquet+zstd {len(sink.getvalue()) / len(crops) / 1024:5.1f}), "
+            f"encode {encode_ms:6.3f} ms, decode {decode_ms:6.3f} ms, "
+            f"mean |error| {error.mean():.2f}, max {error.max():.0f} (of 255)"
+        )
+    return lines
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="ImageFolder tree <data>/<class>/<image>")
+    parser.add_argument("--limit", type=int, default=None, help="N images evenly spaced over the sorted index")
+    parser.add_argument("--anchornet", default=None, help="checkpoint (default: random Table 1 AnchorNet)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--num-cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, default=250)
+    parser.add_argument("--image-encoding", choices=("png", "jpeg", "raw"), default="jpeg")
+    parser.add_argument("--jpeg-quality", type=int, default=95)
+    parser.add_argument("--encoding-images", type=int, default=200, help="images for the encoding comparison")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    import ray
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="precompute-bench-") as tmp:
+        tmp_path = Path(tmp)
+        tree = tmp_path / "tree"
+        num_images = _subset_tree(args.data, args.limit, tree)
+        checkpoint = args.anchornet
+        if checkpoint is None:
+            classes = scan_image_folder(tree).classes
+            checkpoint = str(tmp_path / "anchornet.pt")
+            anchornet.save_checkpoint(AnchorNet(num_classes=len(classes)), checkpoint, class_names=classes)
+        config = PrecomputeConfig(
+            input=str(tree),
+            output=str(tmp_path / "out"),
+            anchornet=checkpoint,
+            shard_size=args.shard_size,
+            image_encoding=args.image_encoding,
+            jpeg_quality=args.jpeg_quality,
+            workers=args.workers,
+            num_cpus_per_worker=args.num_cpus_per_worker,
+            batch_size=args.batch_size,
+            verbose=False,
+        )
+        num_cpus = args.workers * args.num_cpus_per_worker
+        ray.init(
+            address="local",
+            num_cpus=max(1, round(num_cpus)),
+            num_gpus=0,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+        try:
+            plan = plan_job(config)
+            with PeakMemory() as mem_decode:
+                start = time.monotonic()
+                decode_reports = _run_shards(plan, range(plan.num_shards), writer=DecodeOnly)
+                decode_wall = time.monotonic() - start
+            with PeakMemory() as mem_full:
+                start = time.monotonic()
+                result = run_precompute(config)
+                full_wall = time.monotonic() - start
+        finally:
+            ray.shutdown()
+        decoded, decode_rate = _rate(decode_reports)
+        _, full_rate = _rate(result.shard_reports)
+        encodings = compare_encodings(tree, tmp_path / "out", args.encoding_images, (90, 95))
+        size_mb = sum(p.stat().st_size for p in (tmp_path / "out").rglob("*.parquet")) / 1e6
+
+    threads = max(1, int(args.num_cpus_per_worker))
+    print("precompute throughput")
+    print(f"  data: {args.data} ({num_images} images, {decoded} decodable; {result.errors} errors)")
+    print(
+        f"  machine: {_cpu_name()}, {os.cpu_count()} logical CPUs, load average before/after "
+        f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"  Ray: local, {num_cpus:g} CPUs; {args.workers} actors x {args.num_cpus_per_worker:g} CPU "
+        f"({threads} torch thread, >= 2 decode threads each), batch {args.batch_size}, shards of {args.shard_size}, "
+        f"encoding {args.image_encoding}{f' q={args.jpeg_quality}' if args.image_encoding == 'jpeg' else ''}"
+    )
+    print(
+        f"  versions: python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}, "
+        f"pyarrow {pa.__version__}, pillow {PIL.__version__}"
+    )
+    print(f"  (a) decode + resize only: {decode_rate:7.1f} images/s  (wall incl. start-up {decode_wall:.1f} s)")
+    print(f"  (b) full job:             {full_rate:7.1f} images/s  (wall incl. start-up {full_wall:.1f} s)")
+    print(f"  ratio (b)/(a): {full_rate / decode_rate:.0%}  (target >= 60 %)")
+    print(
+        f"  peak RSS, driver + Ray processes: (a) {mem_decode.peak_total / 2**20:.0f} MiB, "
+        f"(b) {mem_full.peak_total / 2**20:.0f} MiB; largest single process (b) {mem_full.peak_single / 2**20:.0f} MiB"
+    )
+    print(f"  output: {size_mb:.1f} MB of Parquet for {result.rows} images")
+    for line in encodings:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,626 @@
+"""Precompute AnchorNet's glance, patches and CAM for every image of an ImageFolder tree into Parquet shards.
+
+The job, end to end (layout and schema in ``pipelines.schema``):
+
+1. The driver indexes the tree (sorted: ``anchornet.image_folder.scan_image_folder``), loads the checkpoint
+   once to validate it and hashes its bytes (the checkpoint id), and cuts the index into shards of
+   ``shard_size`` consecutive images: shard ``i`` is ``items[i * N:(i + 1) * N]``, written to
+   ``shards/part-{i:05d}.parquet``. Same tree and options, same shards, same names.
+2. It writes ``_job.json`` (which doubles as the writability probe) and skips every shard whose file is
+   already there: a shard file only appears once complete, so a re-run after a kill finishes the rest.
+3. A Ray Dataset of the pending shards (one row each: index and image list) flows through an actor pool
+   (``map_batches(ShardWriter, compute=ActorPoolStrategy(size=workers), batch_size=1)``). Each actor loads
+   the model once, then for each shard reads, decodes and preprocesses images on a thread pool (the next
+   mini-batch is decoded while the current one runs through the model), runs CAM, patch selection and
+   cropping from ``anchornet``, encodes the crops and streams row groups to a local temporary file, then
+   commits the shard (errors file first, then the shard by rename or one S3 upload).
+4. Once every shard exists, the driver gathers the errors into ``errors.parquet`` and writes
+   ``manifest.json`` last. With a manifest for the same job already present, it writes nothing at all.
+
+Memory: the driver holds the index (paths and labels), the actors one mini-batch of images each; the
+shard being written lives in a local temporary file, not in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from anchornet import (
+    AnchorNet,
+    CheckpointError,
+    ImageDecodeError,
+    Preprocessing,
+    class_activation_map,
+    crop_patches,
+    decode_image,
+    load_checkpoint,
+    select_patches,
+    storage,
+)
+from anchornet.image_folder import ImageFolderIndex, scan_image_folder
+from anchornet.preprocessing import to_float
+from pipelines import schema
+from pipelines.schema import Encoding
+
+__all__ = ["PrecomputeConfig", "PrecomputeError", "PrecomputeResult", "ShardWriter", "run_precompute"]
+
+FORMAT = "anchornet-patches"
+
+
+class PrecomputeError(RuntimeError):
+    """A problem with the job's inputs or output that the user must fix; the message is one line."""
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Everything the job needs; validated on construction.
+
+    Only the fields that change the output's content (``JobPlan.identity``) must stay the same between a
+    run and its resumption; resources (workers, CPUs, GPUs, batch size, address) may change.
+    """
+
+    input: str
+    output: str
+    anchornet: str
+    num_patches: int = 4
+    iou_threshold: float = 0.3
+    shard_size: int = 1000
+    image_encoding: Encoding = "jpeg"
+    jpeg_quality: int = 95
+    min_size: int | None = None
+    classes_from: Literal["tree", "checkpoint"] = "tree"
+    workers: int = 1
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    batch_size: int = 64
+    address: str | None = None
+    max_shards: int | None = None
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_patches >= 1, f"--num-patches must be at least 1, got {self.num_patches}"),
+            (0.0 <= self.iou_threshold <= 1.0, f"--iou-threshold must be in [0, 1], got {self.iou_threshold}"),
+            (self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}"),
+            (self.image_encoding in ("png", "jpeg", "raw"), f"unknown --image-encoding {self.image_encoding!r}"),
+            (1 <= self.jpeg_quality <= 100, f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}"),
+            (self.min_size is None or self.min_size >= 1, f"--min-size must be positive, got {self.min_size}"),
+            (self.classes_from in ("tree", "checkpoint"), f"unknown --classes {self.classes_from!r}"),
+            (self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
+            (self.num_cpus_per_worker > 0, f"--num-cpus-per-worker must be positive, got {self.num_cpus_per_worker}"),
+            (self.num_gpus_per_worker >= 0, f"--num-gpus-per-worker must be >= 0, got {self.num_gpus_per_worker}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.max_shards is None or self.max_shards >= 1, f"--max-shards must be positive, got {self.max_shards}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PrecomputeError(message)
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What the driver worked out before any Ray work: the index, the model facts and the shard cut."""
+
+    config: PrecomputeConfig
+    index: ImageFolderIndex
+    checkpoint_id: str
+    anchornet_classes: list[str] | None
+    preprocessing: Preprocessing
+    patch_size: int
+    cam_grid: tuple[int, int]
+    min_size: int
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(len(self.index.items) / self.config.shard_size)
+
+    def shard_items(self, shard: int) -> list[tuple[str, int]]:
+        size = self.config.shard_size
+        return self.index.items[shard * size : (shard + 1) * size]
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The fields that fix the output's content; a resumed or repeated run must match them exactly."""
+        c = self.config
+        listing = "\n".join(f"{rel}\t{label}" for rel, label in self.index.items).encode()
+        return {
+            "format": FORMAT,
+            "schema_version": schema.SCHEMA_VERSION,
+            "index_sha256": hashlib.sha256(listing).hexdigest(),
+            "num_images": len(self.index.items),
+            "classes": self.index.classes,
+            "checkpoint_id": self.checkpoint_id,
+            "preprocessing": self.preprocessing.to_dict(),
+            "patch_size": self.patch_size,
+            "cam_grid": list(self.cam_grid),
+            "num_patches": c.num_patches,
+            "iou_threshold": c.iou_threshold,
+            "min_size": self.min_size,
+            "shard_size": c.shard_size,
+            "num_shards": self.num_shards,
+            "image_encoding": c.image_encoding,
+            "jpeg_quality": c.jpeg_quality if c.image_encoding == "jpeg" else None,
+        }
+
+    def worker_spec(self) -> dict[str, Any]:
+        """Plain values for the actors (no index: they get their images with each shard)."""
+        c = self.config
+        return {
+            "input": c.input,
+            "output": c.output,
+            "anchornet": c.anchornet,
+            "checkpoint_id": self.checkpoint_id,
+            "preprocessing": self.preprocessing.to_dict(),
+            "num_patches": c.num_patches,
+            "iou_threshold": c.iou_threshold,
+            "min_size": self.min_size,
+            "image_encoding": c.image_encoding,
+            "jpeg_quality": c.jpeg_quality,
+            "batch_size": c.batch_size,
+            "num_cpus": c.num_cpus_per_worker,
+            "num_gpus": c.num_gpus_per_worker,
+            "classes": self.index.classes,
+            "schema_metadata": {
+                "image_encoding": c.image_encoding,
+                "jpeg_quality": str(c.jpeg_quality),
+                "patch_size": str(self.patch_size),
+                "cam_grid": json.dumps(list(self.cam_grid)),
+                "checkpoint_id": self.checkpoint_id,
+            },
+        }
+
+
+@dataclass
+class PrecomputeResult:
+    """What a run did. ``complete`` is false only when ``max_shards`` stopped it early."""
+
+    output: str
+    complete: bool
+    num_shards: int
+    shards_written: int
+    shards_skipped: int
+    rows: int | None = None
+    errors: int | None = None
+    already_complete: bool = False
+    seconds: float = 0.0
+    shard_reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# driver side
+
+
+def plan_job(config: PrecomputeConfig) -> JobPlan:
+    """Index the input and validate the checkpoint; ``PrecomputeError`` (one line) for user mistakes."""
+    try:
+        data = storage.read_bytes(config.anchornet)
+        model, card = load_checkpoint(config.anchornet)
+    except FileNotFoundError as err:
+        raise PrecomputeError(f"checkpoint not found: {config.anchornet}") from err
+    except CheckpointError as err:
+        raise PrecomputeError(f"bad checkpoint: {err}") from err
+    except (OSError, ValueError) as err:
+        raise PrecomputeError(f"cannot read checkpoint {config.anchornet}: {_one_line(err)}") from err
+    if not isinstance(model, AnchorNet):
+        raise PrecomputeError(f"bad checkpoint: {config.anchornet} holds a {card.kind} model, not AnchorNet")
+    classes = None
+    if config.classes_from == "checkpoint":
+        if not card.class_names:
+            raise PrecomputeError(f"--classes checkpoint: {config.anchornet} has no class names on its card")
+        classes = card.class_names
+    try:
+        index = scan_image_folder(config.input, classes=classes)
+    except FileNotFoundError as err:
+        raise PrecomputeError(f"input not found: {config.input}") from err
+    except (OSError, ValueError) as err:
+        raise PrecomputeError(f"bad input {config.input}: {_one_line(err)}") from err
+    preprocessing = Preprocessing.from_dict(card.preprocessing) if card.preprocessing else Preprocessing()
+    rf = model.receptive_field
+    try:
+        grid = rf.grid(preprocessing.image_size, preprocessing.image_size)
+    except ValueError as err:
+        raise PrecomputeError(f"bad checkpoint: {_one_line(err)}") from err
+    return JobPlan(
+        config=config,
+        index=index,
+        checkpoint_id=hashlib.sha256(data).hexdigest(),
+        anchornet_classes=card.class_names,
+        preprocessing=preprocessing,
+        patch_size=rf.size,
+        cam_grid=grid,
+        min_size=config.min_size or rf.size,
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _read_json(uri: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except FileNotFoundError:
+        return None
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _check_or_claim_output(plan: JobPlan) -> bool:
+    """True when ``manifest.json`` already records this very job. Else makes sure ``_job.json`` says so."""
+    out = plan.config.output
+    identity = plan.identity
+    try:
+        manifest = _read_json(storage.join(out, schema.MANIFEST_FILE))
+        job = _read_json(storage.join(out, schema.JOB_FILE))
+    except (OSError, ValueError) as err:
+        raise PrecomputeError(f"cannot access output {out}: {_one_line(err)}") from err
+    for name, recorded in ((schema.MANIFEST_FILE, manifest and manifest.get("job")), (schema.JOB_FILE, job)):
+        if recorded is not None and recorded != identity:
+            keys = ", ".join(_differences(recorded, identity))
+            raise PrecomputeError(f"output {out} holds a different job ({name} differs in: {keys}); use a new --output")
+    if manifest is not None:
+        return True
+    if job is None:
+        try:
+            storage.makedirs(out)
+            storage.write_bytes(storage.join(out, schema.JOB_FILE), _json_bytes(identity))
+        except (OSError, ValueError) as err:
+            raise PrecomputeError(f"cannot write to output {out}: {_one_line(err)}") from err
+    return False
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
+
+
+_SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+
+
+def list_done_shards(output: str) -> set[int]:
+    """Indices of the shard files present under ``<output>/shards`` (every present file is complete)."""
+    fs, path = storage.resolve(storage.join(output, schema.SHARDS_DIR))
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    done = set()
+    for entry in entries:
+        match = _SHARD_RE.match(entry.base_name)
+        if entry.type == pafs.FileType.File and match:
+            done.add(int(match.group(1)))
+    return done
+
+
+def _log(config: PrecomputeConfig, message: str) -> None:
+    if config.verbose:
+        print(f"[precompute] {message}", flush=True)
+
+
+def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
+    """Run (or resume, or confirm) the job described by ``config``; see the module docstring."""
+    start = time.monotonic()
+    plan = plan_job(config)
+    already = _check_or_claim_output(plan)
+    n = plan.num_shards
+    _log(
+        config,
+        f"{len(plan.index.items)} images, {len(plan.index.classes)} classes, {n} shards of {config.shard_size}; "
+        f"checkpoint {plan.checkpoint_id[:12]}, K = {plan.patch_size}, grid {plan.cam_grid[0]} x {plan.cam_grid[1]}",
+    )
+    if already:
+        _log(config, f"{config.output} already holds this job's manifest: nothing to do")
+        return PrecomputeResult(config.output, True, n, 0, n, already_complete=True)
+    done = {i for i in list_done_shards(config.output) if i < n}
+    pending = [i for i in range(n) if i not in done]
+    if config.max_shards is not None:
+        pending = pending[: config.max_shards]
+    _log(config, f"{len(done)} shards already written, {len(pending)} to do now")
+    reports = _run_shards(plan, pending) if pending else []
+    result = PrecomputeResult(config.output, False, n, len(reports), len(done), shard_reports=reports)
+    missing = sorted(set(range(n)) - list_done_shards(config.output))
+    if missing:
+        _log(config, f"incomplete: {len(missing)} of {n} shards missing (first: {missing[0]}); re-run to continue")
+    else:
+        result.rows, result.errors = _finalize(plan)
+        result.complete = True
+        _log(config, f"done: {result.rows} images, {result.errors} errors, manifest written")
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def _ray_init(config: PrecomputeConfig) -> tuple[Callable[[], None], bool]:
+    """Attach to the given cluster (``--address``, else ``RAY_ADDRESS``) or start an embedded local Ray.
+
+    Returns the function that undoes it and whether the cluster is a single local node that cannot scale.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return (lambda: None), len(ray.nodes()) == 1 and not config.address and not os.environ.get("RAY_ADDRESS")
+    address = config.address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs: dict[str, Any] = {"address": address}
+    if address == "local":
+        kwargs["include_dashboard"] = False
+    ray.init(**kwargs)
+    return ray.shutdown, address == "local"
+
+
+def _run_shards(plan: JobPlan, pending: Sequence[int], writer: type[ShardWriter] | None = None) -> list[dict[str, Any]]:
+    """Process ``pending`` shards on an actor pool of ``writer`` (``ShardWriter``); one report per shard."""
+    import ray
+
+    config = plan.config
+    shutdown, embedded = _ray_init(config)
+    try:
+        resources = ray.cluster_resources()
+        for kind, asked in (("GPU", config.num_gpus_per_worker), ("CPU", config.num_cpus_per_worker)):
+            have = resources.get(kind, 0)
+            if asked > have:
+                message = f"--num-{kind.lower()}s-per-worker {asked:g} but the cluster has {have:g} {kind}s now"
+                if embedded:  # nothing can scale up: Ray would wait forever without a word
+                    hint = "use --num-gpus-per-worker 0 on a CPU machine" if kind == "GPU" else "ask for fewer"
+                    raise PrecomputeError(f"{message}; {hint}")
+                _log(config, f"warning: {message}; waiting for the autoscaler")
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        rows = [{"shard": i, "items": json.dumps(plan.shard_items(i))} for i in pending]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        ds = ds.map_batches(
+            writer or ShardWriter,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(config.workers, len(rows))),
+            num_cpus=config.num_cpus_per_worker,
+            num_gpus=config.num_gpus_per_worker,
+            fn_constructor_kwargs={"spec": plan.worker_spec()},
+            udf_modifying_row_count=False,
+        )
+        reports: list[dict[str, Any]] = []
+        start, images = time.monotonic(), 0
+        for row in ds.iter_rows():
+            report = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            reports.append(report)
+            images += report["images"]
+            elapsed = time.monotonic() - start
+            rate = images / elapsed if elapsed > 0 else 0.0
+            left = len(pending) - len(reports)
+            eta = left * config.shard_size / rate if rate > 0 else float("nan")
+            _log(
+                config,
+                f"shard {report['shard']} written ({report['rows']} rows, {report['errors']} errors); "
+                f"{len(reports)}/{len(pending)} this run, {rate:.1f} images/s, ETA {eta:.0f} s",
+            )
+        return reports
+    finally:
+        shutdown()
+
+
+def _finalize(plan: JobPlan) -> tuple[int, int]:
+    """Gather the per-shard counts and errors; write ``errors.parquet`` then ``manifest.json`` (last)."""
+    config = plan.config
+    out = config.output
+    n = plan.num_shards
+    fs, root = storage.resolve(out)
+
+    def shard_info(i: int) -> tuple[int, pa.Table]:
+        meta = pq.read_metadata(f"{root}/{schema.SHARDS_DIR}/{schema.shard_name(i)}", filesystem=fs)
+        errors = pq.read_table(f"{root}/{schema.ERRORS_DIR}/{schema.errors_name(i)}", filesystem=fs)
+        return meta.num_rows, errors
+
+    with ThreadPoolExecutor(16) as pool:
+        infos = list(pool.map(shard_info, range(n)))
+    errors = pa.concat_tables([e.cast(schema.ERRORS_SCHEMA) for _, e in infos], promote_options="none")
+    rows = sum(r for r, _ in infos)
+    if rows + errors.num_rows != len(plan.index.items):
+        raise RuntimeError(f"{rows} rows and {errors.num_rows} errors for {len(plan.index.items)} images in {out}")
+    storage.write_bytes(storage.join(out, schema.ERRORS_FILE), schema.table_bytes(errors))
+    args = {k: v for k, v in asdict(config).items() if k != "verbose"}
+    manifest = {
+        "format": FORMAT,
+        "schema_version": schema.SCHEMA_VERSION,
+        "job": plan.identity,
+        "args": args,
+        "checkpoint_id": plan.checkpoint_id,
+        "classes": plan.index.classes,
+        "anchornet_classes": plan.anchornet_classes,
+        "patch_size": plan.patch_size,
+        "cam_grid": list(plan.cam_grid),
+        "num_patches": config.num_patches,
+        "image_encoding": config.image_encoding,
+        "jpeg_quality": config.jpeg_quality if config.image_encoding == "jpeg" else None,
+        "counts": {"images": len(plan.index.items), "rows": rows, "errors": errors.num_rows, "shards": n},
+        "shards": [
+            {"file": f"{schema.SHARDS_DIR}/{schema.shard_name(i)}", "rows": r, "errors": e.num_rows}
+            for i, (r, e) in enumerate(infos)
+        ],
+        "errors_file": schema.ERRORS_FILE,
+    }
+    if not storage.is_remote(out):
+        for stale in Path(root, schema.SHARDS_DIR).glob(".part-*.tmp"):
+            stale.unlink(missing_ok=True)
+    storage.write_bytes(storage.join(out, schema.MANIFEST_FILE), _json_bytes(manifest))
+    return rows, errors.num_rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# actor side
+
+
+@dataclass
+class _Decoded:
+    image_id: str
+    label: int
+    image: torch.Tensor | None = None
+    reason: str | None = None
+
+
+class ShardWriter:
+    """Ray Data callable class: one actor, one model; each call writes the shards of its batch."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        threads = max(1, int(spec["num_cpus"]))
+        torch.set_num_threads(threads)
+        data = storage.read_bytes(spec["anchornet"])
+        if hashlib.sha256(data).hexdigest() != spec["checkpoint_id"]:
+            raise RuntimeError(f"{spec['anchornet']} changed while the job was running (sha256 differs)")
+        model, _ = load_checkpoint(spec["anchornet"])
+        use_cuda = spec["num_gpus"] > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.model: AnchorNet = model.to(self.device).eval()
+        self.preprocessing = Preprocessing.from_dict(spec["preprocessing"])
+        self.in_fs, self.in_root = storage.resolve(spec["input"])
+        self.out_fs, self.out_root = storage.resolve(spec["output"])
+        self.remote_output = storage.is_remote(spec["output"])
+        self.pool = ThreadPoolExecutor(max(2, threads), thread_name_prefix="decode")
+        self.schema = schema.shard_schema(spec["schema_metadata"])
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        keys = ("shard", "rows", "errors", "images", "started", "finished")
+        out: dict[str, list[Any]] = {key: [] for key in keys}
+        for shard, items_json in zip(batch["shard"], batch["items"], strict=True):
+            started = time.time()
+            items = [(str(rel), int(label)) for rel, label in json.loads(str(items_json))]
+            rows, errors = self.write_shard(int(shard), items)
+            for key, value in zip(keys, (int(shard), rows, errors, len(items), started, time.time()), strict=True):
+                out[key].append(value)
+        return out
+
+    # -- reading -----------------------------------------------------------------------------------------
+
+    def _load(self, item: tuple[str, int]) -> _Decoded:
+        rel, label = item
+        try:
+            with self.in_fs.open_input_stream(f"{self.in_root}/{rel}") as stream:
+                data = stream.read()
+            image = decode_image(data, min_size=self.spec["min_size"])
+            return _Decoded(rel, label, image=self.preprocessing(image))
+        except ImageDecodeError as err:
+            return _Decoded(rel, label, reason=_one_line(err))
+        except FileNotFoundError:
+            return _Decoded(rel, label, reason="file disappeared after the input was indexed")
+        except OSError as err:
+            return _Decoded(rel, label, reason=f"unreadable: {_one_line(err)}")
+
+    def decoded_batches(self, items: Sequence[tuple[str, int]]) -> Iterator[list[_Decoded]]:
+        """Mini-batches of decoded images, the next one decoding on the pool while the caller works."""
+        size = self.spec["batch_size"]
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        ahead: list[Future[_Decoded]] | None = None
+        for k in range(len(chunks)):
+            current = ahead if ahead is not None else [self.pool.submit(self._load, it) for it in chunks[k]]
+            ahead = [self.pool.submit(self._load, it) for it in chunks[k + 1]] if k + 1 < len(chunks) else None
+            yield [f.result() for f in current]
+
+    # -- the model ---------------------------------------------------------------------------------------
+
+    def process(self, decoded: Sequence[_Decoded]) -> pa.Table:
+        """AnchorNet on a mini-batch of good images: one Arrow table in ``SHARD_SCHEMA``."""
+        spec = self.spec
+        k = self.model.receptive_field.size
+        images = torch.stack([d.image for d in decoded]).to(self.device)
+        with torch.inference_mode():
+            cam, logits = class_activation_map(self.model, to_float(images))
+            selection = select_patches(cam, self.model.receptive_field, spec["num_patches"], spec["iou_threshold"])
+            crops = crop_patches(images, selection.boxes, size=k)
+            glance = TF.resize(images, [k, k], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+            confidence, top1 = logits.float().softmax(dim=1).max(dim=1)
+        valid = selection.valid.cpu()
+        counts = valid.sum(dim=1).tolist()
+        crops, glance = crops.cpu(), glance.cpu()
+        encoding, quality = spec["image_encoding"], spec["jpeg_quality"]
+        flat_crops = schema.encode_crops(crops[valid], encoding, quality)
+        glances = schema.encode_crops(glance, encoding, quality)
+        boxes = selection.boxes.cpu()
+        cells, scores = selection.cells.cpu(), selection.scores.cpu().float()
+        patches, box_lists, cell_lists, score_lists, offset = [], [], [], [], 0
+        for b, count in enumerate(counts):
+            patches.append(flat_crops[offset : offset + count])
+            offset += count
+            box_lists.append(boxes[b, :count].long().tolist())
+            cell_lists.append(cells[b, :count].tolist())
+            score_lists.append(scores[b, :count].tolist())
+        classes = spec["classes"]
+        columns = {
+            "image_id": [d.image_id for d in decoded],
+            "label": [d.label for d in decoded],
+            "class_name": [classes[d.label] for d in decoded],
+            "glance": glances,
+            "patches": patches,
+            "num_patches": counts,
+            "boxes": box_lists,
+            "cells": cell_lists,
+            "cam_scores": score_lists,
+            "cam": cam.float().reshape(len(decoded), -1).cpu().numpy().tolist(),
+            "top1": top1.cpu().tolist(),
+            "confidence": confidence.cpu().tolist(),
+            "checkpoint_id": [spec["checkpoint_id"]] * len(decoded),
+        }
+        return pa.Table.from_pydict(columns, schema=self.schema)
+
+    # -- writing -----------------------------------------------------------------------------------------
+
+    def write_shard(self, shard: int, items: Sequence[tuple[str, int]]) -> tuple[int, int]:
+        """Write ``shards/part-{shard}.parquet`` (and its errors file first); returns (rows, errors)."""
+        name = schema.shard_name(shard)
+        final = f"{self.out_root}/{schema.SHARDS_DIR}/{name}"
+        if self.remote_output:
+            tmp_dir = tempfile.mkdtemp(prefix="anchornet-shard-")
+            tmp = os.path.join(tmp_dir, name)
+        else:
+            tmp_dir = None
+            Path(final).parent.mkdir(parents=True, exist_ok=True)
+            tmp = str(Path(final).with_name(f".{name}.{uuid.uuid4().hex}.tmp"))
+        errors: list[_Decoded] = []
+        rows = 0
+        try:
+            with pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
+                for decoded in self.decoded_batches(items):
+                    good = [d for d in decoded if d.image is not None]
+                    errors.extend(d for d in decoded if d.image is None)
+                    if good:
+                        writer.write_table(self.process(good))
+                        rows += len(good)
+            error_table = pa.Table.from_pydict(
+                {
+                    "image_id": [e.image_id for e in errors],
+                    "path": [storage.join(self.spec["input"], *e.image_id.split("/")) for e in errors],
+                    "label": [e.label for e in errors],
+                    "reason": [e.reason for e in errors],
+                },
+                schema=schema.ERRORS_SCHEMA,
+            )
+            storage.write_bytes(
+                storage.join(self.spec["output"], schema.ERRORS_DIR, schema.errors_name(shard)),
+                schema.table_bytes(error_table),
+            )
+            if self.remote_output:
+                pafs.copy_files(
+                    tmp, final, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.out_fs
+                )
+            else:
+                os.replace(tmp, final)
+        finally:
+            if tmp_dir is not None:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            elif os.path.exists(tmp):
+                os.unlink(tmp)
+        return rows, len(errors)
