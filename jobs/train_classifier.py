@@ -1,0 +1,46 @@
+"""Stage II: train the glance or the patch classifier (f_glance, f_patch) at K x K on Ray Train.
+
+    python jobs/train_classifier.py --role glance|patch --arch NAME [--weights imagenet|PATH]
+        --data ROOT [--patches PARQUET_DIR | --anchornet CKPT] --output OUT [--epochs N ...]
+
+``--role glance``: the augmented image resized to K. ``--role patch``: the top AnchorNet patches of the
+augmented image, cropped on the fly by the frozen ``--anchornet`` (eval mode), or the precomputed crops in
+``PARQUET_DIR/train`` (and ``PARQUET_DIR/val``). Final checkpoint: OUT/glance.pt or OUT/patch.pt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pipelines.train import OneLineParser, add_common_arguments, config_from_args, run_job
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = OneLineParser(prog="train_classifier", description=__doc__.splitlines()[0])
+    add_common_arguments(parser, epochs=30, schedule="cosine")
+    parser.add_argument("--role", choices=("glance", "patch"), required=True)
+    parser.add_argument("--arch", required=True, help="classifier name, e.g. efficientnet_lite0, resnet50")
+    parser.add_argument("--weights", default=None, help="'imagenet' or a checkpoint/state dict PATH (default: random)")
+    parser.add_argument("--anchornet", default=None, help="stage I checkpoint (K, and patches on the fly)")
+    parser.add_argument("--patches", default=None, help="precomputed patch Parquet DIR with train/ (and val/)")
+    parser.add_argument("--patch-size", type=int, default=None, help="K (default: the AnchorNet receptive field)")
+    parser.add_argument("--num-patches", type=int, default=4, help="patches per image for --role patch")
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(
+            args,
+            stage=args.role,
+            arch=args.arch,
+            weights=args.weights,
+            anchornet=args.anchornet,
+            patches=args.patches,
+            patch_size=args.patch_size,
+            num_patches=args.num_patches,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    return run_job(config, args.ray_address)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,726 @@
+"""Ray Train for both stages: stage I (AnchorNet from scratch) and stage II (the glance and patch classifiers).
+
+One code path from one CPU worker to many GPU nodes: a ``TorchTrainer`` runs ``train_loop_per_worker`` on
+``num_workers`` workers (DDP through ``ray.train.torch.prepare_model``; torch ``DataLoader``s over
+``ImageFolderDataset`` with a ``DistributedSampler``, moved to the device by ``prepare_data_loader``).
+Each epoch every worker reports train loss/accuracy and val top-1 (summed over workers), and rank 0 attaches
+a checkpoint with the model, optimizer and schedule. Ray keeps them under ``OUT/ray_<stage>``.
+
+Fault tolerance: ``FailureConfig(max_failures)`` restarts a crashed worker group from the last checkpoint,
+and re-running the same command with the same ``OUT`` resumes a killed run (Train V2 finds the run by
+``RunConfig(storage_path=OUT, name=...)``; ``ray.train.get_checkpoint()`` hands the loop its state).
+At the end the driver writes the self-describing checkpoint (``anchornet.save_checkpoint``) to
+``OUT/<stage>.pt``: ``anchornet.pt``, ``glance.pt`` or ``patch.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from anchornet import storage
+from anchornet.cam import class_activation_map
+from anchornet.checkpoint import CheckpointError, ModelCard, load_checkpoint, save_checkpoint
+from anchornet.classifiers import build_classifier, classifier_names
+from anchornet.model import AnchorNet, anchornet_test
+from anchornet.patches import crop_patches, select_patches
+from anchornet.preprocessing import Preprocessing, to_float
+from pipelines import train_data
+
+__all__ = [
+    "STAGES",
+    "Task",
+    "TrainConfig",
+    "TrainError",
+    "TrainOutcome",
+    "add_common_arguments",
+    "build_task",
+    "config_from_args",
+    "final_checkpoint_uri",
+    "run_training",
+    "train_loop_per_worker",
+]
+
+STAGES = ("anchornet", "glance", "patch")
+ANCHORNET_ARCHS = ("anchornet", "anchornet_test")
+STATE_FILE = "train_state.pt"
+BASE_LR = {"anchornet": 0.1, "glance": 0.01, "patch": 0.01}  # per 256 images (REFERENCE.md section 6)
+
+
+class TrainError(RuntimeError):
+    """Training could not start or did not finish; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; validated on construction, plain values only (it travels to workers).
+
+    ``batch_size`` is the global batch (split evenly over workers), so a recipe means the same on one CPU
+    and on eight GPUs. ``lr=None`` scales the stage's base lr linearly: ``BASE_LR[stage] * batch_size / 256``.
+    The step schedule multiplies the lr by 0.1 at ``milestones`` (fractions of ``epochs``); cosine decays it
+    to 0 over ``epochs``.
+
+    Test-only fields (no CLI help): ``limit`` keeps that many images per split (evenly spaced),
+    ``crash_at_epoch=k`` makes the last worker raise at the start of epoch ``k`` (k >= 1) of an attempt that
+    did not start from a checkpoint, so ``FailureConfig`` restarts the group from epoch ``k - 1``'s checkpoint
+    (once), or the run fails when ``max_failures=0`` and a re-run resumes it.
+    """
+
+    data: str
+    output: str
+    stage: str = "anchornet"
+    arch: str = "anchornet"
+    weights: str | None = None
+    anchornet: str | None = None
+    patches: str | None = None
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    schedule: str = "step"
+    milestones: tuple[float, ...] = (0.3, 0.6, 0.9)
+    image_size: int = 224
+    resize_size: int = 256
+    min_scale: float = 0.08
+    patch_size: int | None = None
+    num_patches: int = 4
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None
+    threads: int | None = None
+    loader_workers: int = 2
+    seed: int = 0
+    max_failures: int = 3
+    keep_checkpoints: int = 2
+    limit: int | None = None
+    crash_at_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.stage not in STAGES:
+            problems.append(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.stage == "anchornet" and self.arch not in ANCHORNET_ARCHS:
+            problems.append(f"stage I trains {' or '.join(ANCHORNET_ARCHS)}, got arch {self.arch!r}")
+        if self.stage != "anchornet" and self.arch not in classifier_names():
+            problems.append(f"unknown classifier {self.arch!r}; known: {', '.join(classifier_names())}")
+        if self.stage == "anchornet" and (self.weights or self.anchornet or self.patches):
+            problems.append("--weights, --anchornet and --patches are for stage II (train_classifier.py)")
+        if self.stage == "glance" and self.patches:
+            problems.append("--patches is for --role patch")
+        if self.stage == "patch" and not (self.patches or self.anchornet):
+            problems.append("--role patch needs --patches PARQUET_DIR or --anchornet CKPT")
+        for name in ("epochs", "batch_size", "num_workers", "image_size", "num_patches", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if self.resize_size < self.image_size:
+            problems.append(f"resize-size ({self.resize_size}) must be at least image-size ({self.image_size})")
+        if not 0 < self.min_scale <= 1:
+            problems.append(f"min-scale must be in (0, 1], got {self.min_scale}")
+        if self.schedule not in ("step", "cosine"):
+            problems.append(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
+        if any(not 0 < m < 1 for m in self.milestones):
+            problems.append(f"milestones are fractions of the epochs in (0, 1), got {self.milestones}")
+        if self.patch_size is not None and not 1 <= self.patch_size <= self.image_size:
+            problems.append(f"patch-size must be in [1, image-size], got {self.patch_size}")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            problems.append(f"cpus-per-worker must be positive, got {self.cpus_per_worker}")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be at least 1, got {self.threads}")
+        if self.loader_workers < 0 or self.max_failures < -1 or self.weight_decay < 0:
+            problems.append("loader-workers and weight-decay must be >= 0, max-failures >= -1")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"limit must be at least 1, got {self.limit}")
+        if self.crash_at_epoch is not None and not 1 <= self.crash_at_epoch < self.epochs:
+            problems.append(f"crash_at_epoch must be in [1, epochs), got {self.crash_at_epoch}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else BASE_LR[self.stage] * self.batch_size / 256
+
+    @property
+    def run_name(self) -> str:
+        """Ray Train's run name under ``output``: the same OUT and stage resume the same run."""
+        return f"ray_{self.stage}"
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(image_size=self.image_size, resize_size=self.resize_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["milestones"] = list(self.milestones)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "milestones" in values:
+            values["milestones"] = tuple(values["milestones"])
+        return cls(**values)
+
+
+def final_checkpoint_uri(config: TrainConfig) -> str:
+    """Where the final self-describing checkpoint goes: ``OUT/anchornet.pt``, ``OUT/glance.pt``, ``OUT/patch.pt``."""
+    return storage.join(config.output, f"{config.stage}.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The task of each stage: its model, datasets and how a batch becomes (logits, targets).
+
+
+@dataclass
+class Task:
+    """One stage's model and data. ``inputs(images, labels)`` turns a loader batch into model inputs."""
+
+    config: TrainConfig
+    classes: list[str]
+    model: nn.Module
+    train_set: Dataset
+    val_set: Dataset
+    input_size: int
+    frozen: AnchorNet | None = None  # the patch role's proposal network, eval mode, never trained
+
+    def inputs(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``uint8`` loader images to float ``[0, 1]`` model inputs; the on-the-fly patch role crops here."""
+        if self.frozen is None or images.shape[-1] == self.input_size:
+            return to_float(images), labels
+        with torch.no_grad():
+            floats = to_float(images)
+            cam, _ = class_activation_map(self.frozen, floats)
+            selection = select_patches(cam, self.frozen.receptive_field, self.config.num_patches)
+            crops = crop_patches(floats, selection.boxes, self.input_size)  # (B, k, 3, K, K)
+        valid = selection.valid
+        return crops[valid], labels[:, None].expand_as(valid)[valid]
+
+    def to(self, device: torch.device) -> Task:
+        if self.frozen is not None:
+            self.frozen = self.frozen.to(device).eval()
+        return self
+
+
+def _anchornet_model(arch: str, num_classes: int) -> AnchorNet:
+    return anchornet_test(num_classes) if arch == "anchornet_test" else AnchorNet(num_classes)
+
+
+def _load_anchornet(uri: str, classes: list[str]) -> tuple[AnchorNet, ModelCard]:
+    model, card = load_checkpoint(uri)
+    if card.kind != "anchornet":
+        raise CheckpointError(f"--anchornet {uri} holds a {card.kind}, not an AnchorNet")
+    if card.class_names is not None and list(card.class_names) != list(classes):
+        raise CheckpointError(f"class mismatch: --anchornet {uri} was trained on other classes than the data")
+    return model, card  # type: ignore[return-value]
+
+
+def patch_size_for(config: TrainConfig, anchornet: AnchorNet | None = None) -> int:
+    """K: ``--patch-size``, else the AnchorNet's receptive field (95 for Table 1)."""
+    if config.patch_size is not None:
+        return config.patch_size
+    if anchornet is not None:
+        return anchornet.receptive_field.size
+    return AnchorNet(1).receptive_field.size
+
+
+def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
+    """Index the data and build the stage's model and datasets (runs in each worker, and in the benchmark)."""
+    if config.stage == "patch" and config.patches:
+        from pipelines.patch_dataset import PatchDataset  # the precompute job's reader
+
+        train_set = PatchDataset(storage.join(config.patches, "train"), role="patch", num_patches=config.num_patches)
+        classes = list(train_set.classes)
+        size = int(train_set.patch_size)
+        splits = train_data.scan_splits(config.data, classes=classes, limit=config.limit)
+        val_uri = storage.join(config.patches, "val")
+        frozen = None
+        if storage.exists(val_uri):
+            val_set: Dataset = PatchDataset(val_uri, role="patch", num_patches=config.num_patches)
+        elif config.anchornet:
+            frozen, _ = _load_anchornet(config.anchornet, classes)
+            val_set = train_data.image_dataset(splits.val, config.preprocessing)
+        else:
+            raise ValueError(f"no {val_uri}: precompute val patches there or pass --anchornet for validation")
+        if config.limit is not None:
+            n = len(train_set)
+            picks = sorted({math.floor(i * n / config.limit) for i in range(min(config.limit, n))})
+            train_set = torch.utils.data.Subset(train_set, picks)  # evenly spaced: every class keeps some
+        model = _classifier(config, len(classes), with_weights)
+        return Task(config, classes, model, train_data.FlipDataset(train_set), val_set, size, frozen)
+
+    splits = train_data.scan_splits(config.data, limit=config.limit)
+    classes = splits.classes
+    n = len(classes)
+    if config.stage == "anchornet":
+        model: nn.Module = _anchornet_model(config.arch, n)
+        transform = train_data.train_transform(config.image_size, min_scale=config.min_scale)
+        return Task(
+            config,
+            classes,
+            model,
+            train_data.image_dataset(splits.train, transform),
+            train_data.image_dataset(splits.val, config.preprocessing),
+            config.image_size,
+        )
+    frozen = _load_anchornet(config.anchornet, classes)[0] if config.anchornet else None
+    size = patch_size_for(config, frozen)
+    model = _classifier(config, n, with_weights)
+    if config.stage == "glance":
+        transform = train_data.train_transform(config.image_size, min_scale=config.min_scale, output_size=size)
+        val_transform = train_data.eval_preprocessing(config.preprocessing, size)
+        frozen = None
+    else:  # patch, on the fly from the frozen AnchorNet
+        transform = train_data.train_transform(config.image_size, min_scale=config.min_scale)
+        val_transform = config.preprocessing
+    return Task(
+        config,
+        classes,
+        model,
+        train_data.image_dataset(splits.train, transform),
+        train_data.image_dataset(splits.val, val_transform),
+        size,
+        frozen,
+    )
+
+
+def _classifier(config: TrainConfig, num_classes: int, with_weights: bool) -> nn.Module:
+    weights = config.weights if with_weights else None
+    return build_classifier(config.arch, num_classes, weights=weights)
+
+
+def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    """The bare architecture of ``config`` (no weights): what the final checkpoint is written from."""
+    if config.stage == "anchornet":
+        return _anchornet_model(config.arch, num_classes)
+    return build_classifier(config.arch, num_classes)
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    """SGD (momentum, Nesterov, weight decay) and the per-epoch schedule of the recipe."""
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.learning_rate,
+        momentum=config.momentum,
+        nesterov=config.nesterov and config.momentum > 0,
+        weight_decay=config.weight_decay,
+    )
+    if config.schedule == "cosine":
+        scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    else:
+        milestones = sorted({max(1, round(m * config.epochs)) for m in config.milestones})
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    return optimizer, scheduler
+
+
+def train_epoch(
+    task: Task, model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, criterion: nn.Module
+) -> tuple[float, int, int]:
+    """One pass over ``loader``; returns (summed loss, correct, samples) of this worker."""
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for images, labels in loader:
+        inputs, targets = task.inputs(images, labels)
+        logits = model(inputs)
+        loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * targets.numel()
+        correct += int((logits.argmax(1) == targets).sum())
+        seen += targets.numel()
+    return loss_sum, correct, seen
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: nn.Module, loader: Any) -> tuple[int, int]:
+    """(correct top-1, samples) of this worker's share of the val set (patch role: per patch)."""
+    model.eval()
+    correct, seen = 0, 0
+    for images, labels in loader:
+        inputs, targets = task.inputs(images, labels)
+        correct += int((model(inputs).argmax(1) == targets).sum())
+        seen += targets.numel()
+    return correct, seen
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Ray Train loop (runs in every worker).
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
+    """Train ``config_dict`` (a ``TrainConfig.to_dict()``) on this worker, resuming from Ray's checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    config = TrainConfig.from_dict(config_dict)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(config.threads or max(1, round(config.cpus_per_worker or 1)))
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    task = build_task(config).to(device)
+    model = ray.train.torch.prepare_model(task.model)
+    optimizer, scheduler = make_optimizer(config, model)
+    criterion = nn.CrossEntropyLoss()
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+        if state["classes"] != task.classes:
+            raise ValueError("class mismatch: the checkpoint being resumed was trained on other classes")
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+
+    per_worker_batch = math.ceil(config.batch_size / world)
+    pin = device.type == "cuda"
+    validation = train_data.val_loader(
+        task.val_set,
+        batch_size=per_worker_batch,
+        rank=rank,
+        world_size=world,
+        num_workers=config.loader_workers,
+        pin_memory=pin,
+    )
+    validation = ray.train.torch.prepare_data_loader(validation, add_dist_sampler=False)
+    for epoch in range(start_epoch, config.epochs):
+        if config.crash_at_epoch == epoch and checkpoint is None and rank == world - 1:
+            time.sleep(2.0)  # let the controller register the last report first, as a real crash would
+            raise RuntimeError(f"injected crash at epoch {epoch} (crash_at_epoch, test only)")
+        started = time.perf_counter()
+        loader = train_data.epoch_loader(
+            task.train_set,
+            batch_size=per_worker_batch,
+            epoch=epoch,
+            seed=config.seed,
+            rank=rank,
+            world_size=world,
+            num_workers=config.loader_workers,
+            pin_memory=pin,
+        )
+        loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum, correct, seen = train_epoch(task, model, loader, optimizer, criterion)
+        scheduler.step()
+        train_seconds = time.perf_counter() - started
+        val_correct, val_seen = evaluate(task, model, validation)
+        loss_sum, correct, seen, val_correct, val_seen = _all_reduce(
+            [loss_sum, correct, seen, val_correct, val_seen], device
+        )
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "val_top1": val_correct / max(val_seen, 1),
+            "lr": lr,
+            "train_samples": int(seen),
+            "train_images_per_s": seen / train_seconds / (config.num_patches if config.stage == "patch" else 1),
+            "epoch_seconds": time.perf_counter() - started,
+            "start_epoch": start_epoch,  # where this attempt began: shows restarts and resumes
+        }
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as directory:
+            report_checkpoint = None
+            if rank == 0:
+                state = {
+                    "model": _unwrap(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "classes": task.classes,
+                    "input_size": task.input_size,
+                    "history": history,
+                }
+                torch.save(state, Path(directory) / STATE_FILE)
+                report_checkpoint = ray.train.Checkpoint.from_directory(directory)
+                print(
+                    f"[{config.stage}] epoch {epoch + 1}/{config.epochs}  loss {metrics['train_loss']:.4f}  "
+                    f"acc {metrics['train_acc']:.4f}  val top-1 {metrics['val_top1']:.4f}  lr {lr:.4g}  "
+                    f"{metrics['train_images_per_s']:.1f} img/s  {metrics['epoch_seconds']:.0f} s",
+                    file=sys.__stdout__,  # Train V2 tees plain print() to its logger too: it would show twice
+                    flush=True,
+                )
+            ray.train.report(metrics, checkpoint=report_checkpoint)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The driver.
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What a finished run left behind."""
+
+    checkpoint: str
+    card: ModelCard
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+def _preflight(config: TrainConfig) -> list[str]:
+    """Check the data, the input checkpoints and any earlier run in OUT before starting workers; the classes."""
+    if config.stage == "patch" and config.patches:
+        try:
+            from pipelines.patch_dataset import PatchDataset
+        except ImportError as err:
+            raise TrainError(f"--patches needs pipelines.patch_dataset ({err})") from err
+        classes = list(PatchDataset(storage.join(config.patches, "train"), role="patch").classes)
+        train_data.scan_splits(config.data, classes=classes, limit=config.limit)
+    else:
+        classes = train_data.scan_splits(config.data, limit=config.limit).classes
+    if config.anchornet:
+        _load_anchornet(config.anchornet, classes)
+    if config.weights not in (None, "imagenet"):
+        try:
+            _, card = load_checkpoint(config.weights)
+        except CheckpointError:
+            card = None  # a plain state dict: build_classifier checks its shapes
+        if card is not None and card.class_names is not None and list(card.class_names) != classes:
+            raise CheckpointError(f"class mismatch: --weights {config.weights} was trained on other classes")
+    manifest_uri = storage.join(config.output, f"{config.run_name}.json")
+    manifest = {"stage": config.stage, "arch": config.arch, "classes": classes}
+    if storage.exists(manifest_uri):
+        earlier = json.loads(storage.read_bytes(manifest_uri))
+        for key in ("stage", "arch", "classes"):
+            if earlier.get(key) != manifest[key]:
+                what = "classes" if key == "classes" else f"{key} {earlier.get(key)!r}"
+                raise TrainError(
+                    f"{config.output} holds a run with different {what}: use a new --output to start afresh"
+                )
+    else:
+        storage.makedirs(config.output)
+        storage.write_bytes(manifest_uri, json.dumps({**manifest, "config": config.to_dict()}, indent=1).encode())
+    return classes
+
+
+def _resources(config: TrainConfig) -> tuple[float, int]:
+    """CPUs per worker and torch threads: the flags, else an even share of the cluster's CPUs (never a hang)."""
+    import ray
+
+    cpus = config.cpus_per_worker
+    if cpus is None:
+        total = float(ray.cluster_resources().get("CPU", 1))
+        cpus = 1.0 if config.use_gpu else max(total // config.num_workers, 0.0) or total / config.num_workers
+    return cpus, config.threads or max(1, round(cpus))
+
+
+def _storage(output: str) -> tuple[str, Any]:
+    if storage.is_remote(output):
+        fs, path = storage.resolve(output)
+        return path, fs
+    return str(Path(output).expanduser().resolve()), None
+
+
+def run_training(config: TrainConfig, *, ray_address: str | None = None, verbose: bool = True) -> TrainOutcome:
+    """Train ``config`` and write ``final_checkpoint_uri``; the data and inputs are checked before Ray starts.
+
+    Uses the current Ray cluster, or joins ``ray_address`` / starts a local one (shut down at the end).
+    Raises ``TrainError`` (and ``ValueError``/``FileNotFoundError``/``CheckpointError`` from the checks) with
+    one-line messages.
+    """
+    import ray
+
+    started = time.perf_counter()
+    classes = _preflight(config)
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        ray.init(address=ray_address)
+    try:
+        return _fit(config, classes, started, verbose)
+    finally:
+        if own_ray:
+            ray.shutdown()
+
+
+def _fit(config: TrainConfig, classes: list[str], started: float, verbose: bool) -> TrainOutcome:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cpus, threads = _resources(config)
+    config = TrainConfig.from_dict({**config.to_dict(), "cpus_per_worker": cpus, "threads": threads})
+    storage_path, filesystem = _storage(config.output)
+    if verbose:
+        print(
+            f"training {config.stage} ({config.arch}) on {len(classes)} classes from {config.data}: "
+            f"{config.epochs} epochs, batch {config.batch_size}, lr {config.learning_rate:g}, "
+            f"{config.num_workers} worker(s) x {cpus:g} CPU{' + 1 GPU' if config.use_gpu else ''}, "
+            f"{threads} thread(s), seed {config.seed}; Ray runs in {storage.join(config.output, config.run_name)}",
+            flush=True,
+        )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if config.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise TrainError(f"training failed: {_first_line(err)}") from err
+    if result.error is not None:
+        raise TrainError(f"training failed: {_first_line(result.error)}")
+    if result.checkpoint is None:
+        raise TrainError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    model = build_model(config, len(state["classes"]))
+    model.load_state_dict(state["model"])
+    metrics = dict(state["history"][-1])
+    uri = final_checkpoint_uri(config)
+    card = save_checkpoint(
+        model,
+        uri,
+        input_size=state["input_size"],
+        class_names=state["classes"],
+        preprocessing=config.preprocessing,
+        provenance={
+            "stage": config.stage,
+            "data": config.data,
+            "config": config.to_dict(),
+            "ray": ray.__version__,
+            "host": platform.node(),
+            "ray_run": storage.join(config.output, config.run_name),
+        },
+        role=config.stage,
+        metrics=metrics,
+        history=state["history"],
+    )
+    return TrainOutcome(uri, card, metrics, list(state["history"]), time.perf_counter() - started)
+
+
+def _first_line(err: BaseException) -> str:
+    """The innermost useful line of a (possibly wrapped) worker error."""
+    text = str(err).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if ("Error" in line or "Exception" in line) and ":" in line and not line.startswith("File "):
+            return line
+    return lines[0] if lines else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command-line pieces shared by jobs/train_anchornet.py and jobs/train_classifier.py.
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``error: ...``) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, schedule: str) -> None:
+    parser.add_argument("--data", required=True, help="ROOT with train/ and val/ ImageFolder trees (local or s3://)")
+    parser.add_argument("--output", required=True, help="OUT (local or s3://): Ray checkpoints and the final .pt")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch, split over workers")
+    parser.add_argument("--lr", type=float, default=None, help="peak lr (default: base lr x batch / 256)")
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--schedule", choices=("step", "cosine"), default=schedule)
+    parser.add_argument("--image-size", type=int, default=224, help="training crop side")
+    parser.add_argument("--resize-size", type=int, default=None, help="val: resize shorter side (default size/0.875)")
+    parser.add_argument("--min-scale", type=float, default=0.08, help="RandomResizedCrop minimum area fraction")
+    parser.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--cpus-per-worker", type=float, default=None, help="default: an even share of the CPUs")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: its CPUs)")
+    parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per worker")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts (-1: unlimited)")
+    parser.add_argument("--keep-checkpoints", type=int, default=2)
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    # Test-only (see TrainConfig): not in --help.
+    parser.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--crash-at-epoch", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace, **stage: Any) -> TrainConfig:
+    resize = args.resize_size if args.resize_size is not None else round(args.image_size / 0.875)
+    return TrainConfig(
+        data=args.data,
+        output=args.output,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        image_size=args.image_size,
+        resize_size=resize,
+        min_scale=args.min_scale,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        threads=args.threads,
+        loader_workers=args.loader_workers,
+        seed=args.seed,
+        max_failures=args.max_failures,
+        keep_checkpoints=args.keep_checkpoints,
+        limit=args.limit,
+        crash_at_epoch=args.crash_at_epoch,
+        **stage,
+    )
+
+
+def run_job(config: TrainConfig, ray_address: str | None = None) -> int:
+    """Train and print where the checkpoint is; a user error is one line on stderr and exit status 1."""
+    try:
+        outcome = run_training(config, ray_address=ray_address)
+    except (TrainError, CheckpointError, ValueError, FileNotFoundError, ImportError) as err:
+        print(f"error: {_first_line(err)}", file=sys.stderr)
+        return 1
+    m = outcome.metrics
+    print(
+        f"done: {config.stage} val top-1 {m['val_top1']:.4f} after {m['epoch'] + 1} epochs "
+        f"({outcome.card.gmacs:.3f} GMACs at {outcome.card.input_size}px), {outcome.seconds:.0f} s"
+    )
+    print(f"checkpoint: {outcome.checkpoint}")
+    return 0
