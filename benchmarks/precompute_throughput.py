@@ -40,6 +40,7 @@ import torch
 import anchornet
 from anchornet import AnchorNet, Preprocessing, crop_patches, decode_image
 from anchornet.image_folder import scan_image_folder
+from benchmarks._machine import cpu_name
 from pipelines import schema
 from pipelines.precompute import PrecomputeConfig, ShardWriter, _run_shards, plan_job, run_precompute
 
@@ -154,15 +155,6 @@ def compare_encodings(tree: Path, output: Path, max_images: int, quality: Sequen
     return lines
 
 
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="ImageFolder tree <data>/<class>/<image>")
@@ -233,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("precompute throughput")
     print(f"  data: {args.data} ({num_images} images, {decoded} decodable; {result.errors} errors)")
     print(
-        f"  machine: {_cpu_name()}, {os.cpu_count()} logical CPUs, load average before/after "
+        f"  machine: {cpu_name()}, {os.cpu_count()} logical CPUs, load average before/after "
         f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}"
     )
     print(

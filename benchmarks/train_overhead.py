@@ -18,24 +18,15 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from benchmarks._machine import cpu_name
 from pipelines import train_data
 from pipelines.train import TrainConfig, build_task, evaluate, make_optimizer, run_training, train_epoch
 
 NICENESS = "RAY_worker_niceness"  # Ray's own (lower-case) variable name
-
-
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
 
 
 def plain_loop(config: TrainConfig) -> tuple[list[float], float]:
@@ -118,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ray_ips = max(statistics.median(rates[steady]) for rates, _ in ray_runs)
     ratio = ray_ips / plain_ips
     print(
-        f"conditions: {_cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; "
+        f"conditions: {cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; "
         f"torch {torch.__version__} ({args.threads} threads), ray {ray.__version__}, python "
         f"{platform.python_version()}; {args.arch}, {args.limit} train images at 224, batch {args.batch_size}, "
         f"{args.loader_workers} loader process(es), {args.epochs} epochs x {args.rounds} interleaved rounds, "
