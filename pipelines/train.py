@@ -676,7 +676,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, schedu
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts (-1: unlimited)")
     parser.add_argument("--keep-checkpoints", type=int, default=2)
-    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    parser.add_argument(
+        "--address",
+        "--ray-address",
+        dest="ray_address",
+        default=None,
+        help="Ray cluster to join (default: RAY_ADDRESS or local)",
+    )
     # Test-only (see TrainConfig): not in --help.
     parser.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--crash-at-epoch", type=int, default=None, help=argparse.SUPPRESS)
