@@ -30,6 +30,8 @@ __all__ = [
     "PatchPolicy",
     "accumulated_confidence",
     "cumulative_step_macs",
+    "resize_square",
+    "step_contribution",
 ]
 
 Aggregate = Literal["logits", "probs"]
@@ -47,6 +49,19 @@ def cumulative_step_macs(anchornet_macs: int, glance_macs: int, patch_macs: int,
     costs = [int(glance_macs)]
     costs += [int(anchornet_macs) + int(glance_macs) + (t - 1) * int(patch_macs) for t in range(2, num_steps + 1)]
     return costs
+
+
+def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, C, H, W)`` to ``(B, C, size, size)``, bilinear with antialiasing: the glance ``x_1`` and patch resizing."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def step_contribution(outputs: torch.Tensor, aggregate: Aggregate = "logits") -> torch.Tensor:
+    """``f(x_t)`` as it enters the sum ``z_t``: logits, or softmax probabilities, at least float32."""
+    dtype = torch.promote_types(outputs.dtype, torch.float32)
+    return outputs.to(dtype) if aggregate == "logits" else outputs.softmax(dim=-1, dtype=dtype)
 
 
 def accumulated_confidence(
@@ -198,18 +213,6 @@ class EarlyExitClassifier(nn.Module):
             raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(images.shape)}")
         self.receptive_field.check_input(images.shape[-2], images.shape[-1])
 
-    def _resize(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` to ``(B, C, patch_size, patch_size)``, bilinear with antialiasing."""
-        size = (self.patch_size, self.patch_size)
-        if tuple(images.shape[-2:]) == size:
-            return images
-        return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-
-    def _contribution(self, outputs: torch.Tensor) -> torch.Tensor:
-        """``f(x_t)`` as it enters the sum ``z_t``: logits or probabilities, at least float32."""
-        dtype = torch.promote_types(outputs.dtype, torch.float32)
-        return outputs.to(dtype) if self.aggregate == "logits" else outputs.softmax(dim=-1, dtype=dtype)
-
     def _draw_random(self, images: torch.Tensor) -> PatchSelection | None:
         if self.patch_policy != "random":
             return None
@@ -229,7 +232,9 @@ class EarlyExitClassifier(nn.Module):
 
     def _patches(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """One ``K x K`` window per image, ``boxes`` ``(B, 4)``, resized to the networks' input side."""
-        return self._resize(crop_patches(images, boxes[:, None], size=self.receptive_field.size)[:, 0])
+        return resize_square(
+            crop_patches(images, boxes[:, None], size=self.receptive_field.size)[:, 0], self.patch_size
+        )
 
     def forward(self, images: torch.Tensor, *, exit_at: int | None = None) -> EarlyExitResult:
         return self.predict(images, exit_at=exit_at)
@@ -249,7 +254,7 @@ class EarlyExitClassifier(nn.Module):
         batch, device, k = images.shape[0], images.device, self.num_patches
         drawn = self._draw_random(images)
 
-        z = self._contribution(self.glance_net(self._resize(images)))
+        z = step_contribution(self.glance_net(resize_square(images, self.patch_size)), self.aggregate)
         logits = torch.empty_like(z)
         confidence = z.new_empty(batch)
         prediction = torch.empty(batch, dtype=torch.long, device=device)
@@ -296,7 +301,8 @@ class EarlyExitClassifier(nn.Module):
                 if active.numel() == 0:
                     break
                 j = t - 2
-                z = z + self._contribution(self.patch_net(self._patches(sub_images, selection.boxes[:, j])))
+                patches = self._patches(sub_images, selection.boxes[:, j])
+                z = z + step_contribution(self.patch_net(patches), self.aggregate)
                 boxes[active, j] = selection.boxes[:, j].to(boxes.dtype)
                 scores[active, j] = selection.scores[:, j].to(scores.dtype)
                 step_confidence, step_prediction = accumulated_confidence(z, t, self.aggregate)
@@ -336,7 +342,7 @@ class EarlyExitClassifier(nn.Module):
         chunk = max_batch or max(batch * self.num_patches, 1)
         drawn = self._draw_random(images)
 
-        glance = torch.cat([self.glance_net(self._resize(x)) for x in images.split(chunk)])
+        glance = torch.cat([self.glance_net(resize_square(x, self.patch_size)) for x in images.split(chunk)])
         selection = drawn or _cat_selections([self._select(x) for x in images.split(chunk)])
         outputs = glance.new_full((batch, self.num_steps, glance.shape[-1]), float("nan"))
         outputs[:, 0] = glance

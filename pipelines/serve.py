@@ -24,10 +24,9 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from fastapi import FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
@@ -47,6 +46,7 @@ from anchornet import (
     load_thresholds,
     select_patches,
 )
+from anchornet.early_exit import Aggregate, resize_square, step_contribution
 from anchornet.model import AnchorNet
 from anchornet.preprocessing import to_float
 from pipelines.serve_http import ApiError, install_error_handlers, jsonable, read_image_bytes, resolve_thresholds
@@ -63,7 +63,6 @@ __all__ = [
     "load_budgets",
 ]
 
-Aggregate = Literal["logits", "probs"]
 #: Built-in budgets, always available: every step (the most accurate and costly) and the glance only.
 BUILTIN_BUDGETS: dict[str, tuple[float, ...] | None] = {"all-steps": None, "glance-only": None}
 
@@ -281,13 +280,6 @@ def _by_shape(items: Sequence[torch.Tensor], run: Callable[[torch.Tensor], list[
     return results
 
 
-def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``(B, C, H, W)`` float to ``size x size``, bilinear with antialiasing (as ``EarlyExitClassifier``)."""
-    if tuple(images.shape[-2:]) == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-
 @serve.deployment
 class ClassifierDeployment:
     """A downstream classifier (glance or patch): uint8 ``(3, H, W)`` in, float32 logits ``(C,)`` out.
@@ -306,7 +298,7 @@ class ClassifierDeployment:
 
     @torch.inference_mode()
     def _forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.model(resize_to(to_float(images), self.input_size)).float())
+        return list(self.model(resize_square(to_float(images), self.input_size)).float())
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -405,12 +397,6 @@ class Classification(BaseModel):
     latency_ms: float = Field(description="time in the ingress, decoding included")
 
 
-def contribution(logits: torch.Tensor, aggregate: Aggregate) -> torch.Tensor:
-    """``f(x_t)`` as it enters ``z_t`` (as ``EarlyExitClassifier``): float32 logits or softmax probabilities."""
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    return logits.to(dtype) if aggregate == "logits" else logits.softmax(dim=-1, dtype=dtype)
-
-
 async def decode_request(request: Request, spec: ServingSpec | dict[str, Any]) -> tuple[torch.Tensor, list[int]]:
     """Read, decode and preprocess the image of a request: uint8 ``(3, S, S)`` and the original (width, height)."""
     get = spec.get if isinstance(spec, dict) else lambda key: getattr(spec, key)
@@ -489,7 +475,7 @@ class Ingress:
         budget_name, rho = resolve_thresholds(thresholds_of, self.default_budget, spec.num_patches, budget, thresholds)
         image, image_size = await decode_request(request, spec)
 
-        z = contribution(await self.glance.remote(image), spec.aggregate)
+        z = step_contribution(await self.glance.remote(image), spec.aggregate)
         t, patches, available = 1, [], None
         confidence, prediction = accumulated_confidence(z, t, spec.aggregate)
         if not (spec.num_steps == 1 or confidence >= rho[0]):
@@ -497,7 +483,7 @@ class Ingress:
             available = int(proposal["boxes"].shape[0])
             for j in range(available):
                 t = j + 2
-                z = z + contribution(await self.patch.remote(proposal["crops"][j]), spec.aggregate)
+                z = z + step_contribution(await self.patch.remote(proposal["crops"][j]), spec.aggregate)
                 confidence, prediction = accumulated_confidence(z, t, spec.aggregate)
                 patches.append(
                     PatchInfo(step=t, box=proposal["boxes"][j].tolist(), cam_score=float(proposal["scores"][j]))

@@ -40,6 +40,7 @@ class S3Server:
     endpoint: str
     process: subprocess.Popen
     workdir: Path
+    test_bucket_ready: bool = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -117,7 +118,7 @@ def _launch(weed: str, workdir: Path, s3_port: int, timeout: float) -> S3Server:
         f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
         f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
         f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
-        "-master.volumeSizeLimitMB=64", "-volume.max=16", "-s3", f"-s3.port={s3_port}",
+        "-master.volumeSizeLimitMB=32", "-volume.max=200", "-s3", f"-s3.port={s3_port}",
         f"-s3.port.grpc={free_port()}", f"-s3.config={config}",
     ]  # fmt: skip
     log = open(workdir / "weed.log", "wb")  # noqa: SIM115 - lives as long as the server

@@ -49,12 +49,18 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server.stop()
 
 
+TEST_BUCKET = "anchornet-tests"
+
+
 @pytest.fixture
 def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
-    """A fresh bucket; returns its ``s3://`` URI."""
+    """A fresh, empty ``s3://`` prefix for one test (in one shared bucket: SeaweedFS gives every bucket its
+    own volumes, so a bucket per test would exhaust the server's volume slots)."""
+    if not s3_server.test_bucket_ready:
+        s3_server.create_bucket(TEST_BUCKET)
+        s3_server.test_bucket_ready = True
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
-    s3_server.create_bucket(name)
-    return f"s3://{name}"
+    return f"s3://{TEST_BUCKET}/{name}"
 
 
 @pytest.fixture(scope="session")
