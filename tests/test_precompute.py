@@ -412,14 +412,14 @@ def test_ray_job_submit_end_to_end(tree: Path, checkpoint: Path, reference: Path
     dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
     started: set[tuple[int, str]] = set()
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180
         while True:
             assert head.poll() is None, head.stdout.read().decode() if head.stdout else "ray start exited"
             try:
                 urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).close()
                 break
             except OSError:
-                assert time.monotonic() < deadline, "the Ray head did not come up in 90 s"
+                assert time.monotonic() < deadline, "the Ray head did not come up in 180 s"
                 time.sleep(1)
         out = tmp_path / "out"
         script_args = [f"--input={tree}", f"--output={out}", f"--anchornet={checkpoint}", f"--shard-size={SHARD_SIZE}"]
