@@ -20,7 +20,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_common_arguments(parser, epochs=30, schedule="cosine")
     parser.add_argument("--role", choices=("glance", "patch"), required=True)
     parser.add_argument("--arch", required=True, help="classifier name, e.g. efficientnet_lite0, resnet50")
-    parser.add_argument("--weights", default=None, help="'imagenet' or a checkpoint/state dict PATH (default: random)")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="'imagenet' (head rows of the matching ImageNet classes when the class names are WordNet ids) or a "
+        "checkpoint/state dict PATH (default: random)",
+    )
     parser.add_argument("--anchornet", default=None, help="stage I checkpoint (K, and patches on the fly)")
     parser.add_argument("--patches", default=None, help="precomputed patch Parquet DIR with train/ (and val/)")
     parser.add_argument("--patch-size", type=int, default=None, help="K (default: the AnchorNet receptive field)")

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from anchornet import storage
 from anchornet.cam import class_activation_map
 from anchornet.checkpoint import CheckpointError, ModelCard, load_checkpoint, save_checkpoint
-from anchornet.classifiers import build_classifier, classifier_names
+from anchornet.classifiers import build_classifier, classifier_names, imagenet_indices
 from anchornet.model import AnchorNet, anchornet_test
 from anchornet.patches import crop_patches, select_patches
 from anchornet.preprocessing import Preprocessing, to_float
@@ -262,7 +262,7 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
             n = len(train_set)
             picks = sorted({math.floor(i * n / config.limit) for i in range(min(config.limit, n))})
             train_set = torch.utils.data.Subset(train_set, picks)  # evenly spaced: every class keeps some
-        model = _classifier(config, len(classes), with_weights)
+        model = _classifier(config, classes, with_weights)
         return Task(config, classes, model, train_data.FlipDataset(train_set), val_set, size, frozen)
 
     splits = train_data.scan_splits(config.data, limit=config.limit)
@@ -281,7 +281,7 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
         )
     frozen = _load_anchornet(config.anchornet, classes)[0] if config.anchornet else None
     size = patch_size_for(config, frozen)
-    model = _classifier(config, n, with_weights)
+    model = _classifier(config, classes, with_weights)
     if config.stage == "glance":
         transform = train_data.train_transform(config.image_size, min_scale=config.min_scale, output_size=size)
         val_transform = train_data.eval_preprocessing(config.preprocessing, size)
@@ -300,9 +300,21 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
     )
 
 
-def _classifier(config: TrainConfig, num_classes: int, with_weights: bool) -> nn.Module:
+def _classifier(config: TrainConfig, classes: list[str], with_weights: bool) -> nn.Module:
+    """The stage II network; ``weights="imagenet"`` keeps the head rows of the matching ImageNet classes when the
+    class names are WordNet ids (Imagenette's are), a new random head otherwise."""
     weights = config.weights if with_weights else None
-    return build_classifier(config.arch, num_classes, weights=weights)
+    return build_classifier(config.arch, len(classes), weights=weights, head_from=imagenet_head(classes, weights))
+
+
+def imagenet_head(classes: list[str], weights: str | None) -> list[int] | None:
+    """ImageNet-1k indices of ``classes`` for ``head_from`` when starting from ImageNet weights, else ``None``."""
+    if weights != "imagenet":
+        return None
+    try:
+        return imagenet_indices(classes)
+    except ValueError:
+        return None
 
 
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
