@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.config import AutoscalingConfig
 from ray.serve.handle import DeploymentHandle
+from torch import nn
 
 from anchornet import (
     ImageDecodeError,
@@ -60,7 +61,9 @@ __all__ = [
     "build_app",
     "build_baseline_app",
     "check_serve_config",
+    "classify_images",
     "load_budgets",
+    "propose_patches",
 ]
 
 #: Built-in budgets, always available: every step (the most accurate and costly) and the glance only.
@@ -280,6 +283,27 @@ def _by_shape(items: Sequence[torch.Tensor], run: Callable[[torch.Tensor], list[
     return results
 
 
+@torch.inference_mode()
+def classify_images(model: nn.Module, input_size: int, images: torch.Tensor) -> list[torch.Tensor]:
+    """What a classifier deployment computes for a batch: uint8 ``(B, 3, H, W)`` -> ``B`` float32 logits."""
+    return list(model(resize_square(to_float(images), input_size)).float())
+
+
+@torch.inference_mode()
+def propose_patches(
+    model: AnchorNet, images: torch.Tensor, num_patches: int, iou_threshold: float
+) -> list[dict[str, torch.Tensor]]:
+    """What the AnchorNet deployment computes for a batch: CAM (Eq. 2), NMS-selected boxes and their crops."""
+    receptive_field = model.receptive_field
+    cam, _ = class_activation_map(model, to_float(images))
+    selection = select_patches(cam, receptive_field, num_patches, iou_threshold)
+    crops = crop_patches(images, selection.boxes, size=receptive_field.size)
+    return [
+        {"boxes": selection.boxes[b][valid], "scores": selection.scores[b][valid].float(), "crops": crops[b][valid]}
+        for b, valid in enumerate(selection.valid)
+    ]
+
+
 @serve.deployment
 class ClassifierDeployment:
     """A downstream classifier (glance or patch): uint8 ``(3, H, W)`` in, float32 logits ``(C,)`` out.
@@ -296,9 +320,8 @@ class ClassifierDeployment:
         self.__call__.set_max_batch_size(max_batch_size)
         self.__call__.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    @torch.inference_mode()
     def _forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.model(resize_square(to_float(images), self.input_size)).float())
+        return classify_images(self.model, self.input_size, images)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def __call__(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -324,21 +347,13 @@ class AnchorNetDeployment:
     ) -> None:
         torch.set_num_threads(torch_threads)
         self.model, self.card = load_checkpoint(checkpoint)
-        self.receptive_field = self.model.receptive_field
         self.num_patches = num_patches
         self.iou_threshold = iou_threshold
         self.__call__.set_max_batch_size(max_batch_size)
         self.__call__.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    @torch.inference_mode()
     def _propose(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        cam, _ = class_activation_map(self.model, to_float(images))
-        selection = select_patches(cam, self.receptive_field, self.num_patches, self.iou_threshold)
-        crops = crop_patches(images, selection.boxes, size=self.receptive_field.size)
-        return [
-            {"boxes": selection.boxes[b][valid], "scores": selection.scores[b][valid].float(), "crops": crops[b][valid]}
-            for b, valid in enumerate(selection.valid)
-        ]
+        return propose_patches(self.model, images, self.num_patches, self.iou_threshold)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:

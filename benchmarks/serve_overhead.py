@@ -1,0 +1,200 @@
+"""Serve's own overhead at p50: one client over HTTP against the same work done in-process, image by image.
+
+Deploys the early-exit app (one replica per deployment, one torch thread each) on an embedded local Ray and
+sends each image once, sequentially, recording its latency and exit step. After Serve has shut down, it
+repeats in one process exactly what the deployments computed for that image, with the same functions
+(``decode_image`` + preprocessing, ``classify_images`` for the glance, ``propose_patches`` once when the glance
+was not confident, ``classify_images`` for each patch up to the same exit step), one torch thread. Prints
+the p50 of the HTTP latency, of decoding and of model compute, and
+
+    overhead = p50 over images of (HTTP latency - in-process decode - in-process model compute)
+    ratio    = overhead / p50 of model compute
+
+which is Serve's share: the HTTP proxy, the handle calls between deployments, ``@serve.batch`` waits and
+(de)serialisation. A one-client run keeps the machine otherwise idle, so the two sides see the same cores.
+
+    python -m benchmarks.serve_overhead --data ../shared/data/imagenette/val --anchornet A.pt --glance G.pt \\
+        --patch P.pt --thresholds thresholds.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._machine import cpu_name
+from benchmarks.serve_load import _checkpoints, _images
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="ImageFolder (class folders) of test images")
+    parser.add_argument("--limit", type=int, default=100, help="images taken evenly over the folder")
+    parser.add_argument("--anchornet", default=None, help="AnchorNet checkpoint (default: untrained)")
+    parser.add_argument("--glance", default=None, help="glance checkpoint (default: ImageNet Lite0 at K)")
+    parser.add_argument("--patch", default=None, help="patch checkpoint (default: ImageNet Lite0 at K)")
+    parser.add_argument("--thresholds", default=None, help="saved thresholds JSON; else --rho for every step")
+    parser.add_argument("--budget", default=None, help="budget of --thresholds to use")
+    parser.add_argument("--rho", type=float, default=0.6, help="threshold of every step without --thresholds")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="@serve.batch wait of the model deployments")
+    parser.add_argument("--port", type=int, default=8124)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def _deployment(batch_wait_ms: float) -> dict[str, Any]:
+    return {
+        "num_cpus": 0.25,
+        "torch_threads": 1,
+        "batch_wait_timeout_s": batch_wait_ms / 1e3,
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+    }
+
+
+def serve_latencies(
+    args: argparse.Namespace, paths: dict[str, str], images: list[tuple[bytes, int]], params: dict[str, str]
+) -> list[dict[str, Any]]:
+    """One sequential request per image: ``{"ms", "exit_step", "server_ms", "correct"}``."""
+    import ray
+    import requests
+    from ray import serve
+
+    from pipelines.serve import build_app
+
+    deployment = _deployment(args.batch_wait_ms)
+    app = build_app(
+        {
+            "anchornet": paths["anchornet"],
+            "glance": paths["glance"],
+            "patch": paths["patch"],
+            "thresholds": args.thresholds,
+            "deployments": {name: deployment for name in ("ingress", "glance", "anchornet", "patch")},
+        }
+    )
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port, "request_timeout_s": 60})
+        serve.run(app, name="overhead", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{args.port}/classify"
+        session = requests.Session()
+        headers = {"Content-Type": "image/jpeg"}
+        for data, _ in images[:10]:  # warm up every code path
+            session.post(url, data=data, params=params, headers=headers, timeout=120).raise_for_status()
+        records = []
+        for data, label in images:
+            start = time.perf_counter()
+            response = session.post(url, data=data, params=params, headers=headers, timeout=120)
+            elapsed = time.perf_counter() - start
+            response.raise_for_status()
+            body = response.json()
+            records.append(
+                {
+                    "ms": 1e3 * elapsed,
+                    "exit_step": body["exit_step"],
+                    "server_ms": body["latency_ms"],
+                    "correct": body["prediction"]["index"] == label,
+                }
+            )
+        return records
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def inprocess_times(
+    paths: dict[str, str], images: list[tuple[bytes, int]], exit_steps: list[int], num_patches: int
+) -> list[dict[str, float]]:
+    """Decode and model time of each image, doing what the deployments did for it: ``{"decode_ms", "model_ms"}``."""
+    import torch
+
+    from anchornet import Preprocessing, decode_image, load_checkpoint
+    from pipelines.serve import classify_images, propose_patches
+
+    torch.set_num_threads(1)
+    anchornet, card = load_checkpoint(paths["anchornet"])
+    glance, glance_card = load_checkpoint(paths["glance"])
+    patch, patch_card = load_checkpoint(paths["patch"])
+    preprocessing = Preprocessing.from_dict(card.preprocessing or {})  # as the ingress does
+
+    def run(data: bytes, exit_step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        image = preprocessing(decode_image(data, min_size=anchornet.receptive_field.size))
+        t1 = time.perf_counter()
+        classify_images(glance, glance_card.input_size, image[None])
+        if exit_step > 1:
+            crops = propose_patches(anchornet, image[None], num_patches, 0.3)[0]["crops"]
+            for j in range(exit_step - 1):
+                classify_images(patch, patch_card.input_size, crops[j : j + 1])
+        t2 = time.perf_counter()
+        return {"decode_ms": 1e3 * (t1 - t0), "model_ms": 1e3 * (t2 - t1)}
+
+    for (data, _), step in list(zip(images, exit_steps, strict=True))[:10]:  # warm up
+        run(data, step)
+    return [run(data, step) for (data, _), step in zip(images, exit_steps, strict=True)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import tempfile
+
+    import torch
+
+    images, classes = _images(args.data, args.limit)
+    params = {"budget": args.budget} if args.budget else {}
+    if not args.thresholds:
+        params = {"thresholds": ",".join([str(args.rho)] * 4)}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _checkpoints(
+            argparse.Namespace(
+                anchornet=args.anchornet,
+                glance=args.glance,
+                patch=args.patch,
+                full="unused",
+                head_from="0,217,482,491,497,566,569,571,574,701",
+            ),
+            classes,
+            Path(tmp),
+        )
+        served = serve_latencies(args, paths, images, params)
+        local = inprocess_times(paths, images, [r["exit_step"] for r in served], num_patches=4)
+    http = [r["ms"] for r in served]
+    decode = [r["decode_ms"] for r in local]
+    model = [r["model_ms"] for r in local]
+    overhead = [h - d - m for h, d, m in zip(http, decode, model, strict=True)]
+    p50 = statistics.median
+    steps = [r["exit_step"] for r in served]
+    results = {
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "images": len(images),
+        "request": params,
+        "batch_wait_ms": args.batch_wait_ms,
+        "accuracy": sum(r["correct"] for r in served) / len(served),
+        "exit_steps": {s: steps.count(s) for s in sorted(set(steps))},
+        "http_p50_ms": p50(http),
+        "server_p50_ms": p50(r["server_ms"] for r in served),
+        "decode_p50_ms": p50(decode),
+        "model_p50_ms": p50(model),
+        "overhead_p50_ms": p50(overhead),
+    }
+    results["overhead_ratio"] = results["overhead_p50_ms"] / results["model_p50_ms"]
+    print(json.dumps(results))
+    print(
+        f"HTTP p50 {results['http_p50_ms']:.1f} ms = decode {results['decode_p50_ms']:.1f} + models "
+        f"{results['model_p50_ms']:.1f} + Serve overhead {results['overhead_p50_ms']:.1f} ms (p50 of per-image "
+        f"differences): overhead / model compute = {results['overhead_ratio']:.2f} (target < 0.25)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
