@@ -253,7 +253,7 @@ def _train_and_precompute(config: QuickstartConfig, data: Path, classes: list[st
     _log(f"patches in {out / 'patches'} ({time.perf_counter() - t:.0f} s)")
 
     arch, weights = ("mobilenet_v3_large", None) if config.tiny else (config.arch, config.weights)
-    weights = _initial_weights(arch, weights, classes, out / "classifiers")
+    weights = _initial_weights(weights, classes)
     stage2 = {"output": str(out / "classifiers"), "arch": arch, "weights": weights, "epochs": config.epochs}
     glance = train(4, "fine-tune the glance classifier (stage II)", stage="glance", schedule="cosine", **stage2)
     patch = train(
@@ -263,26 +263,15 @@ def _train_and_precompute(config: QuickstartConfig, data: Path, classes: list[st
     return {"anchornet": anchornet, "glance": glance, "patch": patch}
 
 
-def _initial_weights(arch: str, weights: str | None, classes: list[str], directory: Path) -> str | None:
-    """ImageNet weights with the heads' rows taken from the matching ImageNet classes (WordNet ids), saved once.
-
-    ``TrainConfig(weights=PATH)`` loads them; other class names keep ``"imagenet"`` (a random new head).
-    """
-    if weights != "imagenet" or not _is_wordnet(classes):
-        if weights == "imagenet":
+def _initial_weights(weights: str | None, classes: list[str]) -> str | None:
+    """Say where the classifiers start; with ``"imagenet"`` the training job keeps the heads' rows of the matching
+    ImageNet classes when the class names are WordNet ids (``pipelines.train.imagenet_head``)."""
+    if weights == "imagenet":
+        if _is_wordnet(classes):
+            _log(f"classifiers start from ImageNet weights, heads from the {len(classes)} matching ImageNet classes")
+        else:
             _log("classes are not ImageNet WordNet ids: the classifiers' heads start at random")
-        return weights
-    import torch
-
-    from anchornet.classifiers import build_classifier, imagenet_indices
-
-    path = directory / f"{arch}_imagenet_head_from_{len(classes)}_classes.pt"
-    if not path.is_file():
-        model = build_classifier(arch, len(classes), weights="imagenet", head_from=imagenet_indices(classes))
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
-    _log(f"classifiers start from ImageNet weights, heads from the {len(classes)} matching ImageNet classes")
-    return str(path)
+    return weights
 
 
 def _evaluate(
