@@ -568,6 +568,7 @@ def run_training(config: TrainConfig, *, ray_address: str | None = None, verbose
     import ray
 
     started = time.perf_counter()
+    config = _absolute_paths(config)
     classes = _preflight(config)
     own_ray = not ray.is_initialized()
     if own_ray:
@@ -578,6 +579,18 @@ def run_training(config: TrainConfig, *, ray_address: str | None = None, verbose
     finally:
         if own_ray:
             ray.shutdown()
+
+
+def _absolute_paths(config: TrainConfig) -> TrainConfig:
+    """``config`` with its local paths made absolute: Ray workers do not run in the driver's directory."""
+
+    def absolute(uri: str | None) -> str | None:
+        if uri is None or uri == "imagenet" or storage.is_remote(uri):
+            return uri
+        return os.path.abspath(os.path.expanduser(uri))
+
+    keys = ("data", "output", "patches", "anchornet", "weights")
+    return TrainConfig.from_dict({**config.to_dict(), **{key: absolute(getattr(config, key)) for key in keys}})
 
 
 def _fit(config: TrainConfig, classes: list[str], started: float, verbose: bool) -> TrainOutcome:
