@@ -11,7 +11,7 @@ import torch
 
 from anchornet import load_checkpoint
 from jobs import train_anchornet, train_classifier
-from pipelines.train import TrainConfig, build_task, make_optimizer, train_epoch
+from pipelines.train import TrainConfig, build_task, imagenet_head, make_optimizer, train_epoch
 
 # Half a CPU per worker: 2 workers fit the 2-core machine with room for the Train controller.
 FAST = ["--batch-size", "8", "--loader-workers", "0", "--cpus-per-worker", "0.5", "--threads", "1"]
@@ -211,7 +211,9 @@ def test_patch_on_the_fly_from_frozen_anchornet(stage1: Path, imagenette: Path, 
 @pytest.mark.ray
 @pytest.mark.data
 @pytest.mark.slow
-def test_patch_from_precomputed_parquet(stage1: Path, imagenette: Path, tmp_path: Path) -> None:
+def test_patch_from_precomputed_parquet(
+    stage1: Path, imagenette: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("pipelines.patch_dataset", reason="the precompute issue's reader is not there yet")
     from jobs import precompute_patches
 
@@ -222,11 +224,19 @@ def test_patch_from_precomputed_parquet(stage1: Path, imagenette: Path, tmp_path
          "--anchornet", anchornet, "--num-cpus-per-worker", "0.5", "--batch-size", "8"]
     )  # fmt: skip
     assert code == 0
-    # No patches/val: validation falls back to cropping val/ on the fly with --anchornet.
-    argv = ["--arch", "resnet18", "--patches", str(tmp_path / "patches"), "--anchornet", anchornet]
-    assert train_classifier.main(stage2_args("patch", data, tmp_path / "out", *argv)) == 0
+    # No patches/val: validation falls back to cropping val/ on the fly with --anchornet. Relative paths, as a
+    # user types them: the Ray workers run elsewhere and must get them made absolute.
+    monkeypatch.chdir(tmp_path)
+    argv = ["--arch", "resnet18", "--patches", "patches", "--anchornet", anchornet]
+    assert train_classifier.main(stage2_args("patch", Path("data"), Path("out"), *argv)) == 0
     _, card = load_checkpoint(tmp_path / "out" / "patch.pt")
     assert card.input_size == 95 and card.extra["history"][0]["train_samples"] == 16
+
+
+def test_imagenet_weights_keep_the_matching_head_rows() -> None:
+    assert imagenet_head(["n01440764", "n02102040", "n03888257"], "imagenet") == [0, 217, 701]
+    assert imagenet_head(["cat", "dog"], "imagenet") is None  # not WordNet ids: a new random head
+    assert imagenet_head(["n01440764"], None) is None
 
 
 def test_jobs_are_runnable_as_scripts_and_modules() -> None:
