@@ -8,7 +8,10 @@ temporary tree):
 (b) the full job (``run_precompute``): the same, plus AnchorNet, CAM, patch selection, crops, encoding and
     the Parquet writes;
 
-then prints images/s of both (over the span from the first shard's start to the last shard's end, so actor
+(c) AnchorNet's forward pass alone in this process (one torch thread, the job's batch size): the eager
+    model against the batch-norm-folded, channels-last model the job runs (``anchornet.fold_batchnorm``);
+
+then prints images/s of (a) and (b) (over the span from the first shard's start to the last shard's end, so actor
 start-up is left out; wall time including start-up beside it), the ratio (b)/(a), the peak resident memory
 of the driver and its Ray processes, and the crop encodings measured on the job's own patches.
 
@@ -155,6 +158,27 @@ def compare_encodings(tree: Path, output: Path, max_images: int, quality: Sequen
     return lines
 
 
+def forward_speed(checkpoint: str, batch_size: int, repeats: int = 5) -> tuple[float, float]:
+    """ms/image of AnchorNet's forward pass: eager NCHW, then batch norms folded and channels-last (best of N)."""
+    model, _ = anchornet.load_checkpoint(checkpoint)
+    folded = anchornet.fold_batchnorm(model).to(memory_format=torch.channels_last)
+    images = torch.rand(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    variants = ((model, images), (folded, images.contiguous(memory_format=torch.channels_last)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best = [float("inf"), float("inf")]
+    try:
+        with torch.inference_mode():
+            for _ in range(repeats):  # interleaved, so that load changes hit both alike
+                for i, (net, x) in enumerate(variants):
+                    start = time.perf_counter()
+                    net(x)
+                    best[i] = min(best[i], 1e3 * (time.perf_counter() - start) / batch_size)
+    finally:
+        torch.set_num_threads(threads)
+    return best[0], best[1]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="ImageFolder tree <data>/<class>/<image>")
@@ -219,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         decoded, decode_rate = _rate(decode_reports)
         _, full_rate = _rate(result.shard_reports)
         encodings = compare_encodings(tree, tmp_path / "out", args.encoding_images, (90, 95))
+        eager_ms, folded_ms = forward_speed(checkpoint, args.batch_size)
         size_mb = sum(p.stat().st_size for p in (tmp_path / "out").rglob("*.parquet")) / 1e6
 
     threads = max(1, int(args.num_cpus_per_worker))
@@ -240,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"  (a) decode + resize only: {decode_rate:7.1f} images/s  (wall incl. start-up {decode_wall:.1f} s)")
     print(f"  (b) full job:             {full_rate:7.1f} images/s  (wall incl. start-up {full_wall:.1f} s)")
     print(f"  ratio (b)/(a): {full_rate / decode_rate:.0%}  (target >= 60 %)")
+    print(
+        f"  (c) AnchorNet forward, 1 thread, batch {args.batch_size}: eager {eager_ms:.2f} ms/image, folded + "
+        f"channels-last {folded_ms:.2f} ms/image: {eager_ms / folded_ms:.2f}x"
+    )
     print(
         f"  peak RSS, driver + Ray processes: (a) {mem_decode.peak_total / 2**20:.0f} MiB, "
         f"(b) {mem_full.peak_total / 2**20:.0f} MiB; largest single process (b) {mem_full.peak_single / 2**20:.0f} MiB"
