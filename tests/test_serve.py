@@ -102,6 +102,26 @@ def test_serve_config_yaml_is_valid_and_strict() -> None:
     assert "num_patch" in problems
 
 
+def test_serve_config_deploys_the_shipped_checkpoints() -> None:
+    """The YAML's paths are the shipped imagenette models where cluster.yaml mounts the repository; they fit
+    together (classes, K, MACs) and the default budget is in the thresholds file."""
+    from pipelines.serve import ServeArgs, load_budgets, serving_spec
+
+    args = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]
+    mount = "/home/ray/anchornet/"
+    local = {
+        k: str(REPO / v.removeprefix(mount)) if isinstance(v, str) and v.startswith(mount) else v
+        for k, v in args.items()
+    }
+    spec = serving_spec(ServeArgs.model_validate(local))
+    assert spec.class_names == sorted(spec.class_names) and len(spec.class_names) == 10
+    assert spec.patch_size == 95 and spec.num_steps == 5
+    budgets, default = load_budgets(
+        {"thresholds_path": local["thresholds"], "default_budget": args["default_budget"]}, 5
+    )
+    assert default == args["default_budget"] and default in budgets
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The app over HTTP
 
