@@ -11,7 +11,9 @@ the p50 of the HTTP latency, of decoding and of model compute, and
     ratio    = overhead / p50 of model compute
 
 which is Serve's share: the HTTP proxy, the handle calls between deployments, ``@serve.batch`` waits and
-(de)serialisation. A one-client run keeps the machine otherwise idle, so the two sides see the same cores.
+(de)serialisation. To locate it, it also times one direct handle call to the Glance deployment per image
+(from the driver: no HTTP, no ingress) against the glance's forward pass in process. A one-client run keeps
+the machine otherwise idle, so the two sides see the same cores.
 
     python -m benchmarks.serve_overhead --data ../shared/data/imagenette/val --anchornet A.pt --glance G.pt \\
         --patch P.pt --thresholds thresholds.json
@@ -60,13 +62,16 @@ def _deployment(batch_wait_ms: float) -> dict[str, Any]:
 def serve_latencies(
     args: argparse.Namespace, paths: dict[str, str], images: list[tuple[bytes, int]], params: dict[str, str]
 ) -> list[dict[str, Any]]:
-    """One sequential request per image: ``{"ms", "exit_step", "server_ms", "correct"}``."""
+    """One sequential request per image: ``{"ms", "exit_step", "server_ms", "correct"}``; then, per image, one
+    direct call to the Glance deployment's handle from the driver (``"glance_handle_ms"``)."""
     import ray
     import requests
     from ray import serve
 
+    from anchornet import Preprocessing, decode_image, load_checkpoint
     from pipelines.serve import build_app
 
+    preprocessing = Preprocessing.from_dict(load_checkpoint(paths["anchornet"])[1].preprocessing or {})
     deployment = _deployment(args.batch_wait_ms)
     app = build_app(
         {
@@ -101,6 +106,12 @@ def serve_latencies(
                     "correct": body["prediction"]["index"] == label,
                 }
             )
+        glance = serve.get_deployment_handle("Glance", app_name="overhead")
+        for record, (data, _) in zip(records, images, strict=True):  # one hop, no HTTP, no ingress
+            image = preprocessing(decode_image(data))
+            start = time.perf_counter()
+            glance.remote(image).result()
+            record["glance_handle_ms"] = 1e3 * (time.perf_counter() - start)
         return records
     finally:
         serve.shutdown()
@@ -110,7 +121,8 @@ def serve_latencies(
 def inprocess_times(
     paths: dict[str, str], images: list[tuple[bytes, int]], exit_steps: list[int], num_patches: int
 ) -> list[dict[str, float]]:
-    """Decode and model time of each image, doing what the deployments did for it: ``{"decode_ms", "model_ms"}``."""
+    """Decode and model time of each image, doing what the deployments did for it: ``{"decode_ms", "model_ms",
+    "glance_ms"}`` (the glance's forward pass alone)."""
     import torch
 
     from anchornet import Preprocessing, decode_image, load_checkpoint
@@ -127,12 +139,13 @@ def inprocess_times(
         image = preprocessing(decode_image(data, min_size=anchornet.receptive_field.size))
         t1 = time.perf_counter()
         classify_images(glance, glance_card.input_size, image[None])
+        t_glance = time.perf_counter()
         if exit_step > 1:
             crops = propose_patches(anchornet, image[None], num_patches, 0.3)[0]["crops"]
             for j in range(exit_step - 1):
                 classify_images(patch, patch_card.input_size, crops[j : j + 1])
         t2 = time.perf_counter()
-        return {"decode_ms": 1e3 * (t1 - t0), "model_ms": 1e3 * (t2 - t1)}
+        return {"decode_ms": 1e3 * (t1 - t0), "model_ms": 1e3 * (t2 - t1), "glance_ms": 1e3 * (t_glance - t1)}
 
     for (data, _), step in list(zip(images, exit_steps, strict=True))[:10]:  # warm up
         run(data, step)
@@ -185,11 +198,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "overhead_p50_ms": p50(overhead),
     }
     results["overhead_ratio"] = results["overhead_p50_ms"] / results["model_p50_ms"]
+    results["glance_handle_p50_ms"] = p50(r["glance_handle_ms"] for r in served)
+    results["glance_inprocess_p50_ms"] = p50(r["glance_ms"] for r in local)
     print(json.dumps(results))
     print(
         f"HTTP p50 {results['http_p50_ms']:.1f} ms = decode {results['decode_p50_ms']:.1f} + models "
         f"{results['model_p50_ms']:.1f} + Serve overhead {results['overhead_p50_ms']:.1f} ms (p50 of per-image "
         f"differences): overhead / model compute = {results['overhead_ratio']:.2f} (target < 0.25)"
+    )
+    print(
+        f"one handle call to the Glance deployment (from the driver, no HTTP): p50 "
+        f"{results['glance_handle_p50_ms']:.1f} ms against {results['glance_inprocess_p50_ms']:.1f} ms for the same "
+        f"forward pass in process"
     )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
