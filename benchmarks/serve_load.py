@@ -52,20 +52,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _images(root: Path, limit: int) -> tuple[list[tuple[bytes, int]], list[str]]:
+def load_images(root: Path, limit: int) -> tuple[list[tuple[bytes, int]], list[str]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.is_file()]
     step = max(1, len(files) // limit)
     return [(f.read_bytes(), label) for f, label in files[::step][:limit]], classes
 
 
-def _checkpoints(args: argparse.Namespace, classes: list[str], root: Path) -> dict[str, str]:
+def checkpoints(given: dict[str, str | None], classes: list[str], root: Path, head_from: str) -> dict[str, str]:
+    """``given`` (role -> checkpoint or None) with every None replaced by a default written under ``root``: an
+    untrained AnchorNet, or the ImageNet Lite0 restricted to ``head_from`` (comma-separated ImageNet indices)."""
     from anchornet import AnchorNet, Preprocessing, build_classifier, save_checkpoint
 
-    paths = {"anchornet": args.anchornet, "glance": args.glance, "patch": args.patch, "full": args.full}
-    head_from = [int(i) for i in args.head_from.split(",")]
+    paths = dict(given)
+    indices = [int(i) for i in head_from.split(",")]
     as_is = Preprocessing.as_is(224)
-    if paths["anchornet"] is None:
+    if "anchornet" in paths and paths["anchornet"] is None:
         paths["anchornet"] = str(root / "anchornet.pt")
         save_checkpoint(
             AnchorNet(num_classes=len(classes)),
@@ -77,8 +79,8 @@ def _checkpoints(args: argparse.Namespace, classes: list[str], root: Path) -> di
         )
     lite0 = None
     for role, size in (("glance", 95), ("patch", 95), ("full", 224)):
-        if paths[role] is None:
-            lite0 = lite0 or build_classifier("efficientnet_lite0", len(classes), "imagenet", head_from=head_from)
+        if role in paths and paths[role] is None:
+            lite0 = lite0 or build_classifier("efficientnet_lite0", len(classes), "imagenet", head_from=indices)
             paths[role] = str(root / f"{role}.pt")
             save_checkpoint(lite0, paths[role], input_size=size, class_names=classes, preprocessing=as_is)
     return paths
@@ -204,9 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from pipelines.serve import build_app, build_baseline_app
 
-    images, classes = _images(args.data, args.limit)
+    images, classes = load_images(args.data, args.limit)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = _checkpoints(args, classes, Path(tmp))
+        given = {"anchornet": args.anchornet, "glance": args.glance, "patch": args.patch, "full": args.full}
+        paths = checkpoints(given, classes, Path(tmp), args.head_from)
         params = {"budget": args.budget} if args.budget else {"thresholds": ",".join([str(args.rho)] * 4)}
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         try:

@@ -25,13 +25,14 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks._machine import cpu_name
-from benchmarks.serve_load import _checkpoints, _images
+from benchmarks.serve_load import IMAGENETTE_INDICES, checkpoints, load_images
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -155,26 +156,18 @@ def inprocess_times(
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import tempfile
-
     import torch
 
-    images, classes = _images(args.data, args.limit)
-    params = {"budget": args.budget} if args.budget else {}
-    if not args.thresholds:
+    images, classes = load_images(args.data, args.limit)
+    if args.budget:
+        params = {"budget": args.budget}
+    elif args.thresholds:
+        params = {}  # the thresholds file's default budget
+    else:
         params = {"thresholds": ",".join([str(args.rho)] * 4)}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = _checkpoints(
-            argparse.Namespace(
-                anchornet=args.anchornet,
-                glance=args.glance,
-                patch=args.patch,
-                full="unused",
-                head_from="0,217,482,491,497,566,569,571,574,701",
-            ),
-            classes,
-            Path(tmp),
-        )
+        given = {"anchornet": args.anchornet, "glance": args.glance, "patch": args.patch}
+        paths = checkpoints(given, classes, Path(tmp), IMAGENETTE_INDICES)
         served = serve_latencies(args, paths, images, params)
         local = inprocess_times(paths, images, [r["exit_step"] for r in served], num_patches=4)
     http = [r["ms"] for r in served]
