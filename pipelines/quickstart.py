@@ -183,13 +183,9 @@ def _prepare_data(config: QuickstartConfig) -> Path:
 
 
 def _is_wordnet(classes: list[str]) -> bool:
-    from anchornet.classifiers import imagenet_indices
+    from pipelines.train import imagenet_head
 
-    try:
-        imagenet_indices(classes)
-    except ValueError:
-        return False
-    return True
+    return imagenet_head(classes, "imagenet") is not None
 
 
 def _train_and_precompute(config: QuickstartConfig, data: Path, classes: list[str], cpus: int) -> dict[str, str]:
