@@ -8,7 +8,7 @@ from anchornet.cam import cam_from_features, class_activation_map
 from anchornet.checkpoint import CheckpointError, ModelCard, load_checkpoint, save_checkpoint
 from anchornet.classifiers import Classifier, WeightsUnavailableError, build_classifier, classifier_names
 from anchornet.early_exit import EarlyExitClassifier, EarlyExitResult, accumulated_confidence, cumulative_step_macs
-from anchornet.fusion import fold_batchnorm
+from anchornet.fusion import fold_batchnorm, fold_normalize
 from anchornet.layers import MBConv, SqueezeExcite
 from anchornet.macs import count_macs
 from anchornet.model import TABLE1, AnchorNet, MBConvConfig, anchornet_test
@@ -61,6 +61,7 @@ __all__ = [
     "evaluate_thresholds",
     "fit_thresholds",
     "fold_batchnorm",
+    "fold_normalize",
     "load_checkpoint",
     "load_thresholds",
     "random_patches",

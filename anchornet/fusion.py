@@ -1,8 +1,12 @@
-"""Inference-time graph simplification: fold each batch norm into the convolution before it.
+"""Inference-time graph simplification: fold the linear per-channel maps into the convolutions next to them.
 
-In eval mode ``BN(conv(x)) = conv'(x)`` with ``W' = W * g / sqrt(v + eps)`` and
-``b' = (b - m) * g / sqrt(v + eps) + beta`` (per output channel), so the folded model computes the same function
-with one memory pass less per layer.
+- Batch norm after a convolution: in eval mode ``BN(conv(x)) = conv'(x)`` with ``W' = W * g / sqrt(v + eps)`` and
+  ``b' = (b - m) * g / sqrt(v + eps) + beta`` (per output channel).
+- AnchorNet's input normalisation before its stem: ``conv(W, (x - m) / s) = conv(W', x) + b'`` with
+  ``W' = W / s`` and ``b' = b - sum_(c,i,j) W[:, c, i, j] * m_c / s_c`` (per input channel). Exact only because the
+  stem has no padding: a zero border would be ``-m / s`` after normalisation, not 0.
+
+The folded model computes the same function with one memory pass less per folded layer.
 """
 
 from __future__ import annotations
@@ -11,10 +15,14 @@ import copy
 import itertools
 from typing import TypeVar
 
+import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["fold_batchnorm"]
+from anchornet.layers import Normalize
+from anchornet.model import AnchorNet
+
+__all__ = ["fold_batchnorm", "fold_normalize"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -35,4 +43,28 @@ def fold_batchnorm(model: M) -> M:
             if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
                 module._modules[first] = fuse_conv_bn_eval(conv, bn)
                 module._modules[second] = nn.Identity()
+    return folded
+
+
+def fold_normalize(model: AnchorNet) -> AnchorNet:
+    """An eval-mode copy of ``model`` whose ``Normalize`` is folded into the stem convolution (then an identity).
+
+    Takes the model as it is, batch norms folded or not. Raises ``ValueError`` when the stem is not a plain
+    padding-free ``Conv2d`` (folding would then change the border).
+    """
+    folded = copy.deepcopy(model).eval()
+    if not isinstance(folded.normalize, Normalize):
+        return folded  # already folded
+    stem = next(m for m in folded.features.modules() if isinstance(m, nn.Conv2d))
+    if type(stem) is not nn.Conv2d or stem.padding not in ((0, 0), "valid") or stem.groups != 1:
+        raise ValueError(f"can fold the normalisation only into a padding-free, ungrouped stem Conv2d, got {stem}")
+    mean = folded.normalize.mean.to(stem.weight).view(1, -1, 1, 1)
+    std = folded.normalize.std.to(stem.weight).view(1, -1, 1, 1)
+    with torch.no_grad():
+        weight = stem.weight / std
+        shift = (weight * mean).sum(dim=(1, 2, 3))
+        bias = stem.bias if stem.bias is not None else torch.zeros_like(shift)
+        stem.weight.copy_(weight)
+        stem.bias = nn.Parameter(bias - shift, requires_grad=False)
+    folded.normalize = nn.Identity()
     return folded

@@ -8,8 +8,8 @@ temporary tree):
 (b) the full job (``run_precompute``): the same, plus AnchorNet, CAM, patch selection, crops, encoding and
     the Parquet writes;
 
-(c) AnchorNet's forward pass alone in this process (one torch thread, the job's batch size): the eager
-    model against the batch-norm-folded, channels-last model the job runs (``anchornet.fold_batchnorm``);
+(c) AnchorNet's forward pass alone in this process, on the CPU (one torch thread, the job's batch size): the eager
+    model against the folded, channels-last model the job runs (``anchornet.fold_batchnorm``, ``fold_normalize``);
 
 then prints images/s of (a) and (b) (over the span from the first shard's start to the last shard's end, so actor
 start-up is left out; wall time including start-up beside it), the ratio (b)/(a), the peak resident memory
@@ -110,6 +110,11 @@ def _rate(reports: list[dict[str, Any]]) -> tuple[int, float]:
     return images, images / span
 
 
+def _per_actor_rate(reports: list[dict[str, Any]]) -> float:
+    """Median over shards of one actor's images/s while it wrote that shard."""
+    return float(np.median([r["images"] / max(r["finished"] - r["started"], 1e-9) for r in reports]))
+
+
 def _subset_tree(data: Path, limit: int | None, root: Path) -> int:
     index = scan_image_folder(data)
     items = index.items
@@ -159,9 +164,10 @@ def compare_encodings(tree: Path, output: Path, max_images: int, quality: Sequen
 
 
 def forward_speed(checkpoint: str, batch_size: int, repeats: int = 5) -> tuple[float, float]:
-    """ms/image of AnchorNet's forward pass: eager NCHW, then batch norms folded and channels-last (best of N)."""
+    """ms/image of AnchorNet's forward pass: eager NCHW, then batch norms and normalisation folded, channels-last
+    (best of N)."""
     model, _ = anchornet.load_checkpoint(checkpoint)
-    folded = anchornet.fold_batchnorm(model).to(memory_format=torch.channels_last)
+    folded = anchornet.fold_normalize(anchornet.fold_batchnorm(model)).to(memory_format=torch.channels_last)
     images = torch.rand(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     variants = ((model, images), (folded, images.contiguous(memory_format=torch.channels_last)))
     threads = torch.get_num_threads()
@@ -186,6 +192,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--anchornet", default=None, help="checkpoint (default: random Table 1 AnchorNet)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--num-cpus-per-worker", type=float, default=1.0)
+    parser.add_argument(
+        "--num-gpus-per-worker", type=float, default=0.0, help="GPUs per actor (fractions share one GPU); 0: CPU only"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--image-encoding", choices=("png", "jpeg", "raw"), default="jpeg")
@@ -196,6 +205,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    num_gpus = torch.cuda.device_count() if args.num_gpus_per_worker > 0 else 0
+    if args.num_gpus_per_worker > 0 and num_gpus == 0:
+        raise SystemExit("precompute_throughput: --num-gpus-per-worker > 0 but torch sees no CUDA device")
     import ray
 
     load_before = os.getloadavg()
@@ -217,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             jpeg_quality=args.jpeg_quality,
             workers=args.workers,
             num_cpus_per_worker=args.num_cpus_per_worker,
+            num_gpus_per_worker=args.num_gpus_per_worker,
             batch_size=args.batch_size,
             verbose=False,
         )
@@ -224,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ray.init(
             address="local",
             num_cpus=max(1, round(num_cpus)),
-            num_gpus=0,
+            num_gpus=num_gpus,
             include_dashboard=False,
             log_to_driver=False,
         )
@@ -254,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}"
     )
     print(
-        f"  Ray: local, {num_cpus:g} CPUs; {args.workers} actors x {args.num_cpus_per_worker:g} CPU "
+        f"  Ray: local, {num_cpus:g} CPUs, {num_gpus} GPUs; {args.workers} actors x {args.num_cpus_per_worker:g} CPU "
+        f"x {args.num_gpus_per_worker:g} GPU{f' ({torch.cuda.get_device_name(0)})' if num_gpus else ''} "
         f"({threads} torch thread, >= 2 decode threads each), batch {args.batch_size}, shards of {args.shard_size}, "
         f"encoding {args.image_encoding}{f' q={args.jpeg_quality}' if args.image_encoding == 'jpeg' else ''}"
     )
@@ -266,8 +280,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"  (b) full job:             {full_rate:7.1f} images/s  (wall incl. start-up {full_wall:.1f} s)")
     print(f"  ratio (b)/(a): {full_rate / decode_rate:.0%}  (target >= 60 %)")
     print(
-        f"  (c) AnchorNet forward, 1 thread, batch {args.batch_size}: eager {eager_ms:.2f} ms/image, folded + "
-        f"channels-last {folded_ms:.2f} ms/image: {eager_ms / folded_ms:.2f}x"
+        f"  one actor, median over shards: (a) {_per_actor_rate(decode_reports):.1f} images/s, "
+        f"(b) {_per_actor_rate(result.shard_reports):.1f} images/s"
+    )
+    print(
+        f"  (c) AnchorNet forward on the CPU, 1 thread, batch {args.batch_size}: eager {eager_ms:.2f} ms/image, "
+        f"folded + channels-last {folded_ms:.2f} ms/image: {eager_ms / folded_ms:.2f}x"
     )
     print(
         f"  peak RSS, driver + Ray processes: (a) {mem_decode.peak_total / 2**20:.0f} MiB, "

@@ -1,4 +1,4 @@
-"""Batch-norm folding: the same function, no batch norm left, the input model untouched."""
+"""Batch-norm and input-normalisation folding: the same function, nothing left to fold, the input model untouched."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from anchornet import AnchorNet, anchornet_test, build_classifier, fold_batchnorm
+from anchornet import AnchorNet, anchornet_test, build_classifier, fold_batchnorm, fold_normalize
 
 pytestmark = pytest.mark.model
 
@@ -52,3 +52,28 @@ def test_folded_classifier_computes_the_same_function(name: str, size: int, left
         torch.testing.assert_close(folded(x), model(x), rtol=1e-9, atol=1e-9)
     if left is not None:
         assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == left
+
+
+@pytest.mark.parametrize("batchnorm_first", [True, False])
+def test_folded_normalisation_computes_the_same_function(batchnorm_first: bool) -> None:
+    model = _with_statistics(AnchorNet(10, mean=(0.3, 0.5, 0.7), std=(0.2, 0.25, 0.3))).double()
+    folded = fold_normalize(fold_batchnorm(model)) if batchnorm_first else fold_batchnorm(fold_normalize(model))
+    x = torch.rand(2, 3, 224, 224, dtype=torch.float64)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-9, atol=1e-9)
+        nhwc = folded.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(nhwc, model(x), rtol=1e-9, atol=1e-9)
+    assert isinstance(folded.normalize, nn.Identity)
+    assert not isinstance(model.normalize, nn.Identity)  # the input is untouched
+    assert folded.receptive_field == model.receptive_field
+    again = fold_normalize(folded)  # folding twice is a no-op, not a second shift
+    with torch.inference_mode():
+        torch.testing.assert_close(again(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_folding_the_normalisation_into_a_padded_stem_is_refused() -> None:
+    model = AnchorNet(10)
+    stem = next(m for m in model.features.modules() if isinstance(m, nn.Conv2d))
+    stem.padding = (1, 1)  # a zero border would no longer be zero after normalisation
+    with pytest.raises(ValueError, match="padding-free"):
+        fold_normalize(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -154,6 +155,20 @@ def test_encodings_round_trip(encoding: str) -> None:
     if encoding != "jpeg":
         assert all(torch.equal(d, c) for d, c in zip(decoded, crops, strict=True))
     assert (decoded[1].int() - 128).abs().max() <= 2
+
+
+def test_jpeg_bytes_are_pillows(tree: Path) -> None:
+    """torchvision's libjpeg-turbo encoder writes the same bytes Pillow did (outputs of earlier runs stay valid)."""
+    pre = Preprocessing()
+    images = torch.stack([pre(decode_image(p.read_bytes())) for p in sorted(tree.glob("*/*"))[:4]])
+    crops = images[:, :, 10:105, 20:115]
+    for quality in (90, 95):
+        expected = []
+        for crop in crops:
+            sink = io.BytesIO()
+            Image.fromarray(crop.permute(1, 2, 0).numpy(), "RGB").save(sink, format="JPEG", quality=quality)
+            expected.append(sink.getvalue())
+        assert schema.encode_crops(crops, "jpeg", quality) == expected
 
 
 def test_plan_is_deterministic_and_rejects_bad_input(tree: Path, checkpoint: Path, tmp_path: Path) -> None:
