@@ -1,9 +1,11 @@
 """Bounded HTTP load test of the early-exit Serve app against a one-deployment full-224 classifier, on 127.0.0.1.
 
-For each app in turn: deploy it on an embedded local Ray, send ``--clients`` concurrent clients for
-``--duration`` seconds, then idle ``--cooldown`` seconds, polling the replica counts every second so that the
-autoscaling up under load and back down after shows. Prints throughput, p50/p99 latency, errors (non-200 or
-failed requests), top-1 accuracy on the folder labels, mean MACs per image and the replica timeline.
+The early-exit app runs in each ``--layouts`` entry: ``separate`` (one deployment per model) and
+``colocated`` (the models inside the ingress replica). For each app in turn: deploy it on an embedded local
+Ray, send ``--clients`` concurrent clients for ``--duration`` seconds, then idle ``--cooldown`` seconds, polling
+the replica counts every second so that the autoscaling up under load and back down after shows. Prints
+throughput, p50/p99 latency, errors (non-200 or failed requests), top-1 accuracy on the folder labels, mean MACs
+per image and the replica timeline.
 
     python -m benchmarks.serve_load --data ../shared/data/imagenette/val --clients 8 --duration 45
 
@@ -47,6 +49,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replica-cpus", type=float, default=0.25)
     parser.add_argument("--max-replicas", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument(
+        "--layouts", default="separate,colocated", help="early-exit layouts to load, comma-separated, in order"
+    )
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser.parse_args(argv)
@@ -199,6 +204,9 @@ def _timeline(samples: list[tuple[float, dict[str, int]]], every: int = 5) -> st
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    unknown = set(args.layouts.split(",")) - {"separate", "colocated"}
+    if unknown:
+        raise SystemExit(f"serve_load: unknown --layouts {sorted(unknown)}: use separate and/or colocated")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     import torch
@@ -214,25 +222,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": args.port, "request_timeout_s": 60})
-            early = build_app(
-                {
-                    "anchornet": paths["anchornet"],
-                    "glance": paths["glance"],
-                    "patch": paths["patch"],
-                    "thresholds": args.thresholds,
-                    "deployments": {
-                        "ingress": _deployment(args, 8, 64),
-                        "glance": _deployment(args, 4),
-                        "anchornet": _deployment(args, 4),
-                        "patch": _deployment(args, 4),
-                    },
-                }
-            )
+            results = {}
+            for layout in args.layouts.split(","):
+                colocated = layout == "colocated"
+                early = build_app(
+                    {
+                        "anchornet": paths["anchornet"],
+                        "glance": paths["glance"],
+                        "patch": paths["patch"],
+                        "thresholds": args.thresholds,
+                        "colocate": colocated,
+                        "deployments": {
+                            "ingress": _deployment(args, 4, 64) if colocated else _deployment(args, 8, 64),
+                            "glance": _deployment(args, 4),
+                            "anchornet": _deployment(args, 4),
+                            "patch": _deployment(args, 4),
+                        },
+                    }
+                )
+                name = "early_exit_colocated" if colocated else "early_exit"
+                results[name] = _run_phase(name.replace("_", ""), early, args, images, params)
             baseline = build_baseline_app({"classifier": paths["full"], "deployment": _deployment(args, 4)})
-            results = {
-                "early_exit": _run_phase("earlyexit", early, args, images, params),
-                "full224": _run_phase("full224", baseline, args, images, {}),
-            }
+            results["full224"] = _run_phase("full224", baseline, args, images, {})
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -253,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for phase in ("one_client", "loaded"):
             r = result[phase]
             print(
-                f"{name:10s} {phase:10s} {r['throughput_rps']:6.1f} req/s  p50 {r['p50_ms'] or 0:7.1f} ms  "
+                f"{name:20s} {phase:10s} {r['throughput_rps']:6.1f} req/s  p50 {r['p50_ms'] or 0:7.1f} ms  "
                 f"p99 {r['p99_ms'] or 0:7.1f} ms  server p50 {r['server_p50_ms'] or 0:6.1f} ms  "
                 f"errors {r['errors']}/{r['requests']}  top-1 {r['accuracy'] or 0:.3f}  "
                 f"GMACs {r['mean_gmacs'] or 0:.3f}  exits {r['exit_steps']}"

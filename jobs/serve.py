@@ -34,6 +34,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
     parser.add_argument("--replica-cpus", type=float, default=0.25, help="CPUs reserved per replica")
     parser.add_argument("--max-replicas", type=int, default=2, help="autoscaling limit per model deployment")
+    parser.add_argument(
+        "--colocate",
+        action="store_true",
+        help="run the models inside the ingress replica: one deployment, no handle calls (lowest latency on CPU)",
+    )
     return parser.parse_args(argv)
 
 
@@ -51,6 +56,7 @@ def serve_args(args: argparse.Namespace) -> ServeArgs:
         thresholds=args.thresholds,
         default_budget=args.default_budget,
         num_patches=args.num_patches,
+        colocate=args.colocate,
         deployments={
             "ingress": {**deployment(16), "max_ongoing_requests": 64},
             "glance": deployment(8),

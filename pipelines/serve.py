@@ -7,6 +7,11 @@
               |-> AnchorNet   CAM, NMS boxes and K x K crops, once         (batched, autoscaled)
               '-> Patch       f_patch on one crop per call, step by step  (batched, autoscaled)
 
+With ``colocate: true`` the three models run inside the ingress replica instead (same functions, same
+``@serve.batch`` batching, no handle calls): one deployment, scaled as a whole. On CPU nodes each handle call
+costs milliseconds of Serve overhead, as much as a glance forward pass (docs/serving.md); separate deployments
+are for GPU nodes, where the models need their own resources and scale independently.
+
 The ingress asks the glance classifier first and stops when ``confidence(z_1) >= rho_1``; otherwise it asks
 AnchorNet once for the patches and the patch classifier one patch at a time until ``confidence(z_t) >= rho_t``
 or the patches run out. Decisions use ``anchornet.accumulated_confidence`` and the MACs
@@ -24,6 +29,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -140,6 +146,11 @@ class ServeArgs(BaseModel):
     top_k: int = Field(5, ge=1, description="classes returned by default")
     max_body_bytes: int = Field(10 * 1024**2, ge=1)
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit, checked before decoding")
+    colocate: bool = Field(
+        False,
+        description="run the three models inside the ingress replica (no handle calls; the ingress's resources, "
+        "autoscaling and torch_threads cover them; each model keeps its deployment's batching settings)",
+    )
     deployments: DeploymentsArgs = Field(default_factory=DeploymentsArgs)
 
 
@@ -360,6 +371,51 @@ class AnchorNetDeployment:
         return _by_shape(images, self._propose)
 
 
+class InProcessModel:
+    """A model run inside the ingress replica, called like a ``DeploymentHandle``: ``await model.remote(x)``.
+
+    Concurrent calls share one forward pass (``@serve.batch``), which runs on a worker thread so that the
+    replica's event loop keeps reading and decoding other requests meanwhile.
+    """
+
+    def __init__(
+        self, forward: Callable[[torch.Tensor], list[Any]], max_batch_size: int, batch_wait_timeout_s: float
+    ) -> None:
+        self._forward = forward
+        self.remote.set_max_batch_size(max_batch_size)
+        self.remote.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def remote(self, items: list[torch.Tensor]) -> list[Any]:
+        return await asyncio.to_thread(_by_shape, items, self._forward)
+
+
+@dataclass(frozen=True)
+class ColocatedModels:
+    """What the ingress loads itself with ``colocate: true``: the checkpoints and each model's batching."""
+
+    anchornet: str
+    glance: str
+    patch: str
+    num_patches: int
+    iou_threshold: float
+    batching: dict[str, tuple[int, float]]  # role -> (max_batch_size, batch_wait_timeout_s)
+    torch_threads: int = 1
+
+    def load(self) -> tuple[InProcessModel, InProcessModel, InProcessModel]:
+        """(glance, anchornet, patch), loaded in this process."""
+        torch.set_num_threads(self.torch_threads)
+        anchornet, _ = load_checkpoint(self.anchornet)
+        if not isinstance(anchornet, AnchorNet):
+            raise ValueError(f"{self.anchornet} is not an AnchorNet checkpoint")
+        models = []
+        for role in ("glance", "patch"):
+            model, card = load_checkpoint(getattr(self, role))
+            models.append(InProcessModel(partial(classify_images, model, card.input_size), *self.batching[role]))
+        propose = partial(propose_patches, anchornet, num_patches=self.num_patches, iou_threshold=self.iou_threshold)
+        return models[0], InProcessModel(propose, *self.batching["anchornet"]), models[1]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Ingress
 
@@ -439,12 +495,24 @@ def _top_k(probs: torch.Tensor, names: list[str], k: int) -> list[ClassScore]:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    """Decodes and preprocesses, then runs the early-exit loop over the model deployments."""
+    """Decodes and preprocesses, then runs the early-exit loop over the model deployments (or, colocated, over
+    the same models loaded in this replica)."""
 
     def __init__(
-        self, glance: DeploymentHandle, anchornet: DeploymentHandle, patch: DeploymentHandle, spec: ServingSpec
+        self,
+        spec: ServingSpec,
+        glance: DeploymentHandle | None = None,
+        anchornet: DeploymentHandle | None = None,
+        patch: DeploymentHandle | None = None,
+        colocated: ColocatedModels | None = None,
     ) -> None:
-        self.glance, self.anchornet, self.patch = glance, anchornet, patch
+        if colocated is not None:
+            self.glance, self.anchornet, self.patch = colocated.load()
+        elif glance is None or anchornet is None or patch is None:
+            raise ValueError("Ingress needs the three model handles, or colocated models")
+        else:
+            self.glance, self.anchornet, self.patch = glance, anchornet, patch
+        self.layout = "colocated" if colocated is not None else "separate"
         self.spec = spec
         self.budgets, self.default_budget = load_budgets({}, spec.num_steps)
 
@@ -464,6 +532,7 @@ class Ingress:
                 "classes": spec.class_names,
                 "num_steps": spec.num_steps,
                 "num_patches": spec.num_patches,
+                "layout": self.layout,
                 "patch_size": spec.patch_size,
                 "min_image_side": spec.min_side,
                 "aggregate": spec.aggregate,
@@ -526,7 +595,8 @@ class Ingress:
 
 
 def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
-    """The early-exit app: Glance, AnchorNet and Patch deployments behind the FastAPI ``Ingress``.
+    """The early-exit app: Glance, AnchorNet and Patch deployments behind the FastAPI ``Ingress`` (with
+    ``colocate``, the ingress alone, running the three models itself).
 
     Reads the checkpoint cards (class names, K, MACs, preprocessing) and checks the thresholds here, so that a
     bad configuration fails at deploy time rather than at the first request.
@@ -536,6 +606,19 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
     user_config = {"thresholds_path": args.thresholds, "default_budget": args.default_budget}
     load_budgets(user_config, spec.num_steps)
     d = args.deployments
+    ingress = Ingress.options(**d.ingress.options("Ingress"), user_config=user_config)
+    if args.colocate:
+        roles = {"glance": d.glance, "anchornet": d.anchornet, "patch": d.patch}
+        models = ColocatedModels(
+            anchornet=args.anchornet,
+            glance=args.glance,
+            patch=args.patch,
+            num_patches=args.num_patches,
+            iou_threshold=args.iou_threshold,
+            batching={role: (o.max_batch_size, o.batch_wait_timeout_s) for role, o in roles.items()},
+            torch_threads=d.ingress.torch_threads,
+        )
+        return ingress.bind(spec, colocated=models)
 
     def model(deployment: Any, name: str, opts: DeploymentArgs, checkpoint: str, **kwargs: Any) -> Any:
         batching = {"max_batch_size": opts.max_batch_size, "batch_wait_timeout_s": opts.batch_wait_timeout_s}
@@ -553,7 +636,7 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
         iou_threshold=args.iou_threshold,
     )
     patch = model(ClassifierDeployment, "Patch", d.patch, args.patch)
-    return Ingress.options(**d.ingress.options("Ingress"), user_config=user_config).bind(glance, anchornet, patch, spec)
+    return ingress.bind(spec, glance=glance, anchornet=anchornet, patch=patch)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -150,8 +150,14 @@ def _tiny(**autoscaling: int) -> dict[str, object]:
     }
 
 
+@pytest.fixture(scope="module", params=["separate", "colocated"])
+def layout(request: pytest.FixtureRequest) -> str:
+    """Every HTTP test runs against both layouts: one deployment per model, and the models in the ingress."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(ray_local: None, checkpoints: dict[str, str]) -> Iterator[str]:
+def server(ray_local: None, checkpoints: dict[str, str], layout: str) -> Iterator[str]:
     """The app on a free 127.0.0.1 port, every replica on a tenth of a CPU."""
     from _s3 import free_port
     from ray import serve
@@ -170,6 +176,7 @@ def server(ray_local: None, checkpoints: dict[str, str]) -> Iterator[str]:
         "max_body_bytes": MAX_BODY,
         "max_pixels": MAX_PIXELS,
         "deployments": {name: _tiny() for name in ("ingress", "glance", "anchornet", "patch")},
+        "colocate": layout == "colocated",
     }
     serve.run(build_app(args), name="anchornet", route_prefix="/", blocking=False)
     try:
@@ -206,9 +213,14 @@ def _engine_result(engine: EarlyExitClassifier, data: bytes, thresholds: list[fl
 
 @pytest.mark.ray
 @pytest.mark.timeout(180)
-def test_health_info_and_openapi(server: str) -> None:
+def test_health_info_and_openapi(server: str, layout: str) -> None:
+    from ray import serve
+
     assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok"}
     info = requests.get(f"{server}/info", timeout=30).json()
+    assert info["layout"] == layout
+    deployments = set(serve.status().applications["anchornet"].deployments)
+    assert deployments == ({"Ingress"} if layout == "colocated" else {"Ingress", "Glance", "AnchorNet", "Patch"})
     assert info["classes"] == CLASSES
     assert info["num_steps"] == NUM_PATCHES + 1
     assert info["default_budget"] == "q=0.50"
@@ -337,3 +349,5 @@ def test_jobs_serve_arguments() -> None:
     args = serve_args(parse_args(["--anchornet", "a.pt", "--glance", "g.pt", "--patch", "p.pt", "--port", "9000"]))
     assert (args.anchornet, args.num_patches, args.thresholds) == ("a.pt", 4, None)
     assert args.deployments.glance.num_cpus == 0.25
+    assert not args.colocate
+    assert serve_args(parse_args(["--anchornet", "a", "--glance", "g", "--patch", "p", "--colocate"])).colocate
