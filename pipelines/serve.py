@@ -374,20 +374,19 @@ class AnchorNetDeployment:
 class InProcessModel:
     """A model run inside the ingress replica, called like a ``DeploymentHandle``: ``await model.remote(x)``.
 
-    Concurrent calls share one forward pass (``@serve.batch``), which runs on a worker thread so that the
-    replica's event loop keeps reading and decoding other requests meanwhile.
+    Concurrent calls share one forward pass (``@serve.batch``), run on the event loop as the model deployments
+    do (a worker thread measured 3 ms slower per request on 2 cores). Each instance batches on its own queue:
+    ``@serve.batch`` on a method keeps one queue per class, shared by all its instances (Serve expects one per
+    replica), which would put glance images and patch crops into the same batch.
     """
 
     def __init__(
         self, forward: Callable[[torch.Tensor], list[Any]], max_batch_size: int, batch_wait_timeout_s: float
     ) -> None:
-        self._forward = forward
-        self.remote.set_max_batch_size(max_batch_size)
-        self.remote.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        async def run(items: list[torch.Tensor]) -> list[Any]:
+            return _by_shape(items, forward)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def remote(self, items: list[torch.Tensor]) -> list[Any]:
-        return await asyncio.to_thread(_by_shape, items, self._forward)
+        self.remote = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)(run)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import math
 import struct
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,27 @@ def test_http_equals_engine(server: str, engine: EarlyExitClassifier) -> None:
         x0, y0, x1, y1 = patch["box"]
         assert x1 - x0 == y1 - y0 == 95 and math.isfinite(patch["cam_score"])
     assert _classify(server, data).json()["budget"] == "q=0.50"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_concurrent_requests_each_get_their_own_result(server: str) -> None:
+    """Concurrent requests share batches (glance, AnchorNet and patch calls interleaved): each must still get
+    exactly the answer it gets alone."""
+    images = [_encode(_photo(seed)) for seed in range(10, 18)]
+    alone = [_classify(server, data, budget="strict").json() for data in images]
+    with ThreadPoolExecutor(len(images)) as pool:
+        together = list(pool.map(lambda data: _classify(server, data, budget="strict"), images * 2))
+    for i, response in enumerate(together):
+        assert response.status_code == 200, response.text
+        body, want = response.json(), alone[i % len(images)]
+        assert (body["prediction"]["index"], body["exit_step"], body["macs"]) == (
+            want["prediction"]["index"],
+            want["exit_step"],
+            want["macs"],
+        )
+        assert body["confidence"] == pytest.approx(want["confidence"], abs=1e-4)
+        assert [p["box"] for p in body["patches"]] == [p["box"] for p in want["patches"]]
 
 
 @pytest.mark.ray
