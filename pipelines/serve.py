@@ -69,6 +69,7 @@ __all__ = [
     "check_serve_config",
     "classify_images",
     "load_budgets",
+    "model_device",
     "propose_patches",
 ]
 
@@ -294,20 +295,37 @@ def _by_shape(items: Sequence[torch.Tensor], run: Callable[[torch.Tensor], list[
     return results
 
 
+def model_device(use_gpu: bool) -> torch.device:
+    """Where a replica runs its model: the GPU Ray gave it when its deployment asks for ``num_gpus``, else the
+    CPU. Raises ``RuntimeError`` when GPUs were asked for but torch sees none (a CPU-only torch build)."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("the deployment asks for num_gpus > 0 but torch sees no CUDA device")
+    return torch.device("cuda")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.inference_mode()
 def classify_images(model: nn.Module, input_size: int, images: torch.Tensor) -> list[torch.Tensor]:
-    """What a classifier deployment computes for a batch: uint8 ``(B, 3, H, W)`` -> ``B`` float32 logits."""
-    return list(model(resize_square(to_float(images), input_size)).float())
+    """What a classifier deployment computes for a batch: uint8 ``(B, 3, H, W)`` -> ``B`` float32 logits
+    (on the CPU, wherever the model runs)."""
+    images = images.to(_device_of(model), non_blocking=True)
+    return list(model(resize_square(to_float(images), input_size)).float().cpu())
 
 
 @torch.inference_mode()
 def propose_patches(
     model: AnchorNet, images: torch.Tensor, num_patches: int, iou_threshold: float
 ) -> list[dict[str, torch.Tensor]]:
-    """What the AnchorNet deployment computes for a batch: CAM (Eq. 2), NMS-selected boxes and their crops."""
+    """What the AnchorNet deployment computes for a batch: CAM (Eq. 2), NMS-selected boxes and their crops
+    (on the CPU, wherever the model runs)."""
     receptive_field = model.receptive_field
-    cam, _ = class_activation_map(model, to_float(images))
-    selection = select_patches(cam, receptive_field, num_patches, iou_threshold)
+    cam, _ = class_activation_map(model, to_float(images.to(_device_of(model), non_blocking=True)))
+    selection = select_patches(cam.cpu(), receptive_field, num_patches, iou_threshold)
     crops = crop_patches(images, selection.boxes, size=receptive_field.size)
     return [
         {"boxes": selection.boxes[b][valid], "scores": selection.scores[b][valid].float(), "crops": crops[b][valid]}
@@ -323,10 +341,16 @@ class ClassifierDeployment:
     """
 
     def __init__(
-        self, checkpoint: str, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005, torch_threads: int = 1
+        self,
+        checkpoint: str,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.005,
+        torch_threads: int = 1,
+        use_gpu: bool = False,
     ) -> None:
         torch.set_num_threads(torch_threads)
-        self.model, self.card = load_checkpoint(checkpoint)
+        model, self.card = load_checkpoint(checkpoint)
+        self.model = model.to(model_device(use_gpu))
         self.input_size = self.card.input_size
         self.__call__.set_max_batch_size(max_batch_size)
         self.__call__.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -355,9 +379,11 @@ class AnchorNetDeployment:
         max_batch_size: int = 16,
         batch_wait_timeout_s: float = 0.005,
         torch_threads: int = 1,
+        use_gpu: bool = False,
     ) -> None:
         torch.set_num_threads(torch_threads)
-        self.model, self.card = load_checkpoint(checkpoint)
+        model, self.card = load_checkpoint(checkpoint)
+        self.model = model.to(model_device(use_gpu))
         self.num_patches = num_patches
         self.iou_threshold = iou_threshold
         self.__call__.set_max_batch_size(max_batch_size)
@@ -400,17 +426,21 @@ class ColocatedModels:
     iou_threshold: float
     batching: dict[str, tuple[int, float]]  # role -> (max_batch_size, batch_wait_timeout_s)
     torch_threads: int = 1
+    use_gpu: bool = False
 
     def load(self) -> tuple[InProcessModel, InProcessModel, InProcessModel]:
         """(glance, anchornet, patch), loaded in this process."""
         torch.set_num_threads(self.torch_threads)
+        device = model_device(self.use_gpu)
         anchornet, _ = load_checkpoint(self.anchornet)
         if not isinstance(anchornet, AnchorNet):
             raise ValueError(f"{self.anchornet} is not an AnchorNet checkpoint")
+        anchornet = anchornet.to(device)
         models = []
         for role in ("glance", "patch"):
             model, card = load_checkpoint(getattr(self, role))
-            models.append(InProcessModel(partial(classify_images, model, card.input_size), *self.batching[role]))
+            forward = partial(classify_images, model.to(device), card.input_size)
+            models.append(InProcessModel(forward, *self.batching[role]))
         propose = partial(propose_patches, anchornet, num_patches=self.num_patches, iou_threshold=self.iou_threshold)
         return models[0], InProcessModel(propose, *self.batching["anchornet"]), models[1]
 
@@ -616,13 +646,14 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
             iou_threshold=args.iou_threshold,
             batching={role: (o.max_batch_size, o.batch_wait_timeout_s) for role, o in roles.items()},
             torch_threads=d.ingress.torch_threads,
+            use_gpu=d.ingress.num_gpus > 0,
         )
         return ingress.bind(spec, colocated=models)
 
     def model(deployment: Any, name: str, opts: DeploymentArgs, checkpoint: str, **kwargs: Any) -> Any:
         batching = {"max_batch_size": opts.max_batch_size, "batch_wait_timeout_s": opts.batch_wait_timeout_s}
         return deployment.options(**opts.options(name)).bind(
-            checkpoint, **kwargs, **batching, torch_threads=opts.torch_threads
+            checkpoint, **kwargs, **batching, torch_threads=opts.torch_threads, use_gpu=opts.num_gpus > 0
         )
 
     glance = model(ClassifierDeployment, "Glance", d.glance, args.glance)
@@ -659,9 +690,12 @@ class FullClassifier:
         max_batch_size: int = 16,
         batch_wait_timeout_s: float = 0.005,
         torch_threads: int = 1,
+        use_gpu: bool = False,
     ) -> None:
         torch.set_num_threads(torch_threads)
-        self.model, card = load_checkpoint(checkpoint)
+        model, card = load_checkpoint(checkpoint)
+        self.model = model.to(model_device(use_gpu))
+        self.input_size = card.input_size
         self.class_names = _class_names(card)
         self.macs = int(card.macs)
         preprocessing = Preprocessing.from_dict(card.preprocessing or {})
@@ -679,8 +713,7 @@ class FullClassifier:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def classify_batch(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        with torch.inference_mode():
-            return _by_shape(images, lambda x: list(self.model(to_float(x)).float()))
+        return _by_shape(images, partial(classify_images, self.model, self.input_size))
 
     @baseline_api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -714,6 +747,7 @@ def build_baseline_app(args: BaselineArgs | dict[str, Any]) -> serve.Application
         max_batch_size=opts.max_batch_size,
         batch_wait_timeout_s=opts.batch_wait_timeout_s,
         torch_threads=opts.torch_threads,
+        use_gpu=opts.num_gpus > 0,
     )
 
 

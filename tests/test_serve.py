@@ -365,6 +365,17 @@ def test_thresholds_are_live_config(server: str, checkpoints: dict[str, str]) ->
     assert body["budget"] == "strict" and body["exit_step"] == NUM_PATCHES + 1
 
 
+def test_replicas_run_on_the_gpu_they_ask_for() -> None:
+    from pipelines.serve import model_device
+
+    assert model_device(False) == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert model_device(True).type == "cuda"
+    else:  # a deployment with num_gpus > 0 on a torch without CUDA fails at start, not silently on the CPU
+        with pytest.raises(RuntimeError, match="num_gpus > 0"):
+            model_device(True)
+
+
 def test_jobs_serve_arguments() -> None:
     from jobs.serve import parse_args, serve_args
 
