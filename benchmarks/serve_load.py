@@ -49,6 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replica-cpus", type=float, default=0.25)
     parser.add_argument("--max-replicas", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="@serve.batch wait of every model, both apps")
     parser.add_argument(
         "--layouts", default="separate,colocated", help="early-exit layouts to load, comma-separated, in order"
     )
@@ -96,6 +97,7 @@ def _deployment(args: argparse.Namespace, target: int, max_ongoing: int = 32) ->
         "num_cpus": args.replica_cpus,
         "max_ongoing_requests": max_ongoing,
         "torch_threads": args.torch_threads,
+        "batch_wait_timeout_s": args.batch_wait_ms / 1e3,
         "autoscaling_config": {
             "min_replicas": 1,
             "max_replicas": args.max_replicas,
@@ -257,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "replica_cpus": args.replica_cpus,
         "max_replicas": args.max_replicas,
         "torch_threads": args.torch_threads,
+        "batch_wait_ms": args.batch_wait_ms,
         "request": params,
     }
     print(f"conditions: {json.dumps(conditions)}")
