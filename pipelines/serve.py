@@ -305,6 +305,12 @@ def model_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda")
 
 
+def load_on_replica(checkpoint: str, use_gpu: bool) -> tuple[nn.Module, Any]:
+    """A checkpoint's model on the replica's device (``model_device``), and its card."""
+    model, card = load_checkpoint(checkpoint)
+    return model.to(model_device(use_gpu)), card
+
+
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -349,8 +355,7 @@ class ClassifierDeployment:
         use_gpu: bool = False,
     ) -> None:
         torch.set_num_threads(torch_threads)
-        model, self.card = load_checkpoint(checkpoint)
-        self.model = model.to(model_device(use_gpu))
+        self.model, self.card = load_on_replica(checkpoint, use_gpu)
         self.input_size = self.card.input_size
         self.__call__.set_max_batch_size(max_batch_size)
         self.__call__.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -382,8 +387,7 @@ class AnchorNetDeployment:
         use_gpu: bool = False,
     ) -> None:
         torch.set_num_threads(torch_threads)
-        model, self.card = load_checkpoint(checkpoint)
-        self.model = model.to(model_device(use_gpu))
+        self.model, self.card = load_on_replica(checkpoint, use_gpu)
         self.num_patches = num_patches
         self.iou_threshold = iou_threshold
         self.__call__.set_max_batch_size(max_batch_size)
@@ -431,16 +435,11 @@ class ColocatedModels:
     def load(self) -> tuple[InProcessModel, InProcessModel, InProcessModel]:
         """(glance, anchornet, patch), loaded in this process."""
         torch.set_num_threads(self.torch_threads)
-        device = model_device(self.use_gpu)
-        anchornet, _ = load_checkpoint(self.anchornet)
-        if not isinstance(anchornet, AnchorNet):
-            raise ValueError(f"{self.anchornet} is not an AnchorNet checkpoint")
-        anchornet = anchornet.to(device)
+        anchornet, _ = load_on_replica(self.anchornet, self.use_gpu)  # an AnchorNet: build_app checked the card
         models = []
         for role in ("glance", "patch"):
-            model, card = load_checkpoint(getattr(self, role))
-            forward = partial(classify_images, model.to(device), card.input_size)
-            models.append(InProcessModel(forward, *self.batching[role]))
+            model, card = load_on_replica(getattr(self, role), self.use_gpu)
+            models.append(InProcessModel(partial(classify_images, model, card.input_size), *self.batching[role]))
         propose = partial(propose_patches, anchornet, num_patches=self.num_patches, iou_threshold=self.iou_threshold)
         return models[0], InProcessModel(propose, *self.batching["anchornet"]), models[1]
 
@@ -693,8 +692,7 @@ class FullClassifier:
         use_gpu: bool = False,
     ) -> None:
         torch.set_num_threads(torch_threads)
-        model, card = load_checkpoint(checkpoint)
-        self.model = model.to(model_device(use_gpu))
+        self.model, card = load_on_replica(checkpoint, use_gpu)
         self.input_size = card.input_size
         self.class_names = _class_names(card)
         self.macs = int(card.macs)
