@@ -6,7 +6,13 @@ and cropping. It never imports Ray.
 
 from anchornet.cam import cam_from_features, class_activation_map
 from anchornet.checkpoint import CheckpointError, ModelCard, load_checkpoint, save_checkpoint
-from anchornet.classifiers import Classifier, WeightsUnavailableError, build_classifier, classifier_names
+from anchornet.classifiers import (
+    Classifier,
+    WeightsUnavailableError,
+    build_classifier,
+    class_labels,
+    classifier_names,
+)
 from anchornet.early_exit import EarlyExitClassifier, EarlyExitResult, accumulated_confidence, cumulative_step_macs
 from anchornet.fusion import fold_batchnorm, fold_normalize
 from anchornet.layers import MBConv, SqueezeExcite
@@ -52,6 +58,7 @@ __all__ = [
     "build_classifier",
     "cam_from_features",
     "class_activation_map",
+    "class_labels",
     "classifier_names",
     "collect_step_table",
     "count_macs",

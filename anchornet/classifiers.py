@@ -25,6 +25,7 @@ __all__ = [
     "ClassifierEntry",
     "WeightsUnavailableError",
     "build_classifier",
+    "class_labels",
     "classifier_names",
     "imagenet_indices",
     "register_classifier",
@@ -196,6 +197,16 @@ def _replace_head(net: nn.Module, num_classes: int, head_from: Sequence[int] | N
                 new.bias.copy_(old.bias[rows])
     parent_name, _, attr = name.rpartition(".")
     setattr(net.get_submodule(parent_name) if parent_name else net, attr, new)
+
+
+def class_labels(class_names: Sequence[str]) -> list[str]:
+    """A readable label per class: ImageNet's description for a WordNet id (``n03417042`` -> ``garbage truck,
+    dustcart``), the name itself otherwise. Offline: the descriptions ship with timm."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    wnids = set(info.label_names())
+    return [info.label_name_to_description(name) if name in wnids else name for name in class_names]
 
 
 def imagenet_indices(class_names: Sequence[str]) -> list[int]:

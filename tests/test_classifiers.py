@@ -122,3 +122,9 @@ def test_imagenet_indices_of_wordnet_ids() -> None:
     assert imagenet_indices(["n01440764", "n02102040", "n03888257"]) == [0, 217, 701]
     with pytest.raises(ValueError, match="'cat' is not an ImageNet-1k WordNet id"):
         imagenet_indices(["n01440764", "cat"])
+
+
+def test_class_labels_read_imagenet_descriptions_offline() -> None:
+    from anchornet import class_labels
+
+    assert class_labels(["n01440764", "n03417042", "cat"]) == ["tench, Tinca tinca", "garbage truck, dustcart", "cat"]
