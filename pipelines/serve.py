@@ -45,6 +45,7 @@ from anchornet import (
     Preprocessing,
     accumulated_confidence,
     class_activation_map,
+    class_labels,
     count_macs,
     crop_patches,
     cumulative_step_macs,
@@ -176,6 +177,7 @@ class ServingSpec:
     """Everything the ingress needs from the model cards, so that it loads no model itself."""
 
     class_names: list[str]
+    class_labels: list[str]  # readable: ImageNet's description of a WordNet id, else the name
     preprocessing: dict[str, Any]
     patch_size: int  # K, the side of the crops and of the networks' input
     min_side: int  # smallest image side accepted (AnchorNet's K)
@@ -225,6 +227,7 @@ def serving_spec(args: ServeArgs) -> ServingSpec:
     anchornet_macs = anchornet_card.macs if anchornet_card.input_size == size else count_macs(anchornet, size)
     return ServingSpec(
         class_names=_class_names(glance_card),
+        class_labels=class_labels(_class_names(glance_card)),
         preprocessing=preprocessing.to_dict(),
         patch_size=glance_card.input_size,
         min_side=k,
@@ -470,7 +473,8 @@ _IMAGE_BODY = {
 
 class ClassScore(BaseModel):
     index: int
-    name: str
+    name: str = Field(description="the class name in the checkpoint (a WordNet id for ImageNet classes)")
+    label: str = Field(description="readable: ImageNet's description of a WordNet id, else the name")
     probability: float
 
 
@@ -513,11 +517,13 @@ async def decode_request(request: Request, spec: ServingSpec | dict[str, Any]) -
         raise ApiError(status, "bad_image", str(err)) from None
 
 
-def _top_k(probs: torch.Tensor, names: list[str], k: int) -> list[ClassScore]:
+def _class_score(index: int, probability: float, names: list[str], labels: list[str]) -> ClassScore:
+    return ClassScore(index=index, name=names[index], label=labels[index], probability=probability)
+
+
+def _top_k(probs: torch.Tensor, names: list[str], labels: list[str], k: int) -> list[ClassScore]:
     values, indices = probs.topk(min(k, probs.numel()))
-    return [
-        ClassScore(index=int(i), name=names[int(i)], probability=float(v)) for v, i in zip(values, indices, strict=True)
-    ]
+    return [_class_score(int(i), float(v), names, labels) for v, i in zip(values, indices, strict=True)]
 
 
 @serve.deployment
@@ -558,6 +564,7 @@ class Ingress:
         return jsonable(
             {
                 "classes": spec.class_names,
+                "labels": spec.class_labels,
                 "num_steps": spec.num_steps,
                 "num_patches": spec.num_patches,
                 "layout": self.layout,
@@ -604,10 +611,10 @@ class Ingress:
                     break
         macs = spec.glance_macs + (spec.anchornet_macs if available is not None else 0) + (t - 1) * spec.patch_macs
         probs = z.softmax(dim=-1) if spec.aggregate == "logits" else z / t
-        names = spec.class_names
+        names, labels = spec.class_names, spec.class_labels
         return Classification(
-            prediction=ClassScore(index=int(prediction), name=names[int(prediction)], probability=float(confidence)),
-            top_k=_top_k(probs, names, top_k or spec.top_k),
+            prediction=_class_score(int(prediction), float(confidence), names, labels),
+            top_k=_top_k(probs, names, labels, top_k or spec.top_k),
             confidence=float(confidence),
             exit_step=t,
             num_steps=spec.num_steps,
@@ -695,6 +702,7 @@ class FullClassifier:
         self.model, card = load_on_replica(checkpoint, use_gpu)
         self.input_size = card.input_size
         self.class_names = _class_names(card)
+        self.class_labels = class_labels(self.class_names)
         self.macs = int(card.macs)
         preprocessing = Preprocessing.from_dict(card.preprocessing or {})
         if preprocessing.image_size != card.input_size:
@@ -722,7 +730,7 @@ class FullClassifier:
         start = time.perf_counter()
         image, image_size = await decode_request(request, self.limits)
         probs = (await self.classify_batch(image)).softmax(dim=-1)
-        scores = _top_k(probs, self.class_names, top_k or self.top_k)
+        scores = _top_k(probs, self.class_names, self.class_labels, top_k or self.top_k)
         return {
             "prediction": scores[0].model_dump(),
             "top_k": [s.model_dump() for s in scores],

@@ -116,6 +116,8 @@ def test_serve_config_deploys_the_shipped_checkpoints() -> None:
     }
     spec = serving_spec(ServeArgs.model_validate(local))
     assert spec.class_names == sorted(spec.class_names) and len(spec.class_names) == 10
+    labels = dict(zip(spec.class_names, spec.class_labels, strict=True))
+    assert labels["n03417042"] == "garbage truck, dustcart" and labels["n01440764"] == "tench, Tinca tinca"
     assert spec.patch_size == 95 and spec.num_steps == 5
     budgets, default = load_budgets(
         {"thresholds_path": local["thresholds"], "default_budget": args["default_budget"]}, 5
@@ -222,7 +224,7 @@ def test_health_info_and_openapi(server: str, layout: str) -> None:
     assert info["layout"] == layout
     deployments = set(serve.status().applications["anchornet"].deployments)
     assert deployments == ({"Ingress"} if layout == "colocated" else {"Ingress", "Glance", "AnchorNet", "Patch"})
-    assert info["classes"] == CLASSES
+    assert info["classes"] == CLASSES and info["labels"] == CLASSES  # not WordNet ids: labelled by their names
     assert info["num_steps"] == NUM_PATCHES + 1
     assert info["default_budget"] == "q=0.50"
     assert info["budgets"]["strict"]["thresholds"] == ["inf"] * NUM_PATCHES
@@ -253,7 +255,7 @@ def test_http_equals_engine(server: str, engine: EarlyExitClassifier) -> None:
         )
         assert body["confidence"] == pytest.approx(want["confidence"], abs=1e-4)
         assert len(body["patches"]) == body["exit_step"] - 1
-        assert body["prediction"]["name"] == CLASSES[body["prediction"]["index"]]
+        assert body["prediction"]["name"] == body["prediction"]["label"] == CLASSES[body["prediction"]["index"]]
     # Named budgets, the default, and top_k.
     strict = _classify(server, data, budget="strict", top_k="3").json()
     assert strict["budget"] == "strict" and strict["exit_step"] == NUM_PATCHES + 1 and len(strict["top_k"]) == 3
