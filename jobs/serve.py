@@ -1,6 +1,7 @@
 """Serve the early-exit classifier over HTTP on an embedded local Ray, until Ctrl-C.
 
-    python jobs/serve.py --anchornet CKPT --glance CKPT --patch CKPT [--thresholds JSON] [--port PORT]
+    python jobs/serve.py --anchornet CKPT --glance CKPT --patch CKPT [--thresholds JSON] [--port PORT] \
+        [--colocate] [--high-throughput]
 
 Prints the URL; then ``curl -H 'Content-Type: image/jpeg' --data-binary @img.jpg URL/classify``. On a cluster,
 deploy ``serve_config.yaml`` with ``serve deploy`` instead (docs/serving.md).
@@ -38,6 +39,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--colocate",
         action="store_true",
         help="run the models inside the ingress replica: one deployment, no handle calls (lowest latency on CPU)",
+    )
+    parser.add_argument(
+        "--high-throughput",
+        action="store_true",
+        help="Ray Serve's high-throughput mode: HAProxy takes the port in place of Serve's Python proxy and "
+        "forwards to the ingress replicas (ports 30000-31000); HAProxy also opens ports 8404 (stats) and 9101 "
+        "(metrics) on every interface",
     )
     return parser.parse_args(argv)
 
@@ -77,13 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from pipelines.serve import build_app
+    from pipelines.serve import build_app, high_throughput_env
 
     try:
         app = build_app(config)
     except (OSError, ValueError) as err:
         print(f"serve: {err}")
         return 1
+    if args.high_throughput:  # before ray.init: Serve's processes read it when they start
+        os.environ.update(high_throughput_env(draining_period_s=1))  # no outside load balancer to wait for
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})

@@ -298,6 +298,18 @@ def _by_shape(items: Sequence[torch.Tensor], run: Callable[[torch.Tensor], list[
     return results
 
 
+def high_throughput_env(draining_period_s: float | None = None) -> dict[str, str]:
+    """Environment of Ray Serve's high-throughput mode (Ray >= 2.56): HAProxy, a C load balancer, takes the HTTP
+    port in place of the Python proxy and forwards straight to the ingress replicas; replicas talk over direct
+    gRPC. Serve's processes read it when they start, so it goes into the environment of ``ray start`` (or of
+    the driver before an embedded ``ray.init``). ``draining_period_s`` shortens how long a stopping ingress
+    replica stays up so that load balancers can deregister it (Serve's default: 30 s)."""
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    if draining_period_s is not None:
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = str(draining_period_s)
+    return env
+
+
 def model_device(use_gpu: bool) -> torch.device:
     """Where a replica runs its model: the GPU Ray gave it when its deployment asks for ``num_gpus``, else the
     CPU. Raises ``RuntimeError`` when GPUs were asked for but torch sees none (a CPU-only torch build)."""

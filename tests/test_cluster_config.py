@@ -201,3 +201,11 @@ def test_own_checks_reject(path: str, value: Any, problem: str) -> None:
     _set(cfg, path, value)
     problems = check_cluster_config(cfg)
     assert any(problem in p for p in problems), problems
+
+
+def test_high_throughput_lines_are_the_serve_mode() -> None:
+    """The commented opt-in lines set exactly what ``jobs/serve.py --high-throughput`` sets (docs/serving.md)."""
+    from pipelines.serve import high_throughput_env
+
+    commented = re.findall(r"^\s*# - --env (RAY_SERVE_\w+)=(\S+)$", CLUSTER_YAML.read_text(), flags=re.MULTILINE)
+    assert dict(commented) == high_throughput_env()
