@@ -5,7 +5,8 @@ The early-exit app runs in each ``--layouts`` entry: ``separate`` (one deploymen
 Ray, send ``--clients`` concurrent clients for ``--duration`` seconds, then idle ``--cooldown`` seconds, polling
 the replica counts every second so that the autoscaling up under load and back down after shows. Prints
 throughput, p50/p99 latency, errors (non-200 or failed requests), top-1 accuracy on the folder labels, mean MACs
-per image and the replica timeline.
+per image and the replica timeline. ``--high-throughput`` runs both apps in Ray Serve's high-throughput mode
+(``pipelines.serve.high_throughput_env``).
 
     python -m benchmarks.serve_load --data ../shared/data/imagenette/val --clients 8 --duration 45
 
@@ -47,11 +48,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=45.0, help="seconds of load per app")
     parser.add_argument("--cooldown", type=float, default=25.0, help="seconds of idle after the load, per app")
     parser.add_argument("--replica-cpus", type=float, default=0.25)
+    parser.add_argument("--min-replicas", type=int, default=1, help="= --max-replicas: fixed replicas, no scaling")
     parser.add_argument("--max-replicas", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="@serve.batch wait of every model, both apps")
     parser.add_argument(
         "--layouts", default="separate,colocated", help="early-exit layouts to load, comma-separated, in order"
+    )
+    parser.add_argument(
+        "--high-throughput", action="store_true", help="Ray Serve's high-throughput mode (HAProxy ingress), both apps"
     )
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -99,7 +104,7 @@ def _deployment(args: argparse.Namespace, target: int, max_ongoing: int = 32) ->
         "torch_threads": args.torch_threads,
         "batch_wait_timeout_s": args.batch_wait_ms / 1e3,
         "autoscaling_config": {
-            "min_replicas": 1,
+            "min_replicas": args.min_replicas,
             "max_replicas": args.max_replicas,
             "target_ongoing_requests": target,
             "metrics_interval_s": 1.0,
@@ -214,13 +219,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from ray import serve
 
-    from pipelines.serve import build_app, build_baseline_app
+    from pipelines.serve import build_app, build_baseline_app, high_throughput_env
 
     images, classes = load_images(args.data, args.limit)
     with tempfile.TemporaryDirectory() as tmp:
         given = {"anchornet": args.anchornet, "glance": args.glance, "patch": args.patch, "full": args.full}
         paths = checkpoints(given, classes, Path(tmp), args.head_from)
         params = {"budget": args.budget} if args.budget else {"thresholds": ",".join([str(args.rho)] * 4)}
+        if args.high_throughput:  # before ray.init: Serve's processes read it when they start
+            os.environ.update(high_throughput_env(draining_period_s=0))
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": args.port, "request_timeout_s": 60})
@@ -257,9 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": args.duration,
         "images": len(images),
         "replica_cpus": args.replica_cpus,
+        "min_replicas": args.min_replicas,
         "max_replicas": args.max_replicas,
         "torch_threads": args.torch_threads,
         "batch_wait_ms": args.batch_wait_ms,
+        "high_throughput": args.high_throughput,
         "request": params,
     }
     print(f"conditions: {json.dumps(conditions)}")

@@ -14,8 +14,9 @@ which is Serve's share: the HTTP proxy, the handle calls between deployments, ``
 (de)serialisation. To locate it, it also times ``GET /healthz`` (HTTP proxy and ingress, no model: the floor of
 any request) and, in the separate layout, one direct handle call to the Glance deployment per image (from the
 driver: no HTTP, no ingress) against the glance's forward pass in process. ``--colocate`` measures the layout
-where the models run inside the ingress replica. A one-client run keeps the machine otherwise idle, so the two
-sides see the same cores.
+where the models run inside the ingress replica; ``--high-throughput`` Ray Serve's high-throughput mode
+(HAProxy in place of the Python HTTP proxy, direct gRPC between replicas: ``pipelines.serve.high_throughput_env``).
+A one-client run keeps the machine otherwise idle, so the two sides see the same cores.
 
     python -m benchmarks.serve_overhead --data ../shared/data/imagenette/val --anchornet A.pt --glance G.pt \\
         --patch P.pt --thresholds thresholds.json
@@ -49,6 +50,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rho", type=float, default=0.6, help="threshold of every step without --thresholds")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="@serve.batch wait of the model deployments")
     parser.add_argument("--colocate", action="store_true", help="the models inside the ingress replica")
+    parser.add_argument(
+        "--high-throughput", action="store_true", help="Ray Serve's high-throughput mode (HAProxy ingress)"
+    )
     parser.add_argument("--port", type=int, default=8124)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser.parse_args(argv)
@@ -73,7 +77,7 @@ def serve_latencies(
     from ray import serve
 
     from anchornet import Preprocessing, decode_image, load_checkpoint
-    from pipelines.serve import build_app
+    from pipelines.serve import build_app, high_throughput_env
 
     preprocessing = Preprocessing.from_dict(load_checkpoint(paths["anchornet"])[1].preprocessing or {})
     deployment = _deployment(args.batch_wait_ms)
@@ -87,6 +91,8 @@ def serve_latencies(
             "colocate": args.colocate,
         }
     )
+    if args.high_throughput:  # before ray.init: Serve's processes read it when they start
+        os.environ.update(high_throughput_env(draining_period_s=0))
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port, "request_timeout_s": 60})
@@ -188,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {
         "machine": f"{cpu_name()}, {os.cpu_count()} CPUs",
         "layout": "colocated" if args.colocate else "separate",
+        "high_throughput": args.high_throughput,
         "torch": torch.__version__,
         "images": len(images),
         "request": params,
@@ -212,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"differences): overhead / model compute = {results['overhead_ratio']:.2f} (target < 0.25)"
     )
     floor = results["healthz_p50_ms"]
-    print(f"layout {results['layout']}; GET /healthz (HTTP proxy + ingress, no model): p50 {floor:.1f} ms")
+    mode = "HAProxy (high-throughput mode)" if args.high_throughput else "Serve's HTTP proxy"
+    print(f"layout {results['layout']}, {mode}; GET /healthz (proxy + ingress, no model): p50 {floor:.1f} ms")
     if not args.colocate:
         print(
             f"one handle call to the Glance deployment (from the driver, no HTTP): p50 "
