@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from anchornet import Preprocessing, anchornet_test, build_classifier, save_checkpoint
+from jobs.serve import HAPROXY_PORTS, main
 
 requests = pytest.importorskip("requests")
 
@@ -44,6 +46,7 @@ def test_serve_job_in_high_throughput_mode(tmp_path: Path) -> None:
     command = [sys.executable, "jobs/serve.py", "--port", str(port), "--num-cpus", "1", "--replica-cpus", "0.1"]
     command += [f"--{role}={path}" for role, path in paths.items()] + ["--colocate", "--high-throughput"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.update({variable: str(free_port()) for variable in HAPROXY_PORTS})  # not HAProxy's fixed defaults
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()
@@ -75,3 +78,18 @@ def test_serve_job_in_high_throughput_mode(tmp_path: Path) -> None:
     assert code == 0, "".join(lines[-30:])
     with pytest.raises(requests.ConnectionError):  # HAProxy went with it
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_serve_job_refuses_busy_haproxy_ports(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HAProxy would crash at start with a traceback; the job says which port and which variable, in one line."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", str(port))
+        code = main(["--anchornet", "a.pt", "--glance", "g.pt", "--patch", "p.pt", "--high-throughput"])
+    assert code == 1
+    out = capsys.readouterr().out.strip()
+    assert out.count("\n") == 0 and f"{port} (RAY_SERVE_HAPROXY_METRICS_PORT)" in out
