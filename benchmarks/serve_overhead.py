@@ -77,7 +77,7 @@ def serve_latencies(
     from ray import serve
 
     from anchornet import Preprocessing, decode_image, load_checkpoint
-    from pipelines.serve import build_app, high_throughput_env
+    from pipelines.serve import build_app, busy_haproxy_ports, high_throughput_env
 
     preprocessing = Preprocessing.from_dict(load_checkpoint(paths["anchornet"])[1].preprocessing or {})
     deployment = _deployment(args.batch_wait_ms)
@@ -92,6 +92,8 @@ def serve_latencies(
         }
     )
     if args.high_throughput:  # before ray.init: Serve's processes read it when they start
+        if busy := busy_haproxy_ports():
+            raise SystemExit(f"serve_overhead: HAProxy's ports are in use: {', '.join(busy)}")
         os.environ.update(high_throughput_env(draining_period_s=0))
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -75,23 +74,6 @@ def serve_args(args: argparse.Namespace) -> ServeArgs:
     )
 
 
-# HAProxy's own listeners in high-throughput mode (Ray's defaults, moved by these variables), on every interface.
-HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
-
-
-def busy_haproxy_ports() -> list[str]:
-    """HAProxy's stats and metrics ports that something else already holds (HAProxy would crash at start)."""
-    busy = []
-    for variable, default in HAPROXY_PORTS.items():
-        port = int(os.environ.get(variable, default))
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("0.0.0.0", port))
-            except OSError:
-                busy.append(f"{port} ({variable})")
-    return busy
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -99,14 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as err:
         print(f"serve: invalid arguments: {err}")
         return 2
-    if args.high_throughput and (busy := busy_haproxy_ports()):
-        print(f"serve: HAProxy's ports are in use: {', '.join(busy)}; set those variables to free ports")
-        return 1
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only cluster of this process
     import ray
     from ray import serve
 
-    from pipelines.serve import build_app, high_throughput_env
+    from pipelines.serve import build_app, busy_haproxy_ports, high_throughput_env
+
+    if args.high_throughput and (busy := busy_haproxy_ports()):
+        print(f"serve: HAProxy's ports are in use: {', '.join(busy)}; set those variables to free ports")
+        return 1
 
     try:
         app = build_app(config)

@@ -26,6 +26,8 @@ This module has no ``from __future__ import annotations``: Serve reads the build
 
 import asyncio
 import math
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -308,6 +310,24 @@ def high_throughput_env(draining_period_s: float | None = None) -> dict[str, str
     if draining_period_s is not None:
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = str(draining_period_s)
     return env
+
+
+# HAProxy's own listeners in high-throughput mode (Ray's defaults, moved by these variables), on every interface.
+HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+
+
+def busy_haproxy_ports() -> list[str]:
+    """HAProxy's stats and metrics ports that something else already holds (HAProxy would crash at start)."""
+    busy = []
+    for variable, default in HAPROXY_PORTS.items():
+        port = int(os.environ.get(variable, default))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as HAProxy binds: TIME_WAIT is no conflict
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError:
+                busy.append(f"{port} ({variable})")
+    return busy
 
 
 def model_device(use_gpu: bool) -> torch.device:

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from anchornet import Preprocessing, anchornet_test, build_classifier, save_checkpoint
-from jobs.serve import HAPROXY_PORTS, main
+from jobs.serve import main
+from pipelines.serve import HAPROXY_PORTS
 
 requests = pytest.importorskip("requests")
 
