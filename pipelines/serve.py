@@ -18,6 +18,8 @@ or the patches run out. Decisions use ``anchornet.accumulated_confidence`` and t
 ``anchornet.cumulative_step_macs``, so a response equals ``EarlyExitClassifier.predict`` on the same image.
 
 Build it with ``build_app(ServeArgs(...))`` (``serve_config.yaml`` fills the same args for ``serve deploy``).
+``high_throughput_env()`` is the environment of Ray Serve's high-throughput mode (HAProxy in place of the
+Python HTTP proxy), for ``ray start`` or an embedded ``ray.init`` (``jobs/serve.py --high-throughput``).
 Thresholds are live: they come from the ingress ``user_config`` (``thresholds_path``, ``default_budget``,
 inline ``budgets``) through ``reconfigure``, without restarting replicas.
 
