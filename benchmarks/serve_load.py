@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from ray import serve
 
-    from pipelines.serve import build_app, build_baseline_app, busy_haproxy_ports, high_throughput_env
+    from pipelines.serve import build_app, build_baseline_app, enable_high_throughput
 
     images, classes = load_images(args.data, args.limit)
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,9 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = checkpoints(given, classes, Path(tmp), args.head_from)
         params = {"budget": args.budget} if args.budget else {"thresholds": ",".join([str(args.rho)] * 4)}
         if args.high_throughput:  # before ray.init: Serve's processes read it when they start
-            if busy := busy_haproxy_ports():
-                raise SystemExit(f"serve_load: HAProxy's ports are in use: {', '.join(busy)}")
-            os.environ.update(high_throughput_env(draining_period_s=0))
+            try:
+                enable_high_throughput(draining_period_s=0)
+            except RuntimeError as err:
+                raise SystemExit(f"serve_load: {err}") from None
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": args.port, "request_timeout_s": 60})

@@ -77,7 +77,7 @@ def serve_latencies(
     from ray import serve
 
     from anchornet import Preprocessing, decode_image, load_checkpoint
-    from pipelines.serve import build_app, busy_haproxy_ports, high_throughput_env
+    from pipelines.serve import build_app, enable_high_throughput
 
     preprocessing = Preprocessing.from_dict(load_checkpoint(paths["anchornet"])[1].preprocessing or {})
     deployment = _deployment(args.batch_wait_ms)
@@ -92,9 +92,10 @@ def serve_latencies(
         }
     )
     if args.high_throughput:  # before ray.init: Serve's processes read it when they start
-        if busy := busy_haproxy_ports():
-            raise SystemExit(f"serve_overhead: HAProxy's ports are in use: {', '.join(busy)}")
-        os.environ.update(high_throughput_env(draining_period_s=0))
+        try:
+            enable_high_throughput(draining_period_s=0)
+        except RuntimeError as err:
+            raise SystemExit(f"serve_overhead: {err}") from None
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port, "request_timeout_s": 60})

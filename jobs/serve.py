@@ -85,19 +85,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from pipelines.serve import build_app, busy_haproxy_ports, high_throughput_env
+    from pipelines.serve import build_app, enable_high_throughput
 
-    if args.high_throughput and (busy := busy_haproxy_ports()):
-        print(f"serve: HAProxy's ports are in use: {', '.join(busy)}; set those variables to free ports")
-        return 1
+    if args.high_throughput:  # before ray.init: Serve's processes read it when they start
+        try:
+            enable_high_throughput(draining_period_s=1)  # no outside load balancer to wait for
+        except RuntimeError as err:
+            print(f"serve: {err}")
+            return 1
 
     try:
         app = build_app(config)
     except (OSError, ValueError) as err:
         print(f"serve: {err}")
         return 1
-    if args.high_throughput:  # before ray.init: Serve's processes read it when they start
-        os.environ.update(high_throughput_env(draining_period_s=1))  # no outside load balancer to wait for
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})

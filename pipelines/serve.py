@@ -219,7 +219,8 @@ def serving_spec(args: ServeArgs) -> ServingSpec:
     for role, card in (("glance", glance_card), ("patch", patch_card)):
         if card.kind != "classifier":
             raise ValueError(f"--{role} checkpoint is a {card.kind} checkpoint, not a classifier")
-    if _class_names(glance_card) != _class_names(patch_card):
+    class_names = _class_names(glance_card)
+    if class_names != _class_names(patch_card):
         raise ValueError("the glance and patch classifiers must have the same classes (names and order)")
     if glance_card.input_size != patch_card.input_size:
         raise ValueError(f"glance and patch input sizes differ: {glance_card.input_size} and {patch_card.input_size}")
@@ -230,8 +231,8 @@ def serving_spec(args: ServeArgs) -> ServingSpec:
     size = preprocessing.image_size
     anchornet_macs = anchornet_card.macs if anchornet_card.input_size == size else count_macs(anchornet, size)
     return ServingSpec(
-        class_names=_class_names(glance_card),
-        class_labels=class_labels(_class_names(glance_card)),
+        class_names=class_names,
+        class_labels=class_labels(class_names),
         preprocessing=preprocessing.to_dict(),
         patch_size=glance_card.input_size,
         min_side=k,
@@ -318,7 +319,7 @@ def high_throughput_env(draining_period_s: float | None = None) -> dict[str, str
 HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
 
 
-def busy_haproxy_ports() -> list[str]:
+def _busy_haproxy_ports() -> list[str]:
     """HAProxy's stats and metrics ports that something else already holds (HAProxy would crash at start)."""
     busy = []
     for variable, default in HAPROXY_PORTS.items():
@@ -330,6 +331,16 @@ def busy_haproxy_ports() -> list[str]:
             except OSError:
                 busy.append(f"{port} ({variable})")
     return busy
+
+
+def enable_high_throughput(draining_period_s: float | None = None) -> None:
+    """Put ``high_throughput_env`` into this process's environment, for an embedded ``ray.init`` that follows.
+
+    Raises ``RuntimeError`` (one line, naming the ports and their variables) when HAProxy's own ports are taken:
+    HAProxy would crash at start with a long traceback."""
+    if busy := _busy_haproxy_ports():
+        raise RuntimeError(f"HAProxy's ports are in use: {', '.join(busy)}; set those variables to free ports")
+    os.environ.update(high_throughput_env(draining_period_s))
 
 
 def model_device(use_gpu: bool) -> torch.device:
