@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Query, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.config import AutoscalingConfig
@@ -61,7 +62,14 @@ from anchornet import (
 from anchornet.early_exit import Aggregate, resize_square, step_contribution
 from anchornet.model import AnchorNet
 from anchornet.preprocessing import to_float
-from pipelines.serve_http import ApiError, install_error_handlers, jsonable, read_image_bytes, resolve_thresholds
+from pipelines.serve_http import (
+    ApiError,
+    install_error_handlers,
+    jsonable,
+    model_response,
+    read_image_bytes,
+    resolve_thresholds,
+)
 
 __all__ = [
     "BaselineArgs",
@@ -632,7 +640,7 @@ class Ingress:
         budget: str | None = Query(None, description="a named budget, e.g. q=0.50 (see /info)"),
         thresholds: str | None = Query(None, description="rho_1..rho_{T-1}, comma-separated, e.g. 0.9,0.8,0.7,0.6"),
         top_k: int | None = Query(None, ge=1, description="classes to return"),
-    ) -> Classification:
+    ) -> Response:
         start = time.perf_counter()
         spec = self.spec
         thresholds_of = {name: b["thresholds"] for name, b in self.budgets.items()}
@@ -657,7 +665,7 @@ class Ingress:
         macs = spec.glance_macs + (spec.anchornet_macs if available is not None else 0) + (t - 1) * spec.patch_macs
         probs = z.softmax(dim=-1) if spec.aggregate == "logits" else z / t
         names, labels = spec.class_names, spec.class_labels
-        return Classification(
+        result = Classification(
             prediction=_class_score(int(prediction), float(confidence), names, labels),
             top_k=_top_k(probs, names, labels, top_k or spec.top_k),
             confidence=float(confidence),
@@ -672,6 +680,7 @@ class Ingress:
             image_size=image_size,
             latency_ms=(time.perf_counter() - start) * 1e3,
         )
+        return model_response(result)
 
 
 def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
@@ -727,6 +736,18 @@ baseline_api = FastAPI(title="Full-size classifier (baseline)", version="1")
 install_error_handlers(baseline_api)
 
 
+class FullClassification(BaseModel):
+    """The baseline's answer: one step, the whole image."""
+
+    prediction: ClassScore
+    top_k: list[ClassScore]
+    exit_step: int = 1
+    macs: int = Field(description="multiply-accumulates spent on this image")
+    gmacs: float
+    image_size: list[int] = Field(description="(width, height) as received")
+    latency_ms: float = Field(description="time in the replica, decoding included")
+
+
 @serve.deployment
 @serve.ingress(baseline_api)
 class FullClassifier:
@@ -770,21 +791,21 @@ class FullClassifier:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @baseline_api.post("/classify", openapi_extra=_IMAGE_BODY)
-    async def classify(self, request: Request, top_k: int | None = Query(None, ge=1)) -> dict[str, Any]:
+    @baseline_api.post("/classify", response_model=FullClassification, openapi_extra=_IMAGE_BODY)
+    async def classify(self, request: Request, top_k: int | None = Query(None, ge=1)) -> Response:
         start = time.perf_counter()
         image, image_size = await decode_request(request, self.limits)
         probs = (await self.classify_batch(image)).softmax(dim=-1)
         scores = _top_k(probs, self.class_names, self.class_labels, top_k or self.top_k)
-        return {
-            "prediction": scores[0].model_dump(),
-            "top_k": [s.model_dump() for s in scores],
-            "exit_step": 1,
-            "macs": self.macs,
-            "gmacs": self.macs / 1e9,
-            "image_size": image_size,
-            "latency_ms": (time.perf_counter() - start) * 1e3,
-        }
+        result = FullClassification(
+            prediction=scores[0],
+            top_k=scores,
+            macs=self.macs,
+            gmacs=self.macs / 1e9,
+            image_size=image_size,
+            latency_ms=(time.perf_counter() - start) * 1e3,
+        )
+        return model_response(result)
 
 
 def build_baseline_app(args: BaselineArgs | dict[str, Any]) -> serve.Application:

@@ -16,13 +16,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 __all__ = [
     "RAW_CONTENT_TYPES",
     "ApiError",
     "install_error_handlers",
     "json_float",
+    "model_response",
     "parse_thresholds",
     "read_image_bytes",
     "resolve_thresholds",
@@ -194,3 +196,12 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: jsonable(v) for k, v in value.items()}
     return value
+
+
+def model_response(model: BaseModel) -> Response:
+    """``model`` as a JSON response, serialised by pydantic alone.
+
+    An endpoint that returns a ``Response`` skips FastAPI's second validation of the return value against its
+    ``response_model`` (which still documents the schema): ~0.2 ms per request off the serving path.
+    """
+    return Response(model.model_dump_json(), media_type="application/json")

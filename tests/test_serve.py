@@ -85,6 +85,17 @@ def test_parse_multipart() -> None:
         assert err.value.status == 400
 
 
+def test_openapi_documents_the_classify_responses() -> None:
+    """The /classify endpoints return pre-serialised JSON; their schemas must still be in the docs."""
+    from pipelines.serve import api, baseline_api
+
+    for app, model in ((api, "Classification"), (baseline_api, "FullClassification")):
+        spec = app.openapi()
+        content = spec["paths"]["/classify"]["post"]["responses"]["200"]["content"]["application/json"]
+        assert content["schema"] == {"$ref": f"#/components/schemas/{model}"}
+        assert {"prediction", "top_k", "macs", "latency_ms"} <= set(spec["components"]["schemas"][model]["properties"])
+
+
 def test_serve_config_yaml_is_valid_and_strict() -> None:
     from pipelines.serve import check_serve_config
 
