@@ -16,7 +16,10 @@ any request) and, in the separate layout, one direct handle call to the Glance d
 driver: no HTTP, no ingress) against the glance's forward pass in process. ``--colocate`` measures the layout
 where the models run inside the ingress replica; ``--high-throughput`` Ray Serve's high-throughput mode
 (HAProxy in place of the Python HTTP proxy, direct gRPC between replicas: ``pipelines.serve.high_throughput_env``).
-A one-client run keeps the machine otherwise idle, so the two sides see the same cores.
+A one-client run keeps the machine otherwise idle, so the two sides see the same cores. The client is the
+standard library's ``http.client`` on one keep-alive connection: its own CPU time lands in the measured latency
+on a small machine, and ``requests`` spends ~1.3 ms more per request than it does on 2 cores (``--client requests``
+measures that way).
 
     python -m benchmarks.serve_overhead --data ../shared/data/imagenette/val --anchornet A.pt --glance G.pt \\
         --patch P.pt --thresholds thresholds.json
@@ -37,6 +40,8 @@ from typing import Any
 from benchmarks._machine import cpu_name
 from benchmarks.serve_load import IMAGENETTE_INDICES, checkpoints, load_images
 
+MODELS = ("glance", "anchornet", "patch")  # their Server-Timing entries
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,6 +59,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--high-throughput", action="store_true", help="Ray Serve's high-throughput mode (HAProxy ingress)"
     )
     parser.add_argument("--port", type=int, default=8124)
+    parser.add_argument(
+        "--client", choices=("http.client", "requests"), default="http.client", help="the HTTP client library"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser.parse_args(argv)
 
@@ -67,17 +75,54 @@ def _deployment(batch_wait_ms: float) -> dict[str, Any]:
     }
 
 
+class _Client:
+    """One keep-alive HTTP/1.1 connection; ``request`` returns the body and the ``Server-Timing`` header."""
+
+    def __init__(self, port: int, library: str) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        if library == "requests":
+            import requests
+
+            self.session = requests.Session()
+        else:
+            import http.client
+
+            self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.library = library
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, params: dict[str, str] | None = None
+    ) -> tuple[bytes, str]:
+        from urllib.parse import urlencode
+
+        path = f"{path}?{urlencode(params)}" if params else path
+        headers = {"Content-Type": "image/jpeg"} if body is not None else {}
+        if self.library == "requests":
+            response = self.session.request(method, self.base + path, data=body, headers=headers, timeout=120)
+            status, content = response.status_code, response.content
+            timing = response.headers.get("Server-Timing", "")
+        else:
+            self.connection.request(method, path, body=body, headers=headers)
+            reply = self.connection.getresponse()
+            status, content = reply.status, reply.read()
+            timing = reply.getheader("Server-Timing", "")
+        if status != 200:
+            raise RuntimeError(f"{method} {path}: HTTP {status}: {content[:200]!r}")
+        return content, timing
+
+
 def serve_latencies(
     args: argparse.Namespace, paths: dict[str, str], images: list[tuple[bytes, int]], params: dict[str, str]
 ) -> list[dict[str, Any]]:
-    """One sequential request per image: ``{"ms", "exit_step", "server_ms", "correct"}``; then, per image, one
+    """One sequential request per image: ``{"ms", "exit_step", "server_ms", "correct", "timing"}`` (``timing``: the
+    replica's ``Server-Timing``, milliseconds by name); then, per image, one
     direct call to the Glance deployment's handle from the driver (``"glance_handle_ms"``)."""
     import ray
-    import requests
     from ray import serve
 
     from anchornet import Preprocessing, decode_image, load_checkpoint
     from pipelines.serve import build_app, enable_high_throughput
+    from pipelines.serve_http import parse_server_timing
 
     preprocessing = Preprocessing.from_dict(load_checkpoint(paths["anchornet"])[1].preprocessing or {})
     deployment = _deployment(args.batch_wait_ms)
@@ -100,29 +145,27 @@ def serve_latencies(
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port, "request_timeout_s": 60})
         serve.run(app, name="overhead", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{args.port}/classify"
-        session = requests.Session()
-        headers = {"Content-Type": "image/jpeg"}
+        client = _Client(args.port, args.client)
         for data, _ in images[:10]:  # warm up every code path
-            session.post(url, data=data, params=params, headers=headers, timeout=120).raise_for_status()
+            client.request("POST", "/classify", data, params)
         records = []
         for data, label in images:
             start = time.perf_counter()
-            response = session.post(url, data=data, params=params, headers=headers, timeout=120)
+            content, timing = client.request("POST", "/classify", data, params)
             elapsed = time.perf_counter() - start
-            response.raise_for_status()
-            body = response.json()
+            body = json.loads(content)
             records.append(
                 {
                     "ms": 1e3 * elapsed,
                     "exit_step": body["exit_step"],
                     "server_ms": body["latency_ms"],
+                    "timing": parse_server_timing(timing),
                     "correct": body["prediction"]["index"] == label,
                 }
             )
         for record in records:  # the floor: HTTP proxy + ingress, no model, no image
             start = time.perf_counter()
-            session.get(url.replace("/classify", "/healthz"), timeout=60).raise_for_status()
+            client.request("GET", "/healthz")
             record["healthz_ms"] = 1e3 * (time.perf_counter() - start)
         if not args.colocate:
             glance = serve.get_deployment_handle("Glance", app_name="overhead")
@@ -202,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "images": len(images),
         "request": params,
         "batch_wait_ms": args.batch_wait_ms,
+        "client": args.client,
         "accuracy": sum(r["correct"] for r in served) / len(served),
         "exit_steps": {s: steps.count(s) for s in sorted(set(steps))},
         "http_p50_ms": p50(http),
@@ -215,15 +259,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.colocate:
         results["glance_handle_p50_ms"] = p50(r["glance_handle_ms"] for r in served)
     results["glance_inprocess_p50_ms"] = p50(r["glance_ms"] for r in local)
+    if args.colocate:  # the replica timed its own forward passes: the same request on both sides
+        timings = [r["timing"] for r in served]
+        replica_model = [sum(t.get(m, 0.0) for m in MODELS) for t in timings]
+        same = [h - t["decode"] - m for h, t, m in zip(http, timings, replica_model, strict=True)]
+        results["replica_decode_p50_ms"] = p50(t["decode"] for t in timings)
+        results["replica_model_p50_ms"] = p50(replica_model)
+        results["same_request_overhead_p50_ms"] = p50(same)
+        results["same_request_ratio"] = results["same_request_overhead_p50_ms"] / results["replica_model_p50_ms"]
+        results["glance_replica_p50_ms"] = p50(t["glance"] for t in timings)
     print(json.dumps(results))
     print(
         f"HTTP p50 {results['http_p50_ms']:.1f} ms = decode {results['decode_p50_ms']:.1f} + models "
         f"{results['model_p50_ms']:.1f} + Serve overhead {results['overhead_p50_ms']:.1f} ms (p50 of per-image "
         f"differences): overhead / model compute = {results['overhead_ratio']:.2f} (target < 0.25)"
     )
+    if args.colocate:
+        print(
+            f"same request, timed by the replica (Server-Timing): HTTP p50 {results['http_p50_ms']:.1f} ms = decode "
+            f"{results['replica_decode_p50_ms']:.1f} + forward passes {results['replica_model_p50_ms']:.1f} + Serve "
+            f"overhead {results['same_request_overhead_p50_ms']:.1f} ms: overhead / model compute = "
+            f"{results['same_request_ratio']:.2f} (target < 0.25); the glance's forward pass: p50 "
+            f"{results['glance_replica_p50_ms']:.1f} ms in the replica, {results['glance_inprocess_p50_ms']:.1f} ms "
+            f"in process"
+        )
     floor = results["healthz_p50_ms"]
     mode = "HAProxy (high-throughput mode)" if args.high_throughput else "Serve's HTTP proxy"
-    print(f"layout {results['layout']}, {mode}; GET /healthz (proxy + ingress, no model): p50 {floor:.1f} ms")
+    print(
+        f"layout {results['layout']}, {mode}, client {args.client}; GET /healthz (proxy + ingress, no model): "
+        f"p50 {floor:.1f} ms"
+    )
     if not args.colocate:
         print(
             f"one handle call to the Glance deployment (from the driver, no HTTP): p50 "

@@ -458,7 +458,8 @@ class AnchorNetDeployment:
 
 
 class InProcessModel:
-    """A model run inside the ingress replica, called like a ``DeploymentHandle``: ``await model.remote(x)``.
+    """A model run inside the ingress replica, called like a ``DeploymentHandle``: ``await model.remote(x)``, or
+    ``await model.timed(x)`` for the output and the milliseconds of the forward pass it shared.
 
     Concurrent calls share one forward pass (``@serve.batch``), run on the event loop as the model deployments
     do (a worker thread measured 3 ms slower per request on 2 cores). Each instance batches on its own queue:
@@ -469,10 +470,16 @@ class InProcessModel:
     def __init__(
         self, forward: Callable[[torch.Tensor], list[Any]], max_batch_size: int, batch_wait_timeout_s: float
     ) -> None:
-        async def run(items: list[torch.Tensor]) -> list[Any]:
-            return _by_shape(items, forward)
+        async def run(items: list[torch.Tensor]) -> list[tuple[Any, float]]:
+            start = time.perf_counter()
+            outputs = _by_shape(items, forward)
+            elapsed_ms = (time.perf_counter() - start) * 1e3
+            return [(output, elapsed_ms) for output in outputs]
 
-        self.remote = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)(run)
+        self.timed = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)(run)
+
+    async def remote(self, item: torch.Tensor) -> Any:
+        return (await self.timed(item))[0]
 
 
 @dataclass(frozen=True)
@@ -553,21 +560,61 @@ class Classification(BaseModel):
     latency_ms: float = Field(description="time in the ingress, decoding included")
 
 
-async def decode_request(request: Request, spec: ServingSpec | dict[str, Any]) -> tuple[torch.Tensor, list[int]]:
-    """Read, decode and preprocess the image of a request: uint8 ``(3, S, S)`` and the original (width, height)."""
+async def decode_request(request: Request, spec: ServingSpec | dict[str, Any]) -> tuple[torch.Tensor, list[int], float]:
+    """Read, decode and preprocess the image of a request: uint8 ``(3, S, S)``, the original (width, height) and
+    the milliseconds decoding and preprocessing took (in their worker thread)."""
     get = spec.get if isinstance(spec, dict) else lambda key: getattr(spec, key)
     data = await read_image_bytes(request, get("max_body_bytes"))
     preprocessing = Preprocessing.from_dict(get("preprocessing"))
 
-    def decode() -> tuple[torch.Tensor, list[int]]:
+    def decode() -> tuple[torch.Tensor, list[int], float]:
+        start = time.perf_counter()
         image = decode_image(data, min_size=get("min_side"), max_pixels=get("max_pixels"))
-        return preprocessing(image), list(image.size)
+        return preprocessing(image), list(image.size), (time.perf_counter() - start) * 1e3
 
     try:
         return await asyncio.to_thread(decode)
     except ImageDecodeError as err:
         status = 413 if "exceeds" in str(err) else 400
         raise ApiError(status, "bad_image", str(err)) from None
+
+
+class ServerTiming:
+    """Where a request's time went, as the ``Server-Timing`` response header (W3C Server Timing): ``decode``,
+    each model (``glance``, ``anchornet``, ``patch``, summed over steps) and ``app``, the whole handler.
+
+    A model's entry is its forward pass when it runs in this replica (``desc="forward"``; a batched forward is
+    counted in full for every request that shared it), or the handle call as the ingress waited for it when it is
+    a separate deployment (``desc="call"``: forward, batching wait and the hop)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.entries: dict[str, list[Any]] = {}  # name -> [milliseconds, desc]
+
+    def add(self, name: str, ms: float, desc: str | None = None) -> None:
+        entry = self.entries.setdefault(name, [0.0, desc])
+        entry[0] += ms
+
+    async def call(self, name: str, model: Any, item: Any) -> Any:
+        """``await model.remote(item)``, timed as ``name``."""
+        if isinstance(model, InProcessModel):
+            output, ms = await model.timed(item)
+            self.add(name, ms, "forward")
+            return output
+        start = time.perf_counter()
+        output = await model.remote(item)
+        self.add(name, (time.perf_counter() - start) * 1e3, "call")
+        return output
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.start) * 1e3
+
+    def header(self, app_ms: float) -> str:
+        parts = [
+            f'{name};desc="{desc}";dur={ms:.3f}' if desc else f"{name};dur={ms:.3f}"
+            for name, (ms, desc) in self.entries.items()
+        ]
+        return ", ".join([*parts, f"app;dur={app_ms:.3f}"])
 
 
 def _class_score(index: int, probability: float, names: list[str], labels: list[str]) -> ClassScore:
@@ -641,21 +688,22 @@ class Ingress:
         thresholds: str | None = Query(None, description="rho_1..rho_{T-1}, comma-separated, e.g. 0.9,0.8,0.7,0.6"),
         top_k: int | None = Query(None, ge=1, description="classes to return"),
     ) -> Response:
-        start = time.perf_counter()
+        timing = ServerTiming()
         spec = self.spec
         thresholds_of = {name: b["thresholds"] for name, b in self.budgets.items()}
         budget_name, rho = resolve_thresholds(thresholds_of, self.default_budget, spec.num_patches, budget, thresholds)
-        image, image_size = await decode_request(request, spec)
+        image, image_size, decode_ms = await decode_request(request, spec)
+        timing.add("decode", decode_ms)
 
-        z = step_contribution(await self.glance.remote(image), spec.aggregate)
+        z = step_contribution(await timing.call("glance", self.glance, image), spec.aggregate)
         t, patches, available = 1, [], None
         confidence, prediction = accumulated_confidence(z, t, spec.aggregate)
         if not (spec.num_steps == 1 or confidence >= rho[0]):
-            proposal = await self.anchornet.remote(image)
+            proposal = await timing.call("anchornet", self.anchornet, image)
             available = int(proposal["boxes"].shape[0])
             for j in range(available):
                 t = j + 2
-                z = z + step_contribution(await self.patch.remote(proposal["crops"][j]), spec.aggregate)
+                z = z + step_contribution(await timing.call("patch", self.patch, proposal["crops"][j]), spec.aggregate)
                 confidence, prediction = accumulated_confidence(z, t, spec.aggregate)
                 patches.append(
                     PatchInfo(step=t, box=proposal["boxes"][j].tolist(), cam_score=float(proposal["scores"][j]))
@@ -678,9 +726,9 @@ class Ingress:
             patches=patches,
             patches_available=available,
             image_size=image_size,
-            latency_ms=(time.perf_counter() - start) * 1e3,
+            latency_ms=timing.elapsed_ms(),
         )
-        return model_response(result)
+        return model_response(result, {"Server-Timing": timing.header(result.latency_ms)})
 
 
 def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
@@ -793,9 +841,13 @@ class FullClassifier:
 
     @baseline_api.post("/classify", response_model=FullClassification, openapi_extra=_IMAGE_BODY)
     async def classify(self, request: Request, top_k: int | None = Query(None, ge=1)) -> Response:
+        timing = ServerTiming()
+        image, image_size, decode_ms = await decode_request(request, self.limits)
+        timing.add("decode", decode_ms)
         start = time.perf_counter()
-        image, image_size = await decode_request(request, self.limits)
-        probs = (await self.classify_batch(image)).softmax(dim=-1)
+        logits = await self.classify_batch(image)
+        timing.add("model", (time.perf_counter() - start) * 1e3, "call")
+        probs = logits.softmax(dim=-1)
         scores = _top_k(probs, self.class_names, self.class_labels, top_k or self.top_k)
         result = FullClassification(
             prediction=scores[0],
@@ -803,9 +855,9 @@ class FullClassifier:
             macs=self.macs,
             gmacs=self.macs / 1e9,
             image_size=image_size,
-            latency_ms=(time.perf_counter() - start) * 1e3,
+            latency_ms=timing.elapsed_ms(),
         )
-        return model_response(result)
+        return model_response(result, {"Server-Timing": timing.header(result.latency_ms)})
 
 
 def build_baseline_app(args: BaselineArgs | dict[str, Any]) -> serve.Application:

@@ -25,6 +25,7 @@ __all__ = [
     "install_error_handlers",
     "json_float",
     "model_response",
+    "parse_server_timing",
     "parse_thresholds",
     "read_image_bytes",
     "resolve_thresholds",
@@ -198,10 +199,24 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def model_response(model: BaseModel) -> Response:
-    """``model`` as a JSON response, serialised by pydantic alone.
+def model_response(model: BaseModel, headers: Mapping[str, str] | None = None) -> Response:
+    """``model`` as a JSON response, serialised by pydantic alone, with ``headers``.
 
     An endpoint that returns a ``Response`` skips FastAPI's second validation of the return value against its
     ``response_model`` (which still documents the schema): ~0.2 ms per request off the serving path.
     """
-    return Response(model.model_dump_json(), media_type="application/json")
+    return Response(model.model_dump_json(), media_type="application/json", headers=headers)
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """The durations of a ``Server-Timing`` header, in milliseconds: ``{"decode": 0.7, "glance": 12.1, ...}``.
+
+    Entries without ``dur`` are left out; a repeated name sums."""
+    durations: dict[str, float] = {}
+    for entry in header.split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        for param in params:
+            key, _, value = param.partition("=")
+            if name and key.strip().lower() == "dur":
+                durations[name] = durations.get(name, 0.0) + float(value.strip().strip('"'))
+    return durations

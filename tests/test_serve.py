@@ -26,7 +26,7 @@ from anchornet import (
     save_thresholds,
 )
 from anchornet.preprocessing import to_float
-from pipelines.serve_http import ApiError, parse_multipart, parse_thresholds
+from pipelines.serve_http import ApiError, parse_multipart, parse_server_timing, parse_thresholds
 
 requests = pytest.importorskip("requests")
 
@@ -71,6 +71,14 @@ def test_parse_thresholds() -> None:
         with pytest.raises(ApiError) as err:
             parse_thresholds(bad, 3)
         assert err.value.status == 400
+
+
+def test_parse_server_timing() -> None:
+    header = (
+        'decode;dur=0.5, glance;desc="forward";dur=12.25, patch;dur=3, patch;dur=1.5, cache;desc="miss", app;dur=20'
+    )
+    assert parse_server_timing(header) == {"decode": 0.5, "glance": 12.25, "patch": 4.5, "app": 20.0}
+    assert parse_server_timing("") == {}
 
 
 def test_parse_multipart() -> None:
@@ -274,6 +282,23 @@ def test_http_equals_engine(server: str, engine: EarlyExitClassifier) -> None:
         x0, y0, x1, y1 = patch["box"]
         assert x1 - x0 == y1 - y0 == 95 and math.isfinite(patch["cam_score"])
     assert _classify(server, data).json()["budget"] == "q=0.50"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_server_timing_says_where_the_time_went(server: str, layout: str) -> None:
+    desc = "forward" if layout == "colocated" else "call"
+    data = _encode(_photo(2))
+    for rho, models in ((0.0, ["glance"]), (math.inf, ["glance", "anchornet", "patch"])):
+        got = _classify(server, data, thresholds=",".join([str(rho)] * NUM_PATCHES))
+        assert got.status_code == 200, got.text
+        header = got.headers["Server-Timing"]
+        timing = parse_server_timing(header)
+        assert list(timing) == ["decode", *models, "app"]
+        assert all(f'{model};desc="{desc}"' in header for model in models)
+        assert timing["app"] == pytest.approx(got.json()["latency_ms"], abs=1e-3)
+        assert all(ms > 0 for ms in timing.values())
+        assert sum(timing[name] for name in ("decode", *models)) < timing["app"]  # one request: nothing shared
 
 
 @pytest.mark.ray

@@ -12,6 +12,7 @@ from PIL import Image
 from anchornet import Preprocessing, build_classifier, decode_image, load_checkpoint, save_checkpoint
 from anchornet.early_exit import resize_square
 from anchornet.preprocessing import to_float
+from pipelines.serve_http import parse_server_timing
 
 requests = pytest.importorskip("requests")
 
@@ -70,6 +71,8 @@ def test_baseline_classifies_like_the_checkpoint_with_readable_labels(server: st
     assert got.status_code == 200, got.text
     body = got.json()
     assert body["exit_step"] == 1 and body["macs"] == card.macs and body["image_size"] == [200, 180]
+    timing = parse_server_timing(got.headers["Server-Timing"])
+    assert list(timing) == ["decode", "model", "app"] and timing["app"] == pytest.approx(body["latency_ms"], abs=1e-3)
     assert len(body["top_k"]) == 2
     labels = {"n01440764": "tench, Tinca tinca", "n03417042": "garbage truck, dustcart"}
     for score in body["top_k"]:
