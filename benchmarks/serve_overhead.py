@@ -58,6 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--high-throughput", action="store_true", help="Ray Serve's high-throughput mode (HAProxy ingress)"
     )
+    parser.add_argument(
+        "--num-gpus", type=float, default=0.0, help="GPUs per deployment (e.g. 0.25); the in-process pass uses CUDA too"
+    )
     parser.add_argument("--port", type=int, default=8124)
     parser.add_argument(
         "--client", choices=("http.client", "requests"), default="http.client", help="the HTTP client library"
@@ -66,9 +69,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _deployment(batch_wait_ms: float) -> dict[str, Any]:
+def _deployment(batch_wait_ms: float, num_gpus: float = 0.0) -> dict[str, Any]:
     return {
         "num_cpus": 0.25,
+        "num_gpus": num_gpus,
         "torch_threads": 1,
         "batch_wait_timeout_s": batch_wait_ms / 1e3,
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
@@ -125,7 +129,7 @@ def serve_latencies(
     from pipelines.serve_http import parse_server_timing
 
     preprocessing = Preprocessing.from_dict(load_checkpoint(paths["anchornet"])[1].preprocessing or {})
-    deployment = _deployment(args.batch_wait_ms)
+    deployment = _deployment(args.batch_wait_ms, args.num_gpus)
     app = build_app(
         {
             "anchornet": paths["anchornet"],
@@ -181,19 +185,23 @@ def serve_latencies(
 
 
 def inprocess_times(
-    paths: dict[str, str], images: list[tuple[bytes, int]], exit_steps: list[int], num_patches: int
+    paths: dict[str, str],
+    images: list[tuple[bytes, int]],
+    exit_steps: list[int],
+    num_patches: int,
+    use_gpu: bool = False,
 ) -> list[dict[str, float]]:
     """Decode and model time of each image, doing what the deployments did for it: ``{"decode_ms", "model_ms",
     "glance_ms"}`` (the glance's forward pass alone)."""
     import torch
 
-    from anchornet import Preprocessing, decode_image, load_checkpoint
-    from pipelines.serve import classify_images, propose_patches
+    from anchornet import Preprocessing, decode_image
+    from pipelines.serve import classify_images, load_on_replica, propose_patches
 
     torch.set_num_threads(1)
-    anchornet, card = load_checkpoint(paths["anchornet"])
-    glance, glance_card = load_checkpoint(paths["glance"])
-    patch, patch_card = load_checkpoint(paths["patch"])
+    anchornet, card = load_on_replica(paths["anchornet"], use_gpu)  # as the replicas load them
+    glance, glance_card = load_on_replica(paths["glance"], use_gpu)
+    patch, patch_card = load_on_replica(paths["patch"], use_gpu)
     preprocessing = Preprocessing.from_dict(card.preprocessing or {})  # as the ingress does
 
     def run(data: bytes, exit_step: int) -> dict[str, float]:
@@ -230,13 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         given = {"anchornet": args.anchornet, "glance": args.glance, "patch": args.patch}
         paths = checkpoints(given, classes, Path(tmp), IMAGENETTE_INDICES)
         served = serve_latencies(args, paths, images, params)
-        local = inprocess_times(paths, images, [r["exit_step"] for r in served], num_patches=4)
+        steps = [r["exit_step"] for r in served]
+        local = inprocess_times(paths, images, steps, num_patches=4, use_gpu=args.num_gpus > 0)
     http = [r["ms"] for r in served]
     decode = [r["decode_ms"] for r in local]
     model = [r["model_ms"] for r in local]
     overhead = [h - d - m for h, d, m in zip(http, decode, model, strict=True)]
     p50 = statistics.median
-    steps = [r["exit_step"] for r in served]
     results = {
         "machine": f"{cpu_name()}, {os.cpu_count()} CPUs",
         "layout": "colocated" if args.colocate else "separate",
@@ -246,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "request": params,
         "batch_wait_ms": args.batch_wait_ms,
         "client": args.client,
+        "num_gpus": args.num_gpus,
+        "device": torch.cuda.get_device_name() if args.num_gpus > 0 else "cpu",
         "accuracy": sum(r["correct"] for r in served) / len(served),
         "exit_steps": {s: steps.count(s) for s in sorted(set(steps))},
         "http_p50_ms": p50(http),
