@@ -487,6 +487,10 @@ class ShardWriter:
         model, _ = load_checkpoint(spec["anchornet"])
         use_cuda = spec["num_gpus"] > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_cuda else "cpu")
+        if use_cuda:
+            # cuDNN convolutions default to TF32, which moved the CAM by up to 0.06 against the CPU on an H100
+            # and changed which patches were chosen; AnchorNet is small enough to run in full float32.
+            torch.backends.cudnn.allow_tf32 = False
         # inference only: batch norms and the input normalisation folded into the convolutions, NHWC activations
         # (oneDNN / cuDNN's fast path)
         folded = fold_normalize(fold_batchnorm(model))
@@ -541,14 +545,17 @@ class ShardWriter:
         """AnchorNet on a mini-batch of good images: one Arrow table in ``SHARD_SCHEMA``."""
         spec = self.spec
         k = self.model.receptive_field.size
-        images = torch.stack([d.image for d in decoded]).to(self.device)
+        images_cpu = torch.stack([d.image for d in decoded])
+        images = images_cpu.to(self.device)
         with torch.inference_mode():
             # to NHWC while still uint8 (a quarter of the bytes); the float copy keeps the layout
             nhwc = to_float(images.contiguous(memory_format=torch.channels_last))
             cam, logits = class_activation_map(self.model, nhwc)
             selection = select_patches(cam, self.model.receptive_field, spec["num_patches"], spec["iou_threshold"])
             crops = crop_patches(images, selection.boxes, size=k)
-            glance = TF.resize(images, [k, k], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+            # on the CPU whatever the model's device: the GPU's antialiased resize rounds differently, and the rows
+            # must not depend on where they were computed
+            glance = TF.resize(images_cpu, [k, k], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
             confidence, top1 = logits.float().softmax(dim=1).max(dim=1)
         counts = selection.valid.sum(dim=1).tolist()
         encoding, quality = spec["image_encoding"], spec["jpeg_quality"]
