@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -256,6 +257,30 @@ def test_lost_shard_is_rewritten_alone(reference: Path, tree: Path, checkpoint: 
     assert {k: v for k, v in _files(out / "shards").items() if k in before} == before
     ids = [r["image_id"] for r in _rows(out)]
     assert len(ids) == len(set(ids)) == GOOD
+
+
+@pytest.mark.ray
+def test_compare_outputs_finds_every_changed_row(reference: Path, tmp_path: Path) -> None:
+    """``benchmarks.precompute_compare``, the device check that a GPU run wrote the CPU's rows."""
+    from benchmarks.precompute_compare import compare, load_rows, main
+
+    rows = load_rows(str(reference))
+    assert len(rows) == GOOD
+    same = compare(rows, rows)
+    assert same["rows_differing"] == 0 and same["max_abs_difference"] == {"cam": 0, "cam_scores": 0, "confidence": 0}
+    assert main([str(reference), str(reference)]) == 0
+
+    out = tmp_path / "changed"
+    shutil.copytree(reference, out)
+    shard = out / "shards/part-00001.parquet"
+    table = pq.read_table(shard).to_pylist()
+    table[0]["glance"] = table[0]["glance"][:-1] + b"x"  # another byte, as a GPU resize gave
+    table[1]["cam"] = [v + 0.0625 for v in table[1]["cam"]]  # a CAM moved, but no other patch chosen
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(shard)), shard)
+    changed = compare(rows, load_rows(str(out)))
+    assert changed["rows_differing"] == 1 and changed["differing"]["glance"] == 1
+    assert changed["max_abs_difference"]["cam"] == pytest.approx(0.0625)
+    assert main([str(reference), str(out)]) == 1
 
 
 @pytest.mark.ray
