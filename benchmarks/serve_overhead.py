@@ -18,8 +18,8 @@ where the models run inside the ingress replica; ``--high-throughput`` Ray Serve
 (HAProxy in place of the Python HTTP proxy, direct gRPC between replicas: ``pipelines.serve.high_throughput_env``).
 A one-client run keeps the machine otherwise idle, so the two sides see the same cores. The client is the
 standard library's ``http.client`` on one keep-alive connection: its own CPU time lands in the measured latency
-on a small machine, and ``requests`` spends ~1.3 ms more per request than it does on 2 cores (``--client requests``
-measures that way).
+on a small machine, and ``requests`` spent ~1.2 ms more per request than it does on 2 cores (docs/serving.md;
+``--client requests`` measures that way).
 
     python -m benchmarks.serve_overhead --data ../shared/data/imagenette/val --anchornet A.pt --glance G.pt \\
         --patch P.pt --thresholds thresholds.json

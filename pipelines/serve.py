@@ -31,7 +31,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
@@ -605,16 +605,20 @@ class ServerTiming:
         entry = self.entries.setdefault(name, [0.0, desc])
         entry[0] += ms
 
+    async def wait(self, name: str, pending: Awaitable[Any]) -> Any:
+        """``await pending``, its wall time added to ``name`` as a ``call``."""
+        start = time.perf_counter()
+        output = await pending
+        self.add(name, (time.perf_counter() - start) * 1e3, "call")
+        return output
+
     async def call(self, name: str, model: Any, item: Any) -> Any:
-        """``await model.remote(item)``, timed as ``name``."""
+        """``await model.remote(item)``, timed as ``name``: the forward pass in this replica, else the call."""
         if isinstance(model, InProcessModel):
             output, ms = await model.timed(item)
             self.add(name, ms, "forward")
             return output
-        start = time.perf_counter()
-        output = await model.remote(item)
-        self.add(name, (time.perf_counter() - start) * 1e3, "call")
-        return output
+        return await self.wait(name, model.remote(item))
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.start) * 1e3
@@ -854,10 +858,7 @@ class FullClassifier:
         timing = ServerTiming()
         image, image_size, decode_ms = await decode_request(request, self.limits)
         timing.add("decode", decode_ms)
-        start = time.perf_counter()
-        logits = await self.classify_batch(image)
-        timing.add("model", (time.perf_counter() - start) * 1e3, "call")
-        probs = logits.softmax(dim=-1)
+        probs = (await timing.wait("model", self.classify_batch(image))).softmax(dim=-1)
         scores = _top_k(probs, self.class_names, self.class_labels, top_k or self.top_k)
         result = FullClassification(
             prediction=scores[0],

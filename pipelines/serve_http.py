@@ -203,7 +203,8 @@ def model_response(model: BaseModel, headers: Mapping[str, str] | None = None) -
     """``model`` as a JSON response, serialised by pydantic alone, with ``headers``.
 
     An endpoint that returns a ``Response`` skips FastAPI's second validation of the return value against its
-    ``response_model`` (which still documents the schema): ~0.2 ms per request off the serving path.
+    ``response_model``, which still documents the schema. In a probe inside the replica, building and sending the
+    response went from 0.40 to 0.35 ms at p50.
     """
     return Response(model.model_dump_json(), media_type="application/json", headers=headers)
 
