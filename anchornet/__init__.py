@@ -14,7 +14,7 @@ from anchornet.classifiers import (
     classifier_names,
 )
 from anchornet.early_exit import EarlyExitClassifier, EarlyExitResult, accumulated_confidence, cumulative_step_macs
-from anchornet.fusion import fold_batchnorm, fold_normalize
+from anchornet.fusion import fold_batchnorm, fold_normalize, prepare_for_inference
 from anchornet.layers import MBConv, SqueezeExcite
 from anchornet.macs import count_macs
 from anchornet.model import TABLE1, AnchorNet, MBConvConfig, anchornet_test
@@ -71,6 +71,7 @@ __all__ = [
     "fold_normalize",
     "load_checkpoint",
     "load_thresholds",
+    "prepare_for_inference",
     "random_patches",
     "receptive_field_of",
     "save_checkpoint",

@@ -7,6 +7,7 @@
   stem has no padding: a zero border would be ``-m / s`` after normalisation, not 0.
 
 The folded model computes the same function with one memory pass less per folded layer.
+``prepare_for_inference`` applies both and puts the result where batch jobs and serving run it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from anchornet.layers import Normalize
 from anchornet.model import AnchorNet
 
-__all__ = ["fold_batchnorm", "fold_normalize"]
+__all__ = ["fold_batchnorm", "fold_normalize", "prepare_for_inference"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -68,3 +69,23 @@ def fold_normalize(model: AnchorNet) -> AnchorNet:
         stem.bias = nn.Parameter(bias - shift, requires_grad=False)
     folded.normalize = nn.Identity()
     return folded
+
+
+def prepare_for_inference(model: AnchorNet, device: torch.device | str = "cpu") -> AnchorNet:
+    """An inference-only copy of ``model`` as the precompute job and the Serve deployments run it: batch norms and
+    the input normalisation folded, weights channels-last, on ``device``.
+
+    Feed it uint8 images made channels-last *before* ``to_float`` (a quarter of the bytes to reorder); NCHW input
+    works too, only slower. On one CPU thread the CAM of one 224 image took 4.5-5.4 ms against 5.9-6.9 ms eager
+    (p50s of three runs).
+
+    On a CUDA device this also turns off cuDNN's TF32 convolutions **for the whole process** (cuDNN has no
+    per-module switch): on an H100 TF32 moved the CAM by up to 0.06 against the CPU and changed which patches
+    were chosen. AnchorNet is 0.06 GMACs; exact float32 costs it nothing that matters, but other models in the
+    same process lose TF32 too.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+    prepared = fold_normalize(fold_batchnorm(model))
+    return prepared.to(device, memory_format=torch.channels_last)

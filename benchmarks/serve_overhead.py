@@ -195,11 +195,12 @@ def inprocess_times(
     "glance_ms"}`` (the glance's forward pass alone)."""
     import torch
 
-    from anchornet import Preprocessing, decode_image
-    from pipelines.serve import classify_images, load_on_replica, propose_patches
+    from anchornet import Preprocessing, decode_image, load_checkpoint
+    from pipelines.serve import classify_images, load_anchornet_on_replica, load_on_replica, propose_patches
 
     torch.set_num_threads(1)
-    anchornet, card = load_on_replica(paths["anchornet"], use_gpu)  # as the replicas load them
+    anchornet = load_anchornet_on_replica(paths["anchornet"], use_gpu)  # as the replicas load them
+    card = load_checkpoint(paths["anchornet"])[1]
     glance, glance_card = load_on_replica(paths["glance"], use_gpu)
     patch, patch_card = load_on_replica(paths["patch"], use_gpu)
     preprocessing = Preprocessing.from_dict(card.preprocessing or {})  # as the ingress does

@@ -52,9 +52,8 @@ from anchornet import (
     class_activation_map,
     crop_patches,
     decode_image,
-    fold_batchnorm,
-    fold_normalize,
     load_checkpoint,
+    prepare_for_inference,
     select_patches,
     storage,
 )
@@ -487,14 +486,9 @@ class ShardWriter:
         model, _ = load_checkpoint(spec["anchornet"])
         use_cuda = spec["num_gpus"] > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_cuda else "cpu")
-        if use_cuda:
-            # cuDNN convolutions default to TF32, which moved the CAM by up to 0.06 against the CPU on an H100
-            # and changed which patches were chosen; AnchorNet is small enough to run in full float32.
-            torch.backends.cudnn.allow_tf32 = False
-        # inference only: batch norms and the input normalisation folded into the convolutions, NHWC activations
-        # (oneDNN / cuDNN's fast path)
-        folded = fold_normalize(fold_batchnorm(model))
-        self.model: AnchorNet = folded.to(self.device, memory_format=torch.channels_last)
+        # batch norms and the input normalisation folded, NHWC activations (oneDNN / cuDNN's fast path), and on
+        # CUDA exact float32 (TF32 changed which patches were chosen): the rows do not depend on the device
+        self.model: AnchorNet = prepare_for_inference(model, self.device)
         self.preprocessing = Preprocessing.from_dict(spec["preprocessing"])
         self.in_fs, self.in_root = storage.resolve(spec["input"])
         self.out_fs, self.out_root = storage.resolve(spec["output"])

@@ -57,6 +57,7 @@ from anchornet import (
     decode_image,
     load_checkpoint,
     load_thresholds,
+    prepare_for_inference,
     select_patches,
 )
 from anchornet.early_exit import Aggregate, resize_square, step_contribution
@@ -81,7 +82,9 @@ __all__ = [
     "build_baseline_app",
     "check_serve_config",
     "classify_images",
+    "load_anchornet_on_replica",
     "load_budgets",
+    "load_on_replica",
     "model_device",
     "propose_patches",
 ]
@@ -377,6 +380,15 @@ def load_on_replica(checkpoint: str, use_gpu: bool) -> tuple[nn.Module, Any]:
     return model.to(model_device(use_gpu)), card
 
 
+def load_anchornet_on_replica(checkpoint: str, use_gpu: bool) -> AnchorNet:
+    """An AnchorNet checkpoint ready for serving on the replica's device: ``anchornet.prepare_for_inference``, the
+    same folded, channels-last, exact-float32 model the precompute job runs, so served patches are its patches."""
+    model, card = load_checkpoint(checkpoint)
+    if not isinstance(model, AnchorNet):
+        raise ValueError(f"{checkpoint} is a {card.kind} checkpoint, not an AnchorNet one")
+    return prepare_for_inference(model, model_device(use_gpu))
+
+
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -396,7 +408,8 @@ def propose_patches(
     """What the AnchorNet deployment computes for a batch: CAM (Eq. 2), NMS-selected boxes and their crops
     (on the CPU, wherever the model runs)."""
     receptive_field = model.receptive_field
-    cam, _ = class_activation_map(model, to_float(images.to(_device_of(model), non_blocking=True)))
+    nhwc = images.to(_device_of(model), non_blocking=True).contiguous(memory_format=torch.channels_last)
+    cam, _ = class_activation_map(model, to_float(nhwc))
     selection = select_patches(cam.cpu(), receptive_field, num_patches, iou_threshold)
     crops = crop_patches(images, selection.boxes, size=receptive_field.size)
     return [
@@ -453,7 +466,7 @@ class AnchorNetDeployment:
         use_gpu: bool = False,
     ) -> None:
         torch.set_num_threads(torch_threads)
-        self.model, self.card = load_on_replica(checkpoint, use_gpu)
+        self.model = load_anchornet_on_replica(checkpoint, use_gpu)
         self.num_patches = num_patches
         self.iou_threshold = iou_threshold
         self.__call__.set_max_batch_size(max_batch_size)
@@ -508,7 +521,7 @@ class ColocatedModels:
     def load(self) -> tuple[InProcessModel, InProcessModel, InProcessModel]:
         """(glance, anchornet, patch), loaded in this process."""
         torch.set_num_threads(self.torch_threads)
-        anchornet, _ = load_on_replica(self.anchornet, self.use_gpu)  # an AnchorNet: build_app checked the card
+        anchornet = load_anchornet_on_replica(self.anchornet, self.use_gpu)
         models = []
         for role in ("glance", "patch"):
             model, card = load_on_replica(getattr(self, role), self.use_gpu)

@@ -6,7 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from anchornet import AnchorNet, anchornet_test, build_classifier, fold_batchnorm, fold_normalize
+from anchornet import (
+    AnchorNet,
+    anchornet_test,
+    build_classifier,
+    class_activation_map,
+    fold_batchnorm,
+    fold_normalize,
+    prepare_for_inference,
+)
+from anchornet.preprocessing import to_float
 
 pytestmark = pytest.mark.model
 
@@ -77,3 +86,21 @@ def test_folding_the_normalisation_into_a_padded_stem_is_refused() -> None:
     stem.padding = (1, 1)  # a zero border would no longer be zero after normalisation
     with pytest.raises(ValueError, match="padding-free"):
         fold_normalize(model)
+
+
+def test_prepared_for_inference_is_folded_channels_last_and_gives_the_same_cam() -> None:
+    model = _with_statistics(AnchorNet(10))
+    prepared = prepare_for_inference(model)
+    assert not prepared.training
+    assert isinstance(prepared.normalize, nn.Identity)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
+    stem = next(m for m in prepared.features.modules() if isinstance(m, nn.Conv2d))
+    assert stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not isinstance(model.normalize, nn.Identity)  # the input is untouched
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        cam, logits = class_activation_map(model, to_float(images))
+        nhwc = to_float(images.contiguous(memory_format=torch.channels_last))
+        prepared_cam, prepared_logits = class_activation_map(prepared, nhwc)
+    torch.testing.assert_close(prepared_cam, cam, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(prepared_logits, logits, rtol=1e-4, atol=1e-4)
