@@ -2,7 +2,9 @@
 
 S3 credentials come from the standard AWS chain (environment, shared profile, instance role); nothing is
 configured in code. ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) points at an S3-compatible server
-such as MinIO or SeaweedFS, and ``AWS_REGION``/``AWS_DEFAULT_REGION`` sets the region.
+such as MinIO or SeaweedFS, and ``AWS_REGION``/``AWS_DEFAULT_REGION`` sets the region. Without it the AWS SDK takes
+the region from the profile or the EC2 instance's metadata: set it when a bucket lives in another region than the
+nodes (pyarrow does not look a bucket's region up by itself; ``pyarrow.fs.resolve_s3_region(bucket)`` tells it).
 """
 
 from __future__ import annotations
@@ -57,11 +59,11 @@ def resolve(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
 
 
 def join(uri: str | os.PathLike[str], *parts: str) -> str:
-    """``uri`` joined with ``parts``, keeping an ``s3://`` prefix."""
+    """``uri`` joined with ``parts``, keeping an ``s3://`` prefix; a ``file://`` URI becomes a plain path."""
     text = str(uri)
     if is_remote(text):
         return posixpath.join(text.rstrip("/"), *parts)
-    return str(Path(text, *parts))
+    return str(Path(text.removeprefix("file://"), *parts))
 
 
 def exists(uri: str | os.PathLike[str]) -> bool:

@@ -26,7 +26,14 @@ from anchornet import Preprocessing, class_activation_map, crop_patches, decode_
 from anchornet.preprocessing import to_float
 from pipelines import schema
 from pipelines.patch_dataset import PatchDataset
-from pipelines.precompute import PrecomputeConfig, PrecomputeError, ShardWriter, plan_job, run_precompute
+from pipelines.precompute import (
+    FORWARD_BATCH,
+    PrecomputeConfig,
+    PrecomputeError,
+    ShardWriter,
+    plan_job,
+    run_precompute,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 5
@@ -147,6 +154,21 @@ def test_shard_content_matches_the_library(tree: Path, checkpoint: Path, tmp_pat
         assert glance.shape == (3, k, k) and glance.dtype == torch.uint8
 
 
+def test_rows_do_not_depend_on_the_batch_size(tree: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """The same images in one mini-batch, one at a time, or in fives give the same rows, bit for bit (oneDNN's
+    float32 results otherwise change in the last bits with the batch shape)."""
+    shipped = REPO / "checkpoints/anchornet.pt"  # Table 1's AnchorNet: its kernels showed the effect
+    plan = plan_job(_config(tree, tmp_path / "out", shipped))
+    writer = ShardWriter(plan.worker_spec())
+    items = [item for i in range(plan.num_shards) for item in plan.shard_items(i)]
+    decoded = [d for d in map(writer._load, items) if d.image is not None] * 2
+    assert len(decoded) > FORWARD_BATCH, "the images must span more than one forward pass"
+    whole = writer.process(decoded).to_pylist()
+    for size in (1, 5):
+        parts = [writer.process(decoded[i : i + size]).to_pylist() for i in range(0, len(decoded), size)]
+        assert [row for part in parts for row in part] == whole
+
+
 @pytest.mark.parametrize("encoding", ["png", "jpeg", "raw"])
 def test_encodings_round_trip(encoding: str) -> None:
     crops = torch.randint(0, 256, (3, 3, 95, 95), dtype=torch.uint8)
@@ -230,12 +252,16 @@ def test_interrupted_run_resumes_to_identical_output(reference: Path, tree: Path
     written = _files(out / "shards")
     # what a kill mid-shard leaves behind: a temporary file and the errors file of an uncommitted shard
     (out / "shards/.part-00003.parquet.dead.tmp").write_bytes(b"partial")
+    (out / "errors").mkdir(exist_ok=True)
+    (out / "errors/.part-00003.parquet.dead.tmp").write_bytes(b"partial")
+    (out / ".errors.parquet.dead.tmp").write_bytes(b"partial")
     second = run_precompute(_config(tree, out, checkpoint, workers=2))
     assert second.complete and second.shards_written == 2 and second.shards_skipped == 2
     assert {k: v for k, v in _files(out / "shards").items() if k in written} == written
-    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(
-        p.name for p in (reference / "shards").iterdir()
-    )
+    for folder in ("shards", "errors", "."):  # the temporaries are gone: the same files as a straight run
+        assert sorted(p.name for p in (out / folder).iterdir()) == sorted(
+            p.name for p in (reference / folder).iterdir()
+        )
     assert _rows(out) == _rows(reference)  # deterministic: a different schedule, the same rows
     for i in range(4):
         name = f"shards/part-0000{i}.parquet"

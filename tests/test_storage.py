@@ -29,6 +29,15 @@ def test_join_keeps_the_scheme() -> None:
     assert storage.is_remote("s3://b/k") and not storage.is_remote("/b/k")
 
 
+def test_a_file_uri_is_the_same_place_as_its_path(tmp_path: Path) -> None:
+    uri = f"file://{tmp_path}"
+    assert storage.join(uri, "a", "b.bin") == str(tmp_path / "a" / "b.bin")
+    storage.write_bytes(storage.join(uri, "a", "b.bin"), b"x")
+    assert storage.read_bytes(tmp_path / "a" / "b.bin") == b"x"
+    assert storage.exists(storage.join(uri, "a", "b.bin"))
+    assert storage.resolve(storage.join(uri, "a"))[1] == storage.resolve(tmp_path / "a")[1]
+
+
 def test_unknown_scheme_is_refused() -> None:
     with pytest.raises(ValueError, match="unsupported URI scheme"):
         storage.resolve("gs://bucket/key")
