@@ -88,14 +88,21 @@ def save_checkpoint(
 ) -> ModelCard:
     """Write ``model`` and its card to a local path or ``s3://`` URI; returns the card.
 
-    ``input_size`` is the side of the square input the model works at (224 for AnchorNet, K for the patch
-    networks); the MACs at that size are counted here. ``extra`` keys (metrics, thresholds, ...) must be plain
-    values (str, int, float, bool, None, lists and dicts of them).
+    ``input_size`` is the side of the square input the model works at: 224 by default for AnchorNet, required
+    for a classifier (K for the glance and patch networks); the MACs at that size are counted here. ``extra``
+    keys (metrics, thresholds, ...) must be plain values (str, int, float, bool, None, lists and dicts of them).
+
+    Raises ``ValueError`` for a model whose weights do not fit the architecture its config rebuilds, such as one
+    from ``fold_batchnorm``, ``fold_normalize`` or ``prepare_for_inference``: save the model before folding.
     """
     kind, arch = _kind_and_arch(model)
     net = getattr(model, "module", model)
     if input_size is None:
-        input_size = 224 if kind == "anchornet" else 95
+        if kind != "anchornet":
+            raise ValueError("input_size is required for a classifier: the side of the square input it works at")
+        input_size = 224
+    state_dict = net.state_dict()
+    _check_rebuildable(kind, arch, state_dict)
     num_classes = arch["num_classes"]
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
@@ -123,7 +130,7 @@ def save_checkpoint(
         "kind": kind,
         "arch": _plain(arch, "arch"),
         "card": _plain(card.to_dict(), "card"),
-        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -147,12 +154,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelCard]
     if payload.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has checkpoint version {payload['version']}; this package reads <= {VERSION}")
     kind, arch = payload["kind"], payload["arch"]
-    if kind == "anchornet":
-        model: nn.Module = AnchorNet(**arch)
-    elif kind == "classifier":
-        model = build_classifier(arch["name"], arch["num_classes"])
-    else:
+    if kind not in ("anchornet", "classifier"):
         raise CheckpointError(f"{path} holds an unknown model kind {kind!r}")
+    model = _build(kind, arch)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:
@@ -163,6 +167,33 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelCard]
         for k in ("kind", "arch", "input_size", "macs", "class_names", "preprocessing", "provenance")
     }
     return model.eval(), ModelCard(**known, extra=card_dict)
+
+
+def _build(kind: str, arch: dict[str, Any]) -> nn.Module:
+    """The empty architecture a checkpoint of ``kind`` with ``arch`` on its card loads into."""
+    if kind == "anchornet":
+        return AnchorNet(**arch)
+    return build_classifier(arch["name"], arch["num_classes"])
+
+
+def _check_rebuildable(kind: str, arch: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` unless ``load_checkpoint`` can load ``state_dict`` into ``_build(kind, arch)``."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        expected = {k: tuple(v.shape) for k, v in _build(kind, arch).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    if got == expected:
+        return
+    missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    details = ", ".join(
+        f"{what} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("reshaped", reshaped))
+        if keys
+    )
+    raise ValueError(
+        f"the model's weights do not fit the {kind} its config rebuilds ({details}); "
+        "save it before fold_batchnorm, fold_normalize or prepare_for_inference"
+    )
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -152,6 +152,8 @@ class EarlyExitClassifier(nn.Module):
             raise ValueError(f"aggregate must be 'logits' or 'probs', got {aggregate!r}")
         if patch_policy not in ("anchornet", "random"):
             raise ValueError(f"patch_policy must be 'anchornet' or 'random', got {patch_policy!r}")
+        if not 0.0 <= iou_threshold <= 1.0:
+            raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
         self.anchornet = anchornet
         self.glance_net = glance_net
         self.patch_net = patch_net
@@ -166,9 +168,13 @@ class EarlyExitClassifier(nn.Module):
         self.receptive_field.check_input(*self.image_size)
         self.thresholds = thresholds
 
-        channels = anchornet.config["in_channels"]
-        self.glance_macs = count_macs(glance_net, (channels, self.patch_size, self.patch_size))
-        self.patch_macs = count_macs(patch_net, (channels, self.patch_size, self.patch_size))
+        input_shape = (anchornet.config["in_channels"], self.patch_size, self.patch_size)
+        self.glance_macs, glance_classes = _macs_and_classes(glance_net, input_shape)
+        self.patch_macs, patch_classes = _macs_and_classes(patch_net, input_shape)
+        if glance_classes != patch_classes:
+            raise ValueError(
+                f"glance_net and patch_net must have the same classes, got {glance_classes} and {patch_classes} outputs"
+            )
         self._anchornet_macs: dict[tuple[int, int], int] = {}
         self.anchornet_macs = self._anchornet_cost(*self.image_size)
 
@@ -352,6 +358,21 @@ class EarlyExitClassifier(nn.Module):
             patches = self._patches(images.index_select(0, b), selection.boxes[b, j])
             outputs[b, j + 1] = self.patch_net(patches).to(outputs.dtype)
         return outputs, selection
+
+
+def _macs_and_classes(net: nn.Module, input_shape: tuple[int, int, int]) -> tuple[int, int]:
+    """``count_macs(net, input_shape)`` and the number of classes ``net`` outputs, read from that same pass."""
+    outputs: list[torch.Tensor] = []
+    handle = net.register_forward_hook(lambda _module, _args, output: outputs.append(output))
+    try:
+        macs = count_macs(net, input_shape)
+    finally:
+        handle.remove()
+    output = outputs[-1]
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(f"glance_net and patch_net must return (B, num_classes) logits, got {shape}")
+    return macs, output.shape[-1]
 
 
 def _index_selection(

@@ -54,7 +54,9 @@ class AnchorNet(nn.Module):
         head_channels: width of the 1x1 head convolution.
         blocks: the block table; Table 1 by default.
         stem: ``(kernel, channels, stride)`` of the stem convolution.
-        mean, std: input normalisation applied first: the model takes ``[0, 1]`` RGB tensors.
+        in_channels: channels of the input images.
+        mean, std: input normalisation applied first, one value per input channel: the model takes ``[0, 1]``
+            tensors (RGB by default).
     """
 
     def __init__(
@@ -73,6 +75,10 @@ class AnchorNet(nn.Module):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        if not len(mean) == len(std) == in_channels:
+            raise ValueError(
+                f"mean and std need one value per input channel ({in_channels}), got {len(mean)} and {len(std)}"
+            )
         blocks = tuple(b if isinstance(b, MBConvConfig) else MBConvConfig(*b) for b in blocks)
         self._config: dict[str, Any] = {
             "num_classes": num_classes,
@@ -108,7 +114,10 @@ class AnchorNet(nn.Module):
         self.classifier = nn.Linear(head_channels, num_classes)
         self.num_classes = num_classes
         self.num_features = head_channels
-        self.receptive_field: ReceptiveField = receptive_field_of(self, skip=(SqueezeExcite,))
+        # The grid is shaped by forward_features; the classifier acts on the pooled map.
+        self.receptive_field: ReceptiveField = receptive_field_of(
+            nn.Sequential(self.normalize, self.features, self.head), skip=(SqueezeExcite,)
+        )
         self._init_weights()
 
     @property

@@ -39,9 +39,10 @@ def select_patches(
 ) -> PatchSelection:
     """Greedy NMS over the CAM cells of each image, best first (paper Sec. 3.3).
 
-    Cells are visited from the highest CAM score down; a cell's window is accepted when its IoU with every
-    accepted window is at most ``iou_threshold``; selection stops after ``num_patches`` windows. Images
-    where fewer windows survive get invalid slots (see ``PatchSelection``), never duplicates.
+    Cells are visited from the highest CAM score down, equal scores in cell order (lower index first); a cell's
+    window is accepted when its IoU with every accepted window is at most ``iou_threshold``; selection stops
+    after ``num_patches`` windows. Images where fewer windows survive get invalid slots (see ``PatchSelection``),
+    never duplicates. An image's patches do not depend on the rest of the batch.
 
     Args:
         cam: ``(B, rows, cols)`` scores, e.g. from ``class_activation_map``.
@@ -55,14 +56,19 @@ def select_patches(
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
     batch, rows, cols = cam.shape
     cells_per_image = rows * cols
+    flat_cam = cam.detach().reshape(batch, cells_per_image)
     all_boxes = receptive_field.cell_boxes(rows, cols, cam.device)
-    scores = cam.detach().reshape(-1).float()
+    # NMS sees each cell's rank, not its score: a total order within every image (ties broken by cell index,
+    # which batched_nms's unstable sort would not keep) and exact for any CAM dtype.
+    order = flat_cam.argsort(dim=1, descending=True, stable=True)
+    positions = torch.arange(cells_per_image, device=cam.device).expand(batch, -1)
+    cell_rank = torch.empty_like(order).scatter_(1, order, positions)
     image_of = torch.arange(batch, device=cam.device).repeat_interleave(cells_per_image)
-    keep = batched_nms(all_boxes.repeat(batch, 1), scores, image_of, iou_threshold)
-    # `keep` is sorted by score across all images; group it by image, keeping that order inside each group.
+    keep = batched_nms(all_boxes.repeat(batch, 1), -cell_rank.reshape(-1).float(), image_of, iou_threshold)
+    # `keep` is sorted by rank across all images; group it by image, keeping that order inside each group.
     image_of_keep = image_of[keep]
-    order = torch.sort(image_of_keep, stable=True).indices
-    keep, image_of_keep = keep[order], image_of_keep[order]
+    grouped = torch.sort(image_of_keep, stable=True).indices
+    keep, image_of_keep = keep[grouped], image_of_keep[grouped]
     first = torch.searchsorted(image_of_keep, image_of_keep, right=False)
     rank = torch.arange(keep.numel(), device=cam.device) - first
     take = rank < num_patches
@@ -73,7 +79,7 @@ def select_patches(
     valid = cells >= 0
     safe = cells.clamp(min=0)
     boxes = all_boxes[safe].masked_fill(~valid[..., None], float("nan"))
-    out_scores = torch.gather(cam.reshape(batch, -1), 1, safe).masked_fill(~valid, float("nan"))
+    out_scores = torch.gather(cam.reshape(batch, cells_per_image), 1, safe).masked_fill(~valid, float("nan"))
     return PatchSelection(boxes=boxes, cells=cells, scores=out_scores, valid=valid)
 
 
@@ -91,22 +97,25 @@ def random_patches(
     Each image draws its cells uniformly at random without replacement from the ``rows x cols`` grid (a
     random permutation of the cells, truncated), independently of the others and with no IoU constraint.
     Pass a seeded ``generator`` for reproducible draws. When ``cam`` is given, ``scores`` holds its values at
-    the drawn cells; otherwise NaN.
+    the drawn cells (``cam`` is ``(batch_size, rows, cols)``); otherwise NaN.
     """
     rows, cols = receptive_field.grid(*image_size)
     cells_per_image = rows * cols
     if num_patches < 1:
         raise ValueError(f"num_patches must be at least 1, got {num_patches}")
+    if cam is not None and tuple(cam.shape) != (batch_size, rows, cols):
+        raise ValueError(f"cam must be ({batch_size}, {rows}, {cols}) for this batch, got shape {tuple(cam.shape)}")
     device = generator.device if generator is not None else None
     noise = torch.rand(batch_size, cells_per_image, generator=generator, device=device)
     k = min(num_patches, cells_per_image)
     cells = torch.full((batch_size, num_patches), -1, dtype=torch.long, device=noise.device)
-    cells[:, :k] = noise.argsort(dim=1)[:, :k]
+    cells[:, :k] = noise.argsort(dim=1, stable=True)[:, :k]
     valid = cells >= 0
     safe = cells.clamp(min=0)
     boxes = receptive_field.cell_boxes(rows, cols, noise.device)[safe].masked_fill(~valid[..., None], float("nan"))
     if cam is not None:
-        scores = torch.gather(cam.reshape(batch_size, -1).to(noise.device), 1, safe).masked_fill(~valid, float("nan"))
+        flat_cam = cam.reshape(batch_size, cells_per_image).to(noise.device)
+        scores = torch.gather(flat_cam, 1, safe).masked_fill(~valid, float("nan"))
     else:
         scores = torch.full((batch_size, num_patches), float("nan"), device=noise.device)
     return PatchSelection(boxes=boxes, cells=cells, scores=scores, valid=valid)
@@ -150,5 +159,5 @@ def crop_patches(images: torch.Tensor, boxes: torch.Tensor, size: int | None = N
     crops = images[b, :, ys[..., :, None], xs[..., None, :]]  # (B, k, size, size, C)
     crops = crops.permute(0, 1, 4, 2, 3)
     if not valid.all():
-        crops = crops * valid.to(images.device)[..., None, None, None].to(crops.dtype)
+        crops = crops.masked_fill(~valid.to(images.device)[..., None, None, None], 0)
     return crops.reshape(batch, k, channels, size, size)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from anchornet.layers import Normalize
+
 __all__ = ["ReceptiveField", "receptive_field_of"]
 
 
@@ -79,27 +81,62 @@ class ReceptiveField:
 
 
 _SPATIAL_LAYERS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+#: Layers that map each location of a map to the same location: no effect on the receptive field.
+_POINTWISE_LAYERS = (
+    nn.Identity,
+    Normalize,
+    nn.BatchNorm2d,
+    nn.SyncBatchNorm,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+)
 
 
 def receptive_field_of(module: nn.Module, skip: tuple[type[nn.Module], ...] = ()) -> ReceptiveField:
     """Receptive field of a sequential padding-free network, read from its layers.
 
     Walks the module tree depth-first in registration order, which for the networks in this package is the
-    order the input flows through them, and applies Eq. 1 to every convolution and pooling layer. Sub-trees
-    rooted at a type in ``skip`` (for instance squeeze-excitation, which acts on a pooled 1 x 1 map) are
-    ignored. Raises ``ValueError`` on padding or dilation, which break the exact mapping.
+    order the input flows through them, and applies Eq. 1 to every convolution and pooling layer; pointwise
+    layers (activations, batch norm, dropout, ``nn.Identity``, ``Normalize``) change nothing. Sub-trees rooted
+    at a type in ``skip`` (for instance squeeze-excitation, which acts on a pooled 1 x 1 map) are ignored. Pass
+    the layers up to the final feature map only (AnchorNet's classifier acts on the pooled map).
+
+    Raises ``ValueError`` on padding, dilation or ``ceil_mode``, which break the exact mapping, and on any other
+    layer (adaptive pooling, linear, ...), whose effect on the grid it cannot know.
     """
     return ReceptiveField.from_layers(_spatial_layers(module, skip, prefix=""))
 
 
 def _spatial_layers(module: nn.Module, skip: tuple[type[nn.Module], ...], prefix: str) -> list[tuple[int, int]]:
+    name = prefix or type(module).__name__
     if isinstance(module, _SPATIAL_LAYERS):
-        return [_kernel_and_stride(module, prefix or type(module).__name__)]
+        return [_kernel_and_stride(module, name)]
+    if isinstance(module, _POINTWISE_LAYERS):
+        return []
+    children = list(module.named_children())
+    if not children:
+        raise ValueError(
+            f"layer {name!r} ({type(module).__name__}) is not a convolution, pooling or pointwise layer: "
+            "its effect on the receptive field is unknown"
+        )
     layers: list[tuple[int, int]] = []
-    for name, child in module.named_children():
+    for child_name, child in children:
         if skip and isinstance(child, skip):
             continue
-        layers += _spatial_layers(child, skip, f"{prefix}.{name}" if prefix else name)
+        layers += _spatial_layers(child, skip, f"{prefix}.{child_name}" if prefix else child_name)
     return layers
 
 
@@ -110,6 +147,8 @@ def _kernel_and_stride(layer: nn.Module, name: str) -> tuple[int, int]:
         raise ValueError(f"layer {name!r} has padding {layer.padding}: the receptive-field mapping is not exact")
     if _pair(getattr(layer, "dilation", 1)) != (1, 1):
         raise ValueError(f"layer {name!r} has dilation {layer.dilation}: not supported")
+    if getattr(layer, "ceil_mode", False):
+        raise ValueError(f"layer {name!r} has ceil_mode=True: its output grid is not floor((H - K) / S) + 1")
     if kernel[0] != kernel[1] or stride[0] != stride[1]:
         raise ValueError(f"layer {name!r} is not square (kernel {kernel}, stride {stride})")
     return kernel[0], stride[0]

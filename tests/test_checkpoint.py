@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from anchornet import AnchorNet, anchornet_test, count_macs, storage
+from anchornet import AnchorNet, anchornet_test, count_macs, fold_batchnorm, fold_normalize, storage
 from anchornet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from anchornet.classifiers import build_classifier
 from anchornet.preprocessing import Preprocessing
@@ -59,6 +60,26 @@ def test_card_is_validated(tmp_path: Path) -> None:
         save_checkpoint(anchornet_test(10), tmp_path / "a.pt", when=object())
     with pytest.raises(TypeError, match="AnchorNet or Classifier"):
         save_checkpoint(torch.nn.Linear(2, 2), tmp_path / "a.pt")
+
+
+def test_classifiers_need_an_input_size(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="input_size is required for a classifier"):
+        save_checkpoint(build_classifier("resnet18", 3), tmp_path / "c.pt", class_names=["x", "y", "z"])
+    assert not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.parametrize("fold", [fold_batchnorm, fold_normalize])
+def test_models_that_load_checkpoint_cannot_rebuild_are_refused(
+    tmp_path: Path, fold: Callable[[AnchorNet], AnchorNet]
+) -> None:
+    folded = fold(anchornet_test(10).eval())
+    with pytest.raises(ValueError, match="save it before fold_batchnorm"):
+        save_checkpoint(folded, tmp_path / "folded.pt")
+    assert not (tmp_path / "folded.pt").exists()
+    model = anchornet_test(10)
+    model.classifier = torch.nn.Linear(16, 4)  # config still says 10 classes
+    with pytest.raises(ValueError, match=r"reshaped \['classifier\.bias', 'classifier\.weight'\]"):
+        save_checkpoint(model, tmp_path / "reshaped.pt")
 
 
 def test_foreign_files_are_refused(tmp_path: Path) -> None:

@@ -259,3 +259,46 @@ def test_bad_inputs(nets, images) -> None:
             engine.predict(images, exit_at=exit_at)
     with pytest.raises(ValueError, match="smaller than the receptive field"):
         engine.predict(images[..., :90, :])
+
+
+def test_constructor_checks_the_nms_threshold_and_the_classes(nets) -> None:
+    anchornet, glance_net, _ = nets
+    for iou_threshold in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"iou_threshold must be in \[0, 1\]"):
+            _engine(nets, iou_threshold=iou_threshold)
+    with pytest.raises(ValueError, match="same classes, got 5 and 7 outputs"):
+        _engine((anchornet, glance_net, _tiny_classifier(7).double().eval()))
+    feature_map = nn.Conv2d(3, NUM_CLASSES, 5).double()
+    with pytest.raises(ValueError, match=r"\(B, num_classes\) logits"):
+        _engine((anchornet, glance_net, feature_map))
+
+
+@pytest.mark.parametrize("patch_policy", ["anchornet", "random"])
+def test_empty_batch(nets, images, patch_policy: str) -> None:
+    engine = _engine(nets, patch_policy=patch_policy, generator=torch.Generator().manual_seed(0))
+    empty = images[:0]
+    result = engine.predict(empty)
+    assert result.prediction.shape == result.exit_step.shape == result.macs.shape == (0,)
+    assert result.logits.shape == (0, NUM_CLASSES) and result.boxes.shape == (0, K_PATCHES, 4)
+    outputs, selection = engine.step_logits(empty)
+    assert outputs.shape == (0, STEPS, NUM_CLASSES)
+    assert selection.boxes.shape == (0, K_PATCHES, 4) and selection.valid.shape == (0, K_PATCHES)
+
+
+def test_tied_cams_give_the_same_patches_alone_and_in_a_batch(nets) -> None:
+    anchornet = nets[0]
+    images = torch.rand(16, 3, 224, 224, dtype=torch.float64)  # 16 x 289 cells: batched_nms's other path
+    # Class 0 gets zero weights, so its CAM is exactly 0 in every cell; its bias makes it the top-1 of half the images.
+    with torch.no_grad():
+        nn.init.zeros_(anchornet.classifier.weight[0])
+        others = anchornet(images)[:, 1:].amax(dim=1)
+        anchornet.classifier.bias[0] = others.median()
+        tied = anchornet(images).argmax(dim=1) == 0
+    assert 0 < tied.sum() < len(images)
+    engine = _engine(nets, thresholds=(math.inf,) * 4, image_size=(224, 224))
+    boxes = engine.predict(images).boxes
+    first = list(engine.receptive_field.box(0, 0))
+    for i in tied.nonzero()[:, 0].tolist():
+        alone = engine.predict(images[i : i + 1]).boxes[0]
+        assert torch.equal(boxes[i], alone)
+        assert alone[0].tolist() == first, "ties go to the lowest cell"

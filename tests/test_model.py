@@ -85,3 +85,12 @@ def test_bad_arguments() -> None:
         AnchorNet(shortcut_crop="middle")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         AnchorNet()(torch.zeros(3, 224, 224))
+
+
+def test_normalisation_needs_one_value_per_input_channel() -> None:
+    with pytest.raises(ValueError, match=r"one value per input channel \(1\), got 3 and 3"):
+        AnchorNet(in_channels=1)
+    with pytest.raises(ValueError, match=r"one value per input channel \(3\), got 3 and 2"):
+        AnchorNet(std=(0.2, 0.2))
+    grey = anchornet_test(in_channels=1, mean=(0.5,), std=(0.25,))
+    assert grey(torch.rand(2, 1, 95, 95)).shape == (2, 10)

@@ -137,3 +137,58 @@ def test_random_patches_shapes_match_selection() -> None:
     assert torch.equal(sel.scores, torch.gather(cam.reshape(3, -1), 1, sel.cells))
     crops = crop_patches(torch.rand(3, 3, 224, 224), sel.boxes)
     assert crops.shape == (3, 4, 3, 95, 95)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 8, 16])
+def test_tied_scores_give_the_same_cells_alone_and_in_any_batch(batch: int) -> None:
+    constant = torch.zeros(1, 17, 17)  # a grey image: one CAM value in every cell
+    alone = select_patches(constant, RF).cells[0]
+    assert alone.tolist() == _reference(constant[0], 4, 0.3)
+    assert alone.tolist() == sorted(alone.tolist()) and alone[0] == 0, "ties are visited lowest cell first"
+    for position in {0, batch // 2, batch - 1}:
+        cam = torch.randn(batch, 17, 17)  # 16 x 289 cells take batched_nms's other (coordinate offset) path
+        cam[position] = constant[0]
+        assert torch.equal(select_patches(cam, RF).cells[position], alone)
+
+
+def test_partial_ties_match_the_reference_alone_and_batched() -> None:
+    cam = torch.randint(0, 3, (16, 17, 17)).float()
+    sel = select_patches(cam, RF)
+    for b in range(cam.shape[0]):
+        assert sel.cells[b].tolist() == _reference(cam[b], 4, 0.3)
+        assert torch.equal(select_patches(cam[b : b + 1], RF).cells[0], sel.cells[b])
+
+
+def test_float64_scores_stay_best_first_below_float32_resolution() -> None:
+    cam = torch.zeros(1, 17, 17, dtype=torch.float64)
+    cam[0, 0, 0], cam[0, 16, 16] = 1.0, 1.0 + 1e-12
+    sel = select_patches(cam, RF, num_patches=2)
+    assert sel.cells.tolist() == [[288, 0]]
+    assert sel.scores.dtype == torch.float64 and sel.scores.tolist() == [[1.0 + 1e-12, 1.0]]
+    assert (sel.scores.diff(dim=1) <= 0).all()
+
+
+def test_empty_batches_give_empty_selections_and_crops() -> None:
+    for sel in (
+        select_patches(torch.randn(0, 17, 17), RF),
+        random_patches(RF, (224, 224), 0, 4, cam=torch.randn(0, 17, 17)),
+        random_patches(RF, (224, 224), 0, 4),
+    ):
+        assert sel.boxes.shape == (0, 4, 4)
+        assert sel.cells.shape == sel.scores.shape == sel.valid.shape == (0, 4)
+        assert sel.num_valid.shape == (0,)
+        assert crop_patches(torch.rand(0, 3, 224, 224), sel.boxes, size=95).shape == (0, 4, 3, 95, 95)
+
+
+def test_random_patches_check_the_cam_shape() -> None:
+    with pytest.raises(ValueError, match=r"cam must be \(2, 17, 17\)"):
+        random_patches(RF, (224, 224), 2, 4, cam=torch.randn(3, 17, 17))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_crop_invalid_slots_are_zero_even_for_non_finite_pixels(value: float) -> None:
+    images = torch.full((2, 3, 102, 102), value)
+    sel = select_patches(torch.randn(2, 1, 1), RF, num_patches=2)
+    crops = crop_patches(images, sel.boxes)
+    torch.testing.assert_close(crops[:, 0], images[:, :, :95, :95], equal_nan=True)
+    assert crops[:, 1].eq(0).all()

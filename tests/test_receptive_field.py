@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 from torch import nn
 
-from anchornet import AnchorNet, ReceptiveField, receptive_field_of
+from anchornet import AnchorNet, ReceptiveField, anchornet_test, fold_batchnorm, fold_normalize, receptive_field_of
 
 pytestmark = pytest.mark.math
 
@@ -111,3 +113,25 @@ def test_squeeze_excitation_breaks_the_mapping() -> None:
     outside = torch.ones_like(grad, dtype=torch.bool)
     outside[y0:y1, x0:x1] = False
     assert grad[outside].abs().max() > 0
+
+
+def test_receptive_field_of_refuses_ceil_mode() -> None:
+    for pool in (nn.MaxPool2d(3, 2, ceil_mode=True), nn.AvgPool2d(3, 2, ceil_mode=True)):
+        with pytest.raises(ValueError, match="'1' has ceil_mode=True"):
+            receptive_field_of(nn.Sequential(nn.Conv2d(3, 3, 3), pool))
+
+
+@pytest.mark.parametrize("layer", [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3), nn.Upsample(scale_factor=2)])
+def test_receptive_field_of_refuses_unknown_layers(layer: nn.Module) -> None:
+    with pytest.raises(ValueError, match=rf"layer 'body\.1' \({type(layer).__name__}\) .* is unknown"):
+        receptive_field_of(nn.Sequential(OrderedDict(body=nn.Sequential(nn.Conv2d(3, 3, 3), layer))))
+
+
+def test_receptive_field_of_passes_through_pointwise_layers() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout2d(), nn.Identity(), nn.Conv2d(4, 4, 3, stride=2)
+    )
+    assert receptive_field_of(net) == ReceptiveField(5, 2)
+    folded = fold_normalize(fold_batchnorm(anchornet_test()))  # Identity and biased Conv2d in place of BN
+    spatial = nn.Sequential(folded.normalize, folded.features, folded.head)
+    assert receptive_field_of(spatial) == folded.receptive_field == ReceptiveField(95, 8)
