@@ -138,13 +138,17 @@ def save_checkpoint(
     return card
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelCard]:
+def load_checkpoint(path: str | os.PathLike[str], data: bytes | None = None) -> tuple[nn.Module, ModelCard]:
     """Read a checkpoint written by ``save_checkpoint``: the model in eval mode on CPU, and its card.
+
+    ``data``: the file's bytes when the caller has read them already (say, to hash them: the model is then the one
+    hashed, whatever happens to the file since); ``path`` only names it in errors.
 
     Raises ``FileNotFoundError`` when the file is missing and ``CheckpointError`` for a file that is not one
     of ours (or a newer format version).
     """
-    data = storage.read_bytes(path)
+    if data is None:
+        data = storage.read_bytes(path)
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights_only errors all mean "not ours"

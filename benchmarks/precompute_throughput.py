@@ -146,9 +146,14 @@ def compare_encodings(tree: Path, output: Path, max_images: int, quality: Sequen
             break
     rows = rows[:max_images]
     pre = Preprocessing()
-    images = torch.stack([pre(decode_image((tree / r["image_id"]).read_bytes())) for r in rows])
-    boxes = torch.tensor([r["boxes"] for r in rows], dtype=torch.float32)
-    crops = crop_patches(images, boxes).flatten(0, 1)
+    images = [pre(decode_image((tree / r["image_id"]).read_bytes())) for r in rows]
+    # one image at a time: an image can have fewer patches than asked (NMS), so the box lists are uneven
+    crops = torch.cat(
+        [
+            crop_patches(i[None], torch.tensor([r["boxes"]], dtype=torch.float32))[0]
+            for i, r in zip(images, rows, strict=True)
+        ]
+    )
     size = crops.shape[-1]
     lines = [f"crop encodings on {len(crops)} patches ({size} x {size}) of {len(rows)} images, 1 thread:"]
     variants: list[tuple[str, schema.Encoding, int]] = [("raw uint8", "raw", 0), ("PNG (zlib 6)", "png", 0)]
@@ -268,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 full_wall = time.monotonic() - start
         finally:
             ray.shutdown()
-        decoded, decode_rate = _rate(decode_reports)
+        _, decode_rate = _rate(decode_reports)
         _, full_rate = _rate(result.shard_reports)
         encodings = compare_encodings(tree, tmp_path / "out", args.encoding_images, (90, 95))
         eager_ms, folded_ms = forward_speed(checkpoint, args.batch_size)
@@ -276,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     threads = max(1, int(args.num_cpus_per_worker))
     print("precompute throughput")
-    print(f"  data: {args.data} ({num_images} images, {decoded} decodable; {result.errors} errors)")
+    print(f"  data: {args.data} ({num_images} images: {result.rows} rows, {result.errors} errors)")
     print(
         f"  machine: {cpu_name()}, {os.cpu_count()} logical CPUs, load average before/after "
         f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}"

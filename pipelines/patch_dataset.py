@@ -70,6 +70,8 @@ class PatchDataset(Dataset):
     ) -> None:
         if role not in ("glance", "patch"):
             raise ValueError(f"role must be 'glance' or 'patch', got {role!r}")
+        if max_cached_shards is not None and max_cached_shards < 1:
+            raise ValueError(f"max_cached_shards must be at least 1 (or None: no bound), got {max_cached_shards}")
         self.uri = str(uri)
         self.role = role
         manifest = read_manifest(self.uri)

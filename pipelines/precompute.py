@@ -223,7 +223,7 @@ def plan_job(config: PrecomputeConfig) -> JobPlan:
     """Index the input and validate the checkpoint; ``PrecomputeError`` (one line) for user mistakes."""
     try:
         data = storage.read_bytes(config.anchornet)
-        model, card = load_checkpoint(config.anchornet)
+        model, card = load_checkpoint(config.anchornet, data)  # the model of the bytes hashed below
     except FileNotFoundError as err:
         raise PrecomputeError(f"checkpoint not found: {config.anchornet}") from err
     except CheckpointError as err:
@@ -509,7 +509,7 @@ class ShardWriter:
         data = storage.read_bytes(spec["anchornet"])
         if hashlib.sha256(data).hexdigest() != spec["checkpoint_id"]:
             raise RuntimeError(f"{spec['anchornet']} changed while the job was running (sha256 differs)")
-        model, _ = load_checkpoint(spec["anchornet"])
+        model, _ = load_checkpoint(spec["anchornet"], data)  # the bytes just hashed, not a second read
         use_cuda = spec["num_gpus"] > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_cuda else "cpu")
         # batch norms and the input normalisation folded, NHWC activations (oneDNN / cuDNN's fast path), and on

@@ -39,6 +39,10 @@ def test_anchornet_round_trip(tmp_path: Path) -> None:
     assert Preprocessing.from_dict(loaded_card.preprocessing) == Preprocessing.as_is()
     x = torch.rand(1, 3, 224, 224)
     torch.testing.assert_close(loaded(x), model(x))
+    data = path.read_bytes()
+    path.unlink()  # given the bytes, the file is not read again
+    from_bytes, bytes_card = load_checkpoint(path, data)
+    assert bytes_card == card and torch.equal(from_bytes.classifier.weight, model.classifier.weight)
 
 
 def test_classifier_round_trip_with_thresholds(tmp_path: Path) -> None:

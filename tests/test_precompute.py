@@ -343,6 +343,8 @@ def test_reader(reference: Path) -> None:
     assert labels.tolist() == [r["label"] for r in rows for _ in range(4)] and len(bounded._cache) == 1
     with pytest.raises(ValueError, match="num_patches"):
         PatchDataset(str(reference), "patch", num_patches=5)
+    with pytest.raises(ValueError, match="max_cached_shards"):
+        PatchDataset(str(reference), "glance", max_cached_shards=0)
 
 
 @pytest.mark.ray
