@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -13,7 +14,14 @@ from torch.utils.data import Dataset
 from anchornet import storage
 from anchornet.preprocessing import Preprocessing, decode_image
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "ImageFolderIndex", "scan_image_folder"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageFolderDataset",
+    "ImageFolderIndex",
+    "holdout_digest",
+    "holdout_indices",
+    "scan_image_folder",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -77,6 +85,26 @@ def scan_image_folder(
     if not items:
         raise ValueError(f"no images under {root} (extensions: {', '.join(extensions)})")
     return ImageFolderIndex(root=str(root), classes=list(classes), items=items)
+
+
+def holdout_indices(index: ImageFolderIndex, size: int, seed: int) -> list[int]:
+    """The held-out images of ``index`` (MSDNet's budgeted protocol): ``size`` of them drawn without replacement
+    with ``seed``, as sorted positions in ``index``; all of them when ``size >= len(index)``, none for 0.
+
+    A function of the image count and ``seed`` only (a seeded CPU ``torch.randperm``, the same in every process
+    and on every machine with the same torch), so the training jobs (which leave these images out) and
+    ``jobs/evaluate.py`` (which fits the thresholds on them) pick the same images of the same tree. A smaller
+    ``size`` with the same seed picks a subset of a larger one's images.
+    """
+    if size < 0:
+        raise ValueError(f"holdout size must be >= 0, got {size}")
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(len(index), generator=generator)[: min(size, len(index))].tolist())
+
+
+def holdout_digest(image_ids: Iterable[str]) -> str:
+    """sha256 of the sorted image ids (``"<class>/<file>"``): names a held-out set in a checkpoint card."""
+    return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()
 
 
 def _has_children(fs: pafs.FileSystem, path: str) -> bool:

@@ -1,24 +1,27 @@
 """Evaluate the early-exit pipeline: accuracy against MACs, AnchorNet against random patches, real time.
 
     python jobs/evaluate.py --data ROOT --anchornet CKPT --glance CKPT --patch CKPT --output REPORT_DIR \
-        (--full CKPT | --full-arch NAME) [--split val --holdout-size 1000 --limit N --batch-size 64 ...]
+        (--full CKPT | --full-arch NAME) [--split val --holdout-size N --limit N --batch-size 64 ...]
 
 ROOT is an ImageFolder tree with the test split (``val/``) and the training split (``train/``), whose held-out
-part fits the budgeted thresholds. Writes results.md, results.csv, metrics.json, thresholds.json,
+part fits the budgeted thresholds: by default the images the training jobs left out (their ``--holdout-size``,
+recorded in the glance and patch cards); a warning on stderr, in metrics.json and in results.md says when the
+models were trained on the held-out images. Writes results.md, results.csv, metrics.json, thresholds.json,
 accuracy_vs_gmacs.png and gallery.png to REPORT_DIR (local or s3://).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
+from anchornet.classifiers import WeightsUnavailableError
 from pipelines.evaluate import EvaluateConfig, run_evaluation
+from pipelines.train import OneLineParser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
-    parser = argparse.ArgumentParser(prog="evaluate", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="ImageFolder root with the test and training splits")
     parser.add_argument("--anchornet", required=True, help="AnchorNet checkpoint (local or s3://)")
     parser.add_argument("--glance", required=True, help="f_glance checkpoint")
@@ -29,13 +32,16 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
     full.add_argument("--full-arch", help="full-224 baseline: this architecture with ImageNet weights, restricted "
                       "to the dataset's classes (class directories must be ImageNet WordNet ids)")  # fmt: skip
     parser.add_argument("--split", default="val", help="test split directory under --data (default: val)")
-    parser.add_argument("--holdout-split", default="train", help="split whose held-out part fits the thresholds")
-    parser.add_argument("--holdout-size", type=int, default=1000, help="held-out images (default: 1000)")
+    parser.add_argument(
+        "--holdout-split", help="split whose held-out part fits the thresholds (default: the cards', else train)"
+    )
+    parser.add_argument("--holdout-size", type=int, help="held-out images (default: those the cards record, else 1000)")
+    parser.add_argument("--holdout-seed", type=int, help="which held-out images (default: the cards', else --seed)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N test images")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-patches", type=int, default=4, help="T - 1 (default: 4)")
     parser.add_argument("--iou-threshold", type=float, default=0.3)
-    parser.add_argument("--seed", type=int, default=0, help="held-out sampling and random patches")
+    parser.add_argument("--seed", type=int, default=0, help="random patches (and the held-out images by default)")
     parser.add_argument("--gallery", type=int, default=8, help="images in the CAM gallery (0: none)")
     parser.add_argument("--timing-batch", type=int, default=64, help="batch size of the real-time measurement")
     parser.add_argument("--timing-repeats", type=int, default=3)
@@ -54,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run_evaluation(config)
     except (FileNotFoundError, ValueError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
+    except WeightsUnavailableError as err:  # --full-arch offline: its hint names a library argument, not a flag
+        reason = str(err).split("; pass weights=")[0]
+        print(f"evaluate: error: --full-arch {config.full_arch}: {reason}; pass --full CKPT instead", file=sys.stderr)
         return 2
     print(f"full-224: {100 * report.full_accuracy:.2f} % top-1 at {report.full_gmacs:.4f} GMACs ({report.full_kind})")
     for key, value in report.answers.items():

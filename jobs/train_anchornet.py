@@ -1,10 +1,11 @@
 """Stage I: train AnchorNet from scratch with cross-entropy on an ImageFolder ROOT (train/ and val/), on Ray Train.
 
     python jobs/train_anchornet.py --data ROOT --output OUT [--epochs N --batch-size B --lr LR
-        --num-workers W --use-gpu --seed S --image-size 224 ...]
+        --num-workers W --use-gpu --seed S --image-size 224 --holdout-size N ...]
 
 Writes Ray Train checkpoints under OUT/ray_anchornet (re-run the same command to resume) and the final
-self-describing checkpoint to OUT/anchornet.pt. See docs/training.md.
+self-describing checkpoint to OUT/anchornet.pt. ``--holdout-size N`` leaves N train/ images out for
+jobs/evaluate.py's thresholds (give stage II the same). See docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Stage II: train the glance or the patch classifier (f_glance, f_patch) at K x K on Ray Train.
 
     python jobs/train_classifier.py --role glance|patch --arch NAME [--weights imagenet|PATH]
-        --data ROOT [--patches PARQUET_DIR | --anchornet CKPT] --output OUT [--epochs N ...]
+        --data ROOT [--patches PARQUET_DIR | --anchornet CKPT] --output OUT [--epochs N --holdout-size N ...]
 
 ``--role glance``: the augmented image resized to K. ``--role patch``: the top AnchorNet patches of the
 augmented image, cropped on the fly by the frozen ``--anchornet`` (eval mode), or the precomputed crops in

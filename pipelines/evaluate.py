@@ -2,8 +2,10 @@
 
 Runs in one process with plain PyTorch (no Ray needed: the test set is small next to training). The
 thresholds of the budgeted curve are fitted on a held-out part of the *training* split, never on the test
-split. Writes a Markdown and CSV table, the fitted budgets as a thresholds JSON (deployable), a plot of
-accuracy against GMACs and a gallery of CAMs with the chosen patches.
+split: by default the images the training jobs left out (``--holdout-size``, recorded in the cards), with a
+warning when the models were trained on them (thresholds fitted on training images are biased high).
+Writes a Markdown and CSV table, the fitted budgets as a thresholds JSON (deployable), a plot of accuracy
+against GMACs and a gallery of CAMs with the chosen patches.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,19 +30,32 @@ from anchornet.cam import class_activation_map
 from anchornet.checkpoint import ModelCard, load_checkpoint
 from anchornet.classifiers import build_classifier, imagenet_indices
 from anchornet.early_exit import EarlyExitClassifier, cumulative_step_macs
-from anchornet.image_folder import ImageFolderDataset, ImageFolderIndex, scan_image_folder
+from anchornet.image_folder import (
+    ImageFolderDataset,
+    ImageFolderIndex,
+    holdout_digest,
+    holdout_indices,
+    scan_image_folder,
+)
 from anchornet.macs import count_macs
 from anchornet.model import AnchorNet
 from anchornet.patches import select_patches
 from anchornet.preprocessing import Preprocessing, to_float
 from anchornet.thresholds import BudgetPoint, StepTable, anytime_accuracy, budgeted_search, save_thresholds
 
-__all__ = ["Curve", "EvaluateConfig", "EvaluationReport", "run_evaluation"]
+__all__ = ["Curve", "EvaluateConfig", "EvaluationReport", "Holdout", "resolve_holdout", "run_evaluation"]
+
+TRAIN_SPLIT = "train"  # the split both training jobs train on (pipelines.train_data)
+DEFAULT_HOLDOUT_SIZE = 1000
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Arguments of ``jobs/evaluate.py``; see its ``--help``."""
+    """Arguments of ``jobs/evaluate.py``; see its ``--help``.
+
+    ``holdout_split``, ``holdout_size`` and ``holdout_seed`` left ``None`` come from the held-out images the
+    glance (else patch) card records (``--holdout-size`` of the training jobs), else ``train``, 1000, ``seed``.
+    """
 
     data: str
     anchornet: str
@@ -49,8 +65,9 @@ class EvaluateConfig:
     full: str | None = None
     full_arch: str | None = None
     split: str = "val"
-    holdout_split: str = "train"
-    holdout_size: int = 1000
+    holdout_split: str | None = None
+    holdout_size: int | None = None
+    holdout_seed: int | None = None
     limit: int | None = None
     batch_size: int = 64
     num_patches: int = 4
@@ -65,8 +82,10 @@ class EvaluateConfig:
         if (self.full is None) == (self.full_arch is None):
             raise ValueError("give exactly one full-224 baseline: --full CKPT or --full-arch NAME (ImageNet weights)")
         for name in ("holdout_size", "batch_size", "num_patches", "timing_batch", "timing_repeats"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.holdout_split is not None and self.holdout_split == self.split:
+            raise ValueError(f"--holdout-split must not be the test split ({self.split}): thresholds fit elsewhere")
         if self.limit is not None and self.limit < 1:
             raise ValueError("--limit must be at least 1")
 
@@ -80,6 +99,87 @@ class Curve:
     points: list[tuple[str, float, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Holdout:
+    """The held-out images the thresholds are fitted on, and whether the models were trained without them.
+
+    ``overlaps`` names each model trained on some of them (or that cannot be shown not to be); empty when the
+    thresholds are unbiased.
+    """
+
+    split: str
+    size: int
+    seed: int
+    from_cards: bool
+    indices: list[int]
+    overlaps: list[str]
+
+    @property
+    def disjoint(self) -> bool:
+        return not self.overlaps
+
+    @property
+    def warning(self) -> str | None:
+        if self.disjoint:
+            return None
+        return (
+            f"thresholds are fitted on images the models were trained on ({'; '.join(self.overlaps)}), so they are "
+            "biased high: train with --holdout-size N and evaluate with the same held-out images"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "size": self.size,
+            "seed": self.seed,
+            "images": len(self.indices),
+            "from_cards": self.from_cards,
+            "disjoint_from_training": self.disjoint,
+            "warning": self.warning,
+        }
+
+
+def _recorded(card: ModelCard) -> dict[str, Any] | None:
+    """The held-out images a training job recorded on ``card`` (``None`` when it trained on all of train/)."""
+    record = card.provenance.get("holdout")
+    return record if isinstance(record, dict) and record.get("size", 0) > 0 else None
+
+
+def resolve_holdout(
+    config: EvaluateConfig, cards: dict[str, ModelCard], classes: list[str]
+) -> tuple[Holdout, ImageFolderIndex]:
+    """The held-out images to fit the thresholds on and the index of their split, checked against what each
+    model (``cards``: flag -> card) was trained on.
+
+    Unset flags take the glance (else patch) card's record. A model counts as trained without those images
+    when the split is not train/, or when its card records held-out images of this tree (same ids digest)
+    that include them.
+    """
+    recorded = _recorded(cards["--glance"]) or _recorded(cards["--patch"])
+    split = config.holdout_split or (recorded["split"] if recorded else TRAIN_SPLIT)
+    size = config.holdout_size or (recorded["size"] if recorded else DEFAULT_HOLDOUT_SIZE)
+    seed = config.holdout_seed if config.holdout_seed is not None else recorded["seed"] if recorded else config.seed
+    if split == config.split:
+        raise ValueError(f"the held-out split must not be the test split ({split}): use --holdout-split")
+    index = scan_image_folder(storage.join(config.data, split), classes=classes)
+    indices = holdout_indices(index, size, seed)
+    overlaps = []
+    if split == TRAIN_SPLIT:
+        chosen = {index.items[i][0] for i in indices}
+        for flag, card in cards.items():
+            record = _recorded(card)
+            if record is None:
+                overlaps.append(f"{flag} trained on all of {TRAIN_SPLIT}/")
+                continue
+            held = [index.items[i][0] for i in holdout_indices(index, int(record["size"]), int(record["seed"]))]
+            if record.get("sha256") not in (None, holdout_digest(held)):
+                overlaps.append(f"{flag} held out other images (another tree?)")
+            elif not chosen <= set(held):
+                overlaps.append(f"{flag} trained on {len(chosen - set(held))} of them")
+    from_cards = recorded is not None and None in (config.holdout_split, config.holdout_size, config.holdout_seed)
+    return Holdout(split, size, seed, from_cards, indices, overlaps), index
+
+
 @dataclass
 class EvaluationReport:
     curves: list[Curve]
@@ -91,6 +191,7 @@ class EvaluationReport:
     num_test: int
     num_holdout: int
     files: list[str]
+    holdout: dict[str, Any] = field(default_factory=dict)
 
 
 def _log(message: str) -> None:
@@ -108,11 +209,6 @@ def _batches(
         if time.monotonic() - last > 10 or done == total:
             _log(f"{what}: {done}/{total} images")
             last = time.monotonic()
-
-
-def _holdout(index: ImageFolderIndex, size: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(len(index), generator=generator)[: min(size, len(index))].tolist())
 
 
 def _full_model(config: EvaluateConfig, classes: list[str]) -> tuple[nn.Module, str]:
@@ -198,22 +294,24 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
     classes = test_index.classes
     for card, flag in ((glance_card, "--glance"), (patch_card, "--patch")):
         _check_classes(card, classes, flag)
-    holdout_index = scan_image_folder(storage.join(config.data, config.holdout_split), classes=classes)
+    cards = {"--anchornet": anchornet_card, "--glance": glance_card, "--patch": patch_card}
+    holdout, holdout_index = resolve_holdout(config, cards, classes)
+    if holdout.warning:
+        print(f"[evaluate] warning: {holdout.warning}", file=sys.stderr, flush=True)
     preprocessing = (
         Preprocessing.from_dict(anchornet_card.preprocessing) if anchornet_card.preprocessing else Preprocessing()
     )
     test_set: ImageFolderDataset | Subset = ImageFolderDataset(test_index, preprocessing)
     if config.limit is not None:
         test_set = Subset(test_set, range(min(config.limit, len(test_index))))
-    holdout_set = Subset(
-        ImageFolderDataset(holdout_index, preprocessing), _holdout(holdout_index, config.holdout_size, config.seed)
-    )
+    holdout_set = Subset(ImageFolderDataset(holdout_index, preprocessing), holdout.indices)
     full, full_kind = _full_model(config, classes)
     image_size = preprocessing.image_size
     full_macs = count_macs(full, image_size)
     _log(
         f"{len(test_set)} test images ({config.split}), "
-        f"{len(holdout_set)} held-out images ({config.holdout_split}) for thresholds"
+        f"{len(holdout_set)} held-out images ({holdout.split}, seed {holdout.seed}"
+        f"{', as the cards record' if holdout.from_cards else ''}) for thresholds"
     )
 
     thresholds = [math.inf] * config.num_patches
@@ -274,13 +372,11 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
         "fraction_of_full_macs_at_full_accuracy": match[1] * 1e9 / full_macs if match else None,
         "time_speedup_over_macs_speedup": timing.get("time_over_macs"),
     }
-    files = _write_report(
-        config, curves, full_accuracy, full_macs, full_kind, timing, answers, len(test_set), len(holdout_set)
-    )
+    files = _write_report(config, curves, full_accuracy, full_macs, full_kind, timing, answers, len(test_set), holdout)
     files += _gallery(config, anchornet, test_set, classes)
     return EvaluationReport(
         curves=curves, full_accuracy=full_accuracy, full_gmacs=full_macs / 1e9, full_kind=full_kind, timing=timing,
-        answers=answers, num_test=len(test_set), num_holdout=len(holdout_set), files=files,
+        answers=answers, num_test=len(test_set), num_holdout=len(holdout_set), files=files, holdout=holdout.to_dict(),
     )  # fmt: skip
 
 
@@ -330,7 +426,7 @@ def _write_report(
     timing: dict[str, float],
     answers: dict[str, float | None],
     num_test: int,
-    num_holdout: int,
+    holdout: Holdout,
 ) -> list[str]:
     rows = [(c.name, c.protocol, label, gmacs, acc) for c in curves for label, gmacs, acc in c.points]
     rows.append(("full-224 network", "single", "224", full_macs / 1e9, full_accuracy))
@@ -345,10 +441,11 @@ def _write_report(
     lines = [
         "# AnchorNet evaluation",
         "",
-        f"Test split `{config.split}` ({num_test} images); thresholds fitted on {num_holdout} held-out images of "
-        f"`{config.holdout_split}`. Full-224 baseline: {full_kind}: **{100 * full_accuracy:.2f} %** top-1 at "
-        f"{full_macs / 1e9:.4f} GMACs.",
+        f"Test split `{config.split}` ({num_test} images); thresholds fitted on {len(holdout.indices)} held-out "
+        f"images of `{holdout.split}` (seed {holdout.seed}). Full-224 baseline: {full_kind}: "
+        f"**{100 * full_accuracy:.2f} %** top-1 at {full_macs / 1e9:.4f} GMACs.",
         "",
+        *([f"**Warning:** the {holdout.warning}.", ""] if holdout.warning else []),
         "## Anytime prediction (every image exits at step t)",
         "",
         "Step t = 1 is the glance; with the glance, step t uses t - 1 patches; without it, t patches.",
@@ -388,6 +485,7 @@ def _write_report(
     storage.write_bytes(md_uri, "\n".join(lines).encode())
     metrics = {
         "config": asdict(config),
+        "holdout": holdout.to_dict(),
         "full_accuracy": full_accuracy,
         "full_gmacs": full_macs / 1e9,
         "full_kind": full_kind,

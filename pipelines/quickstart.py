@@ -6,7 +6,8 @@
 3. its patches of both splits precomputed to Parquet (``pipelines.precompute``).
 4. the glance and patch classifiers fine-tuned briefly from ImageNet weights (``pipelines.train``, stage II;
    the patch role reads the Parquet patches). When the classes are ImageNet WordNet ids (Imagenette's are)
-   the new heads start from the matching ImageNet rows (``head_from``), else at random.
+   the new heads start from the matching ImageNet rows (``head_from``), else at random. Every training stage
+   leaves the same fifth of train/ out (``holdout_size``): the report fits the thresholds on those images.
 5. the report: accuracy against MACs, random-patch baselines, thresholds, plot (``pipelines.evaluate``).
 6. the Serve application (``pipelines.serve.build_app``) on 127.0.0.1, and a few val images classified over HTTP.
 7. a summary (accuracy, MACs per image, where everything is), then Serve and Ray shut down.
@@ -30,6 +31,7 @@ from anchornet.datasets import DatasetError, download_imagenette, subset_image_f
 __all__ = ["QuickstartConfig", "QuickstartError", "QuickstartResult", "run_quickstart"]
 
 NUM_STAGES = 7
+HOLDOUT_FRACTION = 0.2  # of train/, left out of training for the thresholds (none below 5 images)
 
 
 class QuickstartError(RuntimeError):
@@ -127,7 +129,7 @@ def run_quickstart(config: QuickstartConfig, *, on_serving: Callable[[str], None
         ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False)
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        checkpoints = _train_and_precompute(config, data, classes, cpus)
+        checkpoints = _train_and_precompute(config, data, classes, cpus, int(n_train * HOLDOUT_FRACTION))
         t = _stage(5, "evaluate: accuracy against MACs, random-patch baselines, thresholds, plot")
         report = _evaluate(config, data, classes, checkpoints, cpus)
         _log(f"report in {out / 'report'} ({time.perf_counter() - t:.0f} s)")
@@ -188,7 +190,9 @@ def _is_wordnet(classes: list[str]) -> bool:
     return imagenet_head(classes, "imagenet") is not None
 
 
-def _train_and_precompute(config: QuickstartConfig, data: Path, classes: list[str], cpus: int) -> dict[str, str]:
+def _train_and_precompute(
+    config: QuickstartConfig, data: Path, classes: list[str], cpus: int, holdout_size: int
+) -> dict[str, str]:
     from pipelines.precompute import PrecomputeConfig, PrecomputeError, run_precompute
     from pipelines.train import TrainConfig, TrainError, run_training
 
@@ -201,6 +205,8 @@ def _train_and_precompute(config: QuickstartConfig, data: Path, classes: list[st
         "threads": cpus,
         "loader_workers": config.loader_workers,
         "seed": config.seed,
+        "holdout_size": holdout_size,
+        "holdout_seed": config.seed,
         "max_failures": 0,
         "keep_checkpoints": 1,
     }
@@ -304,6 +310,7 @@ def _evaluate(
     cards = {k: load_checkpoint(v)[1] for k, v in checkpoints.items()}
     return {
         "test_images": report.num_test,
+        "holdout": report.holdout,
         "full": {"top1": report.full_accuracy, "gmacs": report.full_gmacs, "what": report.full_kind},
         "glance_only": {"top1": anytime.points[0][2], "gmacs": anytime.points[0][1]},
         "all_steps": {"top1": anytime.points[-1][2], "gmacs": anytime.points[-1][1]},

@@ -16,6 +16,7 @@ At the end the driver writes the self-describing checkpoint (``anchornet.save_ch
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from torch.utils.data import Dataset
 from anchornet import storage
 from anchornet.cam import class_activation_map
 from anchornet.checkpoint import CheckpointError, ModelCard, load_checkpoint, save_checkpoint
-from anchornet.classifiers import build_classifier, classifier_names, imagenet_indices
+from anchornet.classifiers import WeightsUnavailableError, build_classifier, classifier_names, imagenet_indices
 from anchornet.model import AnchorNet, anchornet_test
 from anchornet.patches import crop_patches, select_patches
 from anchornet.preprocessing import Preprocessing, to_float
@@ -50,6 +51,8 @@ __all__ = [
     "build_task",
     "config_from_args",
     "final_checkpoint_uri",
+    "lr_at",
+    "make_optimizer",
     "run_training",
     "train_loop_per_worker",
 ]
@@ -58,6 +61,19 @@ STAGES = ("anchornet", "glance", "patch")
 ANCHORNET_ARCHS = ("anchornet", "anchornet_test")
 STATE_FILE = "train_state.pt"
 BASE_LR = {"anchornet": 0.1, "glance": 0.01, "patch": 0.01}  # per 256 images (REFERENCE.md section 6)
+# What a re-run into the same OUT must keep (it resumes the same run): the optimizer, the global batch and the
+# held-out images. ``epochs`` may change (the schedule is rebuilt for it), and so may the resources.
+RESUME_FIXED = (
+    "lr",
+    "batch_size",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "schedule",
+    "milestones",
+    "holdout_size",
+    "holdout_seed",
+)
 
 
 class TrainError(RuntimeError):
@@ -71,7 +87,9 @@ class TrainConfig:
     ``batch_size`` is the global batch (split evenly over workers), so a recipe means the same on one CPU
     and on eight GPUs. ``lr=None`` scales the stage's base lr linearly: ``BASE_LR[stage] * batch_size / 256``.
     The step schedule multiplies the lr by 0.1 at ``milestones`` (fractions of ``epochs``); cosine decays it
-    to 0 over ``epochs``.
+    to 0 over ``epochs``. ``holdout_size`` images of ``train/``, drawn with ``holdout_seed``
+    (``anchornet.image_folder.holdout_indices``), are left out of training so that ``jobs/evaluate.py`` can fit
+    the early-exit thresholds on images the models have not seen (0: train on all of ``train/``).
 
     Test-only fields (no CLI help): ``limit`` keeps that many images per split (evenly spaced),
     ``crash_at_epoch=k`` makes the last worker raise at the start of epoch ``k`` (k >= 1) of an attempt that
@@ -105,6 +123,8 @@ class TrainConfig:
     threads: int | None = None
     loader_workers: int = 2
     seed: int = 0
+    holdout_size: int = 0
+    holdout_seed: int = 0
     max_failures: int = 3
     keep_checkpoints: int = 2
     limit: int | None = None
@@ -145,6 +165,8 @@ class TrainConfig:
             problems.append(f"threads must be at least 1, got {self.threads}")
         if self.loader_workers < 0 or self.max_failures < -1 or self.weight_decay < 0:
             problems.append("loader-workers and weight-decay must be >= 0, max-failures >= -1")
+        if self.holdout_size < 0:
+            problems.append(f"holdout-size must be >= 0, got {self.holdout_size}")
         if self.limit is not None and self.limit < 1:
             problems.append(f"limit must be at least 1, got {self.limit}")
         if self.crash_at_epoch is not None and not 1 <= self.crash_at_epoch < self.epochs:
@@ -248,24 +270,24 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
         train_set = PatchDataset(storage.join(config.patches, "train"), role="patch", num_patches=config.num_patches)
         classes = list(train_set.classes)
         size = int(train_set.patch_size)
-        splits = train_data.scan_splits(config.data, classes=classes, limit=config.limit)
+        splits = _splits(config, classes=classes, limit=None)
+        picks = _patch_picks(config, train_set, splits)
         val_uri = storage.join(config.patches, "val")
         frozen = None
         if storage.exists(val_uri):
             val_set: Dataset = PatchDataset(val_uri, role="patch", num_patches=config.num_patches)
         elif config.anchornet:
             frozen, _ = _load_anchornet(config.anchornet, classes)
-            val_set = train_data.image_dataset(splits.val, config.preprocessing)
+            val = splits.val if config.limit is None else train_data.limit_index(splits.val, config.limit)
+            val_set = train_data.image_dataset(val, config.preprocessing)
         else:
-            raise ValueError(f"no {val_uri}: precompute val patches there or pass --anchornet for validation")
-        if config.limit is not None:
-            n = len(train_set)
-            picks = sorted({math.floor(i * n / config.limit) for i in range(min(config.limit, n))})
-            train_set = torch.utils.data.Subset(train_set, picks)  # evenly spaced: every class keeps some
+            raise ValueError(_no_patch_val(val_uri))
+        if picks is not None:
+            train_set = torch.utils.data.Subset(train_set, picks)
         model = _classifier(config, classes, with_weights)
         return Task(config, classes, model, train_data.FlipDataset(train_set), val_set, size, frozen)
 
-    splits = train_data.scan_splits(config.data, limit=config.limit)
+    splits = _splits(config)
     classes = splits.classes
     n = len(classes)
     if config.stage == "anchornet":
@@ -300,6 +322,42 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
     )
 
 
+def _splits(config: TrainConfig, *, classes: list[str] | None = None, limit: int | None = -1) -> train_data.DataSplits:
+    """``config.data``'s splits with the held-out images left out of train (``limit=-1``: the config's)."""
+    return train_data.scan_splits(
+        config.data,
+        classes=classes,
+        limit=config.limit if limit == -1 else limit,
+        holdout_size=config.holdout_size,
+        holdout_seed=config.holdout_seed,
+    )
+
+
+def _no_patch_val(val_uri: str) -> str:
+    return f"no {val_uri}: precompute val patches there or pass --anchornet for validation"
+
+
+def _patch_picks(config: TrainConfig, patches: Dataset, splits: train_data.DataSplits) -> list[int] | None:
+    """The samples of the precomputed train patches to train on (``None``: all): without the held-out images'
+    patches, then ``limit`` evenly spaced ones (every class keeps some)."""
+    picks = list(range(len(patches)))  # type: ignore[arg-type]
+    if config.holdout_size:
+        held = {path for path, _ in splits.holdout.items}
+        known = held | {path for path, _ in splits.train.items}
+        ranges = train_data.patch_sample_ranges(patches)
+        strangers = [image_id for image_id, _ in ranges if image_id not in known]
+        if strangers:
+            raise ValueError(
+                f"{len(strangers)} images of --patches {config.patches}/train (e.g. {strangers[0]}) are not in "
+                f"{config.data}/train, so the held-out images cannot be left out: precompute the patches of that tree"
+            )
+        picks = [i for image_id, samples in ranges if image_id not in held for i in samples]
+    if config.limit is not None:
+        n = len(picks)
+        picks = [picks[i] for i in sorted({math.floor(i * n / config.limit) for i in range(min(config.limit, n))})]
+    return picks if config.holdout_size or config.limit is not None else None
+
+
 def _classifier(config: TrainConfig, classes: list[str], with_weights: bool) -> nn.Module:
     """The stage II network; ``weights="imagenet"`` keeps the head rows of the matching ImageNet classes when the
     class names are WordNet ids (Imagenette's are), a new random head otherwise."""
@@ -324,8 +382,24 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     return build_classifier(config.arch, num_classes)
 
 
-def make_optimizer(config: TrainConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
-    """SGD (momentum, Nesterov, weight decay) and the per-epoch schedule of the recipe."""
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    """The recipe's lr in ``epoch`` (0-based) of ``config.epochs``: x0.1 at each milestone (step), or the cosine
+    from ``learning_rate`` to 0 (closed form, as ``CosineAnnealingLR(T_max=epochs)``)."""
+    if config.schedule == "cosine":
+        return config.learning_rate * (1 + math.cos(math.pi * epoch / config.epochs)) / 2
+    milestones = sorted({max(1, round(m * config.epochs)) for m in config.milestones})
+    return config.learning_rate * 0.1 ** bisect.bisect_right(milestones, epoch)
+
+
+def make_optimizer(
+    config: TrainConfig, model: nn.Module, *, start_epoch: int = 0, state: dict[str, Any] | None = None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD (momentum, Nesterov, weight decay) and the per-epoch schedule of the recipe, at ``start_epoch``.
+
+    ``state`` (a saved ``optimizer.state_dict()``, when resuming) restores the momentum buffers only: the
+    hyper-parameters and the schedule always come from ``config``, so a run resumed with more ``epochs`` gets,
+    from ``start_epoch`` on, the lr of a fresh run with that many epochs (``lr_at``).
+    """
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=config.learning_rate,
@@ -333,11 +407,19 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> tuple[torch.optim.O
         nesterov=config.nesterov and config.momentum > 0,
         weight_decay=config.weight_decay,
     )
-    if config.schedule == "cosine":
-        scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    else:
-        milestones = sorted({max(1, round(m * config.epochs)) for m in config.milestones})
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    if state is not None:
+        optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(
+            lr=config.learning_rate,
+            initial_lr=config.learning_rate,
+            momentum=config.momentum,
+            nesterov=config.nesterov and config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda epoch: lr_at(config, epoch) / config.learning_rate, last_epoch=start_epoch - 1
+    )
     return optimizer, scheduler
 
 
@@ -362,7 +444,11 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module, loader: Any) -> tuple[int, int]:
-    """(correct top-1, samples) of this worker's share of the val set (patch role: per patch)."""
+    """(correct top-1, samples) of this worker's share of the val set (patch role: per patch).
+
+    Pass the bare module, not the DDP wrapper: DDP's forward broadcasts buffers (a collective), which hangs
+    when some rank has no val images and so never calls forward.
+    """
     model.eval()
     correct, seen = 0, 0
     for images, labels in loader:
@@ -385,6 +471,16 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm statistics), as DDP's forward would: val top-1 is then that
+    of the model rank 0 checkpoints. Called by every rank, whatever its share of the val set."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     """Train ``config_dict`` (a ``TrainConfig.to_dict()``) on this worker, resuming from Ray's checkpoint."""
     import ray.train
@@ -398,10 +494,10 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     task = build_task(config).to(device)
     model = ray.train.torch.prepare_model(task.model)
-    optimizer, scheduler = make_optimizer(config, model)
     criterion = nn.CrossEntropyLoss()
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    optimizer_state = None
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -410,9 +506,10 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         if state["classes"] != task.classes:
             raise ValueError("class mismatch: the checkpoint being resumed was trained on other classes")
         _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        optimizer_state = state["optimizer"]
         start_epoch, history = state["epoch"] + 1, state["history"]
+    # The schedule is rebuilt from this run's config (a re-run may raise --epochs), not restored.
+    optimizer, scheduler = make_optimizer(config, model, start_epoch=start_epoch, state=optimizer_state)
 
     per_worker_batch = math.ceil(config.batch_size / world)
     pin = device.type == "cuda"
@@ -445,7 +542,8 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         loss_sum, correct, seen = train_epoch(task, model, loader, optimizer, criterion)
         scheduler.step()
         train_seconds = time.perf_counter() - started
-        val_correct, val_seen = evaluate(task, model, validation)
+        _broadcast_buffers(_unwrap(model))
+        val_correct, val_seen = evaluate(task, _unwrap(model), validation)
         loss_sum, correct, seen, val_correct, val_seen = _all_reduce(
             [loss_sum, correct, seen, val_correct, val_seen], device
         )
@@ -467,7 +565,6 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
                 state = {
                     "model": _unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
                     "epoch": epoch,
                     "classes": task.classes,
                     "input_size": task.input_size,
@@ -504,26 +601,33 @@ class TrainOutcome:
     seconds: float
 
 
-def _preflight(config: TrainConfig) -> list[str]:
-    """Check the data, the input checkpoints and any earlier run in OUT before starting workers; the classes."""
+def _preflight(config: TrainConfig) -> tuple[list[str], dict[str, Any]]:
+    """Check the data, the input checkpoints and any earlier run in OUT before starting workers.
+
+    Returns the classes and the held-out images' record for the card (``train_data.holdout_record``).
+    """
     if config.stage == "patch" and config.patches:
         try:
             from pipelines.patch_dataset import PatchDataset
         except ImportError as err:
             raise TrainError(f"--patches needs pipelines.patch_dataset ({err})") from err
-        classes = list(PatchDataset(storage.join(config.patches, "train"), role="patch").classes)
-        train_data.scan_splits(config.data, classes=classes, limit=config.limit)
+        patches = PatchDataset(storage.join(config.patches, "train"), role="patch", num_patches=config.num_patches)
+        classes = list(patches.classes)
+        splits = _splits(config, classes=classes, limit=None)
+        _patch_picks(config, patches, splits)
+        val_uri = storage.join(config.patches, "val")
+        if storage.exists(val_uri):
+            if list(PatchDataset(val_uri, role="patch", num_patches=config.num_patches).classes) != classes:
+                raise ValueError(f"{val_uri} and {config.patches}/train hold different classes")
+        elif not config.anchornet:
+            raise TrainError(_no_patch_val(val_uri))
     else:
-        classes = train_data.scan_splits(config.data, limit=config.limit).classes
+        splits = _splits(config)
+        classes = splits.classes
     if config.anchornet:
         _load_anchornet(config.anchornet, classes)
-    if config.weights not in (None, "imagenet"):
-        try:
-            _, card = load_checkpoint(config.weights)
-        except CheckpointError:
-            card = None  # a plain state dict: build_classifier checks its shapes
-        if card is not None and card.class_names is not None and list(card.class_names) != classes:
-            raise CheckpointError(f"class mismatch: --weights {config.weights} was trained on other classes")
+    if config.weights is not None:
+        _check_weights(config, classes)
     manifest_uri = storage.join(config.output, f"{config.run_name}.json")
     manifest = {"stage": config.stage, "arch": config.arch, "classes": classes}
     if storage.exists(manifest_uri):
@@ -534,10 +638,60 @@ def _preflight(config: TrainConfig) -> list[str]:
                 raise TrainError(
                     f"{config.output} holds a run with different {what}: use a new --output to start afresh"
                 )
+        changed = changed_on_resume(earlier.get("config", {}), config)
+        if changed:
+            raise TrainError(
+                f"{config.output} holds a run with other {', '.join(changed)} (a re-run resumes it and may change "
+                "only --epochs and the resources): use the same values or a new --output"
+            )
     else:
         storage.makedirs(config.output)
         storage.write_bytes(manifest_uri, json.dumps({**manifest, "config": config.to_dict()}, indent=1).encode())
-    return classes
+    return classes, train_data.holdout_record(splits, config.holdout_size, config.holdout_seed)
+
+
+def changed_on_resume(earlier: dict[str, Any], config: TrainConfig) -> list[str]:
+    """The ``RESUME_FIXED`` settings (as flags) of ``config`` that differ from an earlier run's config dict.
+
+    lr compares the effective peak lr; settings the earlier run did not record count as their defaults.
+    """
+    if not earlier:
+        return []
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    now = config.to_dict()
+    changed = []
+    for key in RESUME_FIXED:
+        if key == "lr":
+            batch = earlier.get("batch_size", defaults["batch_size"])
+            then = earlier.get("lr") or BASE_LR[config.stage] * batch / 256
+            differs = not math.isclose(then, config.learning_rate, rel_tol=1e-9)
+        else:
+            then = earlier.get(key, defaults[key])
+            differs = (list(then) if key == "milestones" else then) != now[key]
+        if differs:
+            changed.append(key.replace("_", "-"))
+    return changed
+
+
+def _check_weights(config: TrainConfig, classes: list[str]) -> None:
+    """``--weights`` builds the classifier here, before Ray starts: offline ImageNet weights, a checkpoint of
+    other classes or a state dict of another shape fail in one line instead of in every worker attempt."""
+    if config.weights != "imagenet":
+        try:
+            _, card = load_checkpoint(config.weights)
+        except CheckpointError:
+            card = None  # a plain state dict: build_classifier checks its shapes
+        if card is not None and card.class_names is not None and list(card.class_names) != classes:
+            raise CheckpointError(f"class mismatch: --weights {config.weights} was trained on other classes")
+    try:
+        _classifier(config, classes, with_weights=True)
+    except WeightsUnavailableError as err:
+        reason = str(err).split("; pass weights=")[0]
+        raise TrainError(f"--weights imagenet: {reason}; pass --weights PATH (a local file or s3:// URI)") from err
+    except (RuntimeError, KeyError) as err:
+        raise TrainError(
+            f"--weights {config.weights} does not fit {config.arch} with {len(classes)} classes: {_first_line(err)}"
+        ) from err
 
 
 def _resources(config: TrainConfig) -> tuple[float, int]:
@@ -569,13 +723,13 @@ def run_training(config: TrainConfig, *, ray_address: str | None = None, verbose
 
     started = time.perf_counter()
     config = _absolute_paths(config)
-    classes = _preflight(config)
+    classes, holdout = _preflight(config)
     own_ray = not ray.is_initialized()
     if own_ray:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         ray.init(address=ray_address)
     try:
-        return _fit(config, classes, started, verbose)
+        return _fit(config, classes, holdout, started, verbose)
     finally:
         if own_ray:
             ray.shutdown()
@@ -593,7 +747,9 @@ def _absolute_paths(config: TrainConfig) -> TrainConfig:
     return TrainConfig.from_dict({**config.to_dict(), **{key: absolute(getattr(config, key)) for key in keys}})
 
 
-def _fit(config: TrainConfig, classes: list[str], started: float, verbose: bool) -> TrainOutcome:
+def _fit(
+    config: TrainConfig, classes: list[str], holdout: dict[str, Any], started: float, verbose: bool
+) -> TrainOutcome:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -606,7 +762,8 @@ def _fit(config: TrainConfig, classes: list[str], started: float, verbose: bool)
             f"training {config.stage} ({config.arch}) on {len(classes)} classes from {config.data}: "
             f"{config.epochs} epochs, batch {config.batch_size}, lr {config.learning_rate:g}, "
             f"{config.num_workers} worker(s) x {cpus:g} CPU{' + 1 GPU' if config.use_gpu else ''}, "
-            f"{threads} thread(s), seed {config.seed}; Ray runs in {storage.join(config.output, config.run_name)}",
+            f"{threads} thread(s), seed {config.seed}, {holdout['images']} train/ images held out; "
+            f"Ray runs in {storage.join(config.output, config.run_name)}",
             flush=True,
         )
     trainer = TorchTrainer(
@@ -649,6 +806,7 @@ def _fit(config: TrainConfig, classes: list[str], started: float, verbose: bool)
             "stage": config.stage,
             "data": config.data,
             "config": config.to_dict(),
+            "holdout": holdout,  # the images of train/ left out of training (jobs/evaluate.py fits on them)
             "ray": ray.__version__,
             "host": platform.node(),
             "ray_run": storage.join(config.output, config.run_name),
@@ -699,6 +857,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, schedu
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: its CPUs)")
     parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per worker")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--holdout-size",
+        type=int,
+        default=0,
+        help="leave this many train/ images out of training, for jobs/evaluate.py's thresholds (default: 0)",
+    )
+    parser.add_argument("--holdout-seed", type=int, default=0, help="which images --holdout-size leaves out")
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts (-1: unlimited)")
     parser.add_argument("--keep-checkpoints", type=int, default=2)
     parser.add_argument(
@@ -733,6 +898,8 @@ def config_from_args(args: argparse.Namespace, **stage: Any) -> TrainConfig:
         threads=args.threads,
         loader_workers=args.loader_workers,
         seed=args.seed,
+        holdout_size=args.holdout_size,
+        holdout_seed=args.holdout_seed,
         max_failures=args.max_failures,
         keep_checkpoints=args.keep_checkpoints,
         limit=args.limit,

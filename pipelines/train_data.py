@@ -13,53 +13,109 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
 from anchornet import storage
-from anchornet.image_folder import ImageFolderDataset, ImageFolderIndex, scan_image_folder
+from anchornet.image_folder import (
+    ImageFolderDataset,
+    ImageFolderIndex,
+    holdout_digest,
+    holdout_indices,
+    scan_image_folder,
+)
 from anchornet.preprocessing import Preprocessing
 
 __all__ = [
     "DataSplits",
     "epoch_loader",
     "eval_preprocessing",
+    "holdout_record",
     "limit_index",
+    "patch_sample_ranges",
     "scan_splits",
     "train_transform",
     "val_loader",
 ]
 
 
-class DataSplits:
-    """The ``train/`` and ``val/`` indexes of a data root, with one class list (train's)."""
+HOLDOUT_SPLIT = "train"  # the split the held-out images come from: the one both stages train on
 
-    def __init__(self, train: ImageFolderIndex, val: ImageFolderIndex) -> None:
+
+class DataSplits:
+    """The ``train/`` and ``val/`` indexes of a data root, with one class list (train's).
+
+    ``holdout`` holds the images of ``train/`` left out of training (``holdout_indices``), ``train`` the rest.
+    """
+
+    def __init__(self, train: ImageFolderIndex, val: ImageFolderIndex, holdout: ImageFolderIndex | None = None) -> None:
         self.train = train
         self.val = val
+        self.holdout = holdout if holdout is not None else ImageFolderIndex(train.root, train.classes, [])
 
     @property
     def classes(self) -> list[str]:
         return self.train.classes
 
 
-def scan_splits(root: str, *, classes: Sequence[str] | None = None, limit: int | None = None) -> DataSplits:
+def scan_splits(
+    root: str,
+    *,
+    classes: Sequence[str] | None = None,
+    limit: int | None = None,
+    holdout_size: int = 0,
+    holdout_seed: int = 0,
+) -> DataSplits:
     """Index ``ROOT/train`` and ``ROOT/val`` (local or ``s3://``); val must use train's classes.
 
-    ``classes`` pins the class list (a checkpoint's). ``limit`` keeps ``limit`` images per split, evenly
-    spaced over the sorted index, so every class keeps some (tests and quick runs).
+    ``classes`` pins the class list (a checkpoint's). ``holdout_size`` images of the whole ``train/``, drawn
+    with ``holdout_seed`` (``anchornet.image_folder.holdout_indices``, as ``jobs/evaluate.py`` draws them), are
+    left out of ``train`` into ``holdout``. ``limit`` then keeps ``limit`` images per split, evenly spaced over
+    the sorted index, so every class keeps some (tests and quick runs).
     Raises ``FileNotFoundError`` / ``ValueError`` with one-line messages for missing, empty or malformed trees.
     """
-    train = scan_image_folder(storage.join(root, "train"), classes=classes)
+    train = scan_image_folder(storage.join(root, HOLDOUT_SPLIT), classes=classes)
     try:
         val = scan_image_folder(storage.join(root, "val"), classes=train.classes)
     except ValueError as err:
         raise ValueError(f"val/ does not match train/: {err}") from err
+    held = set(holdout_indices(train, holdout_size, holdout_seed))
+    if len(held) >= len(train):
+        raise ValueError(f"holdout-size {holdout_size} leaves none of the {len(train)} train/ images for training")
+    kept = [item for i, item in enumerate(train.items) if i not in held]
+    holdout = ImageFolderIndex(train.root, train.classes, [item for i, item in enumerate(train.items) if i in held])
+    train = ImageFolderIndex(train.root, train.classes, kept) if held else train
     if limit is not None:
         train, val = limit_index(train, limit), limit_index(val, limit)
-    return DataSplits(train, val)
+    return DataSplits(train, val, holdout)
+
+
+def holdout_record(splits: DataSplits, size: int, seed: int) -> dict[str, Any]:
+    """What a checkpoint card records of the images left out of training (``provenance["holdout"]``)."""
+    ids = [path for path, _ in splits.holdout.items]
+    return {"split": HOLDOUT_SPLIT, "size": size, "seed": seed, "images": len(ids), "sha256": holdout_digest(ids)}
+
+
+def patch_sample_ranges(dataset: Any) -> list[tuple[str, range]]:
+    """``(image_id, samples)`` of every image of a ``pipelines.patch_dataset.PatchDataset`` (``role="patch"``):
+    its patches' positions in the dataset, in the dataset's order (shard by shard, index order)."""
+    fs, root = storage.resolve(dataset.uri)
+    ranges: list[tuple[str, range]] = []
+    start = 0
+    for shard in dataset.manifest["shards"]:
+        table = pq.read_table(f"{root}/{shard['file']}", columns=["image_id", "num_patches"], filesystem=fs)
+        counts = table.column("num_patches").to_pylist()
+        for image_id, count in zip(table.column("image_id").to_pylist(), counts, strict=True):
+            stop = start + min(int(count), dataset.num_patches)
+            ranges.append((image_id, range(start, stop)))
+            start = stop
+    if start != len(dataset):
+        raise ValueError(f"{dataset.uri}: {start} patches in the shards, {len(dataset)} in the dataset")
+    return ranges
 
 
 def limit_index(index: ImageFolderIndex, limit: int) -> ImageFolderIndex:

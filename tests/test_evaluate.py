@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,24 +15,33 @@ import torch
 from PIL import Image
 
 from anchornet import anchornet_test, build_classifier, load_thresholds, save_checkpoint
+from anchornet.checkpoint import ModelCard
+from anchornet.image_folder import holdout_digest, holdout_indices, scan_image_folder
 from anchornet.preprocessing import Preprocessing
 from jobs import evaluate
+from pipelines.evaluate import EvaluateConfig, resolve_holdout
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 CLASSES = ["cls_a", "cls_b"]
 
 
+def _tree(root: Path, classes: list[str], counts: tuple[int, int] = (6, 5)) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    for split, count in zip(("train", "val"), counts, strict=True):
+        for label, cls in enumerate(classes):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 120, (240, 240, 3), generator=generator, dtype=torch.uint8) + 100 * label
+                Image.fromarray(pixels.numpy()).save(root / split / cls / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 6), ("val", 5)):
-        for label, cls in enumerate(CLASSES):
-            (root / "data" / split / cls).mkdir(parents=True)
-            for i in range(count):
-                pixels = torch.randint(0, 120, (240, 240, 3), generator=generator, dtype=torch.uint8) + 100 * label
-                Image.fromarray(pixels.numpy()).save(root / "data" / split / cls / f"{i}.png")
-    paths = {"data": root / "data", "out": root / "report"}
+    paths = {"data": _tree(root / "data", CLASSES), "out": root / "report"}
     save_checkpoint(anchornet_test(2).eval(), root / "anchornet.pt", class_names=CLASSES, preprocessing=Preprocessing())
     for role, size in (("glance", 95), ("patch", 95), ("full", 224)):
         model = build_classifier("mobilenet_v3_small", 2).eval()
@@ -82,17 +96,91 @@ def test_report_end_to_end(setup: dict[str, Path], capsys: pytest.CaptureFixture
     assert all(0.0 <= float(r["top1"]) <= 1.0 for r in rows)
     budgets = load_thresholds(out / "thresholds.json")
     assert len(budgets) == 39 and all(len(b.thresholds) == 4 for b in budgets.values())
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "full-224:" in printed and "time_speedup_over_macs_speedup" in printed
     assert "# AnchorNet evaluation" in (out / "results.md").read_text()
+    # The cards record no held-out images: the models were trained on all of train/, and the report says so.
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "trained on all of train/" in warnings[0] and "--holdout-size" in warnings[0]
+    holdout = json.loads((out / "metrics.json").read_text())["holdout"]
+    assert holdout["disjoint_from_training"] is False and holdout["warning"] and holdout["images"] == 8
+    assert (holdout["split"], holdout["size"], holdout["seed"], holdout["from_cards"]) == ("train", 8, 0, False)
+    assert "**Warning:**" in (out / "results.md").read_text()
 
 
 def test_bad_inputs_fail_in_one_line(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert evaluate.main(_argv(setup, **{"--data": str(setup["data"] / "nope")})) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
     wrong = setup["data"].parent / "wrong.pt"
-    save_checkpoint(build_classifier("resnet18", 3), wrong, class_names=["x", "y", "z"])
+    save_checkpoint(build_classifier("resnet18", 3), wrong, input_size=95, class_names=["x", "y", "z"])
     assert evaluate.main(_argv(setup, **{"--glance": str(wrong)})) == 2
     assert "classes differ" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.main(_argv(setup, **{"--batch-size": "0"}))
+
+
+def _card(holdout: dict | None) -> ModelCard:
+    return ModelCard(kind="classifier", arch={}, input_size=95, macs=0, provenance={"holdout": holdout})
+
+
+def test_holdout_comes_from_the_cards_and_overlaps_are_named(setup: dict[str, Path]) -> None:
+    index = scan_image_folder(setup["data"] / "train")
+    ids = [index.items[i][0] for i in holdout_indices(index, 6, 2)]
+    record = {"split": "train", "size": 6, "seed": 2, "images": 6, "sha256": holdout_digest(ids)}
+    config = EvaluateConfig(data=str(setup["data"]), anchornet="a", glance="g", patch="p", output="o", full="f")
+    cards = {flag: _card(record) for flag in ("--anchornet", "--glance", "--patch")}
+
+    holdout, _ = resolve_holdout(config, cards, CLASSES)  # no flags: the cards' held-out images, unbiased
+    assert (holdout.size, holdout.seed, holdout.from_cards, holdout.warning) == (6, 2, True, None)
+    assert holdout.indices == holdout_indices(index, 6, 2) and holdout.to_dict()["disjoint_from_training"]
+    fewer, _ = resolve_holdout(EvaluateConfig(**{**config.__dict__, "holdout_size": 3}), cards, CLASSES)
+    assert fewer.disjoint and len(fewer.indices) == 3  # a subset of the held-out images is still unseen
+
+    other, _ = resolve_holdout(EvaluateConfig(**{**config.__dict__, "holdout_seed": 0}), cards, CLASSES)
+    assert not other.disjoint and [o.split(" ")[0] for o in other.overlaps] == ["--anchornet", "--glance", "--patch"]
+    stage1_all = {**cards, "--anchornet": _card(None)}
+    mixed, _ = resolve_holdout(config, stage1_all, CLASSES)
+    assert mixed.overlaps == ["--anchornet trained on all of train/"] and "biased high" in mixed.warning
+    elsewhere = {**cards, "--patch": _card({**record, "sha256": holdout_digest(["cls_a/other.png"])})}
+    assert resolve_holdout(config, elsewhere, CLASSES)[0].overlaps == ["--patch held out other images (another tree?)"]
+    with pytest.raises(ValueError, match="test split"):
+        EvaluateConfig(**{**config.__dict__, "holdout_split": "val"})
+
+
+def _run_job(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "jobs/evaluate.py", *argv],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_job_errors_are_one_line(setup: dict[str, Path], tmp_path: Path) -> None:
+    done = _run_job("--data", str(setup["data"]), "--output", str(tmp_path / "out"))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "the following arguments are required" in done.stderr and "(see --help)" in done.stderr
+
+    # Offline, --full-arch cannot get its ImageNet weights: the hint names this job's flag (--full CKPT).
+    wordnet = ["n01440764", "n02102040"]
+    data = _tree(tmp_path / "data", wordnet, counts=(2, 1))
+    save_checkpoint(anchornet_test(2).eval(), tmp_path / "anchornet.pt", class_names=wordnet)
+    for role in ("glance", "patch"):
+        model = build_classifier("resnet18", 2).eval()
+        save_checkpoint(model, tmp_path / f"{role}.pt", input_size=95, class_names=wordnet)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    offline = {key: proxy for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+    offline.update(no_proxy="", NO_PROXY="", TORCH_HOME=str(tmp_path / "torch"))  # an empty weights cache
+    argv = [f"--{role}={tmp_path / role}.pt" for role in ("anchornet", "glance", "patch")]
+    done = _run_job(
+        "--data", str(data), *argv, "--full-arch", "resnet18", "--output", str(tmp_path / "out"), env=offline
+    )
+    err = [line for line in done.stderr.strip().splitlines() if "[evaluate] warning" not in line]
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert err[0].startswith("evaluate: error: --full-arch resnet18: could not download") and "--full CKPT" in err[0]
+    assert "weights=PATH" not in done.stderr and "Traceback" not in done.stderr

@@ -9,7 +9,13 @@ import pytest
 from PIL import Image
 
 from anchornet import storage
-from anchornet.image_folder import ImageFolderDataset, scan_image_folder
+from anchornet.image_folder import (
+    ImageFolderDataset,
+    ImageFolderIndex,
+    holdout_digest,
+    holdout_indices,
+    scan_image_folder,
+)
 from anchornet.preprocessing import Preprocessing
 
 
@@ -53,6 +59,30 @@ def test_bad_trees(tmp_path: Path) -> None:
     (tmp_path / "cls").mkdir()
     with pytest.raises(ValueError, match="no images"):
         scan_image_folder(tmp_path)
+
+
+def _index(n: int) -> ImageFolderIndex:
+    return ImageFolderIndex("root", ["a", "b"], [(f"{'ab'[i % 2]}/{i:03d}.png", i % 2) for i in range(n)])
+
+
+def test_holdout_indices_are_seeded_sorted_and_nested() -> None:
+    index = _index(20)
+    # Pinned values: the training jobs and jobs/evaluate.py, in other processes or on other machines, must draw
+    # exactly these images (a torch that changed its seeded randperm would fail here, not silently).
+    assert holdout_indices(index, 5, 0) == [4, 5, 7, 13, 19]
+    assert holdout_indices(index, 5, 1) == [2, 5, 11, 13, 19]
+    assert holdout_indices(index, 5, 0) == holdout_indices(_index(20), 5, 0)
+    picks = holdout_indices(index, 8, 3)
+    assert picks == sorted(set(picks)) and len(picks) == 8 and all(0 <= i < 20 for i in picks)
+    assert set(holdout_indices(index, 3, 3)) <= set(picks)  # a smaller holdout of the same seed is a subset
+    assert holdout_indices(index, 0, 0) == [] and holdout_indices(index, 99, 0) == list(range(20))
+    with pytest.raises(ValueError, match="holdout size"):
+        holdout_indices(index, -1, 0)
+
+
+def test_holdout_digest_names_the_set_not_the_order() -> None:
+    assert holdout_digest(["b/1.png", "a/2.png"]) == holdout_digest(["a/2.png", "b/1.png"])
+    assert holdout_digest(["a/2.png"]) != holdout_digest(["a/3.png"])
 
 
 @pytest.mark.slow

@@ -120,6 +120,10 @@ def test_end_to_end_tiny(tmp_path: Path, ray_local: None, capsys: pytest.Capture
     assert [a["truth"] for a in summary["http"]] == list(CLASSES)
     assert all(a["prediction"]["name"] in CLASSES and a["exit_step"] >= 1 for a in summary["http"])
     assert summary["report"]["test_images"] == 3 * 2
+    # a fifth of train/ held out of all three trainings (the patch role by the precomputed patches' image ids),
+    # and the report fitted its thresholds on exactly those images
+    holdout = summary["report"]["holdout"]
+    assert (holdout["images"], holdout["from_cards"], holdout["disjoint_from_training"]) == (1, True, True)
     for name in ("anchornet/anchornet.pt", "classifiers/glance.pt", "classifiers/patch.pt"):
         assert (out / name).is_file(), name
     for name in ("results.md", "accuracy_vs_gmacs.png", "thresholds.json", "gallery.png"):

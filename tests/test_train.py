@@ -3,15 +3,27 @@ crash-and-resume, S3 output, and the glance and patch classifiers. Tiny models, 
 
 from __future__ import annotations
 
+import json
 import os
+import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
 
 from anchornet import load_checkpoint
+from anchornet.image_folder import holdout_indices, scan_image_folder
 from jobs import train_anchornet, train_classifier
-from pipelines.train import TrainConfig, build_task, imagenet_head, make_optimizer, train_epoch
+from pipelines import train
+from pipelines.train import (
+    TrainConfig,
+    build_task,
+    changed_on_resume,
+    imagenet_head,
+    lr_at,
+    make_optimizer,
+    train_epoch,
+)
 
 # Half a CPU per worker: 2 workers fit the 2-core machine with room for the Train controller.
 FAST = ["--batch-size", "8", "--loader-workers", "0", "--cpus-per-worker", "0.5", "--threads", "1"]
@@ -37,6 +49,56 @@ def tiny_tree(src: Path, dst: Path, per_class: int, classes: int | None = None) 
             for image in sorted(class_dir.iterdir())[:per_class]:
                 (dst / split / class_dir.name / image.name).symlink_to(image)
     return dst
+
+
+def synthetic_tree(root: Path, train: int = 6, val: int = 2, classes: tuple[str, ...] = ("cls_a", "cls_b")) -> Path:
+    """ROOT/{train,val}/<class>/<i>.png: tiny random images (no real data needed)."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", train), ("val", val)):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 255, (32, 32, 3), generator=generator, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(root / split / name / f"{i}.png")
+    return root
+
+
+def fake_patches(out: Path, image_ids: list[tuple[str, int]], classes: list[str], counts: list[int]) -> Path:
+    """A minimal finished precompute output (manifest + one shard) as ``PatchDataset`` reads it: image ``i`` has
+    ``counts[i]`` raw 8 x 8 patches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import schema
+
+    (out / schema.SHARDS_DIR).mkdir(parents=True)
+    rows = []
+    for (image_id, label), count in zip(image_ids, counts, strict=True):
+        crops = schema.encode_crops(torch.zeros(count, 3, 8, 8, dtype=torch.uint8), "raw")
+        rows.append({
+            "image_id": image_id, "label": label, "class_name": classes[label], "glance": crops[0], "patches": crops,
+            "num_patches": count, "boxes": [[0, 0, 8, 8]] * count, "cells": [0] * count,
+            "cam_scores": [0.0] * count, "cam": [0.0], "top1": label, "confidence": 1.0, "checkpoint_id": "x",
+        })  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema.shard_schema()), out / "shards" / "part-00000.parquet")
+    manifest = {
+        "schema_version": schema.SCHEMA_VERSION, "classes": classes, "patch_size": 8, "num_patches": max(counts),
+        "image_encoding": "raw", "shards": [{"file": "shards/part-00000.parquet", "rows": len(rows), "errors": 0}],
+    }  # fmt: skip
+    (out / schema.MANIFEST_FILE).write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a run gets past its checks to Ray (``_fit``): bad inputs must be refused before."""
+
+    def reached(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the checks let a bad run through to Ray")
+
+    monkeypatch.setattr(train, "_fit", reached)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +168,155 @@ def test_loss_goes_down_on_a_fixed_batch(imagenette: Path, tmp_path: Path) -> No
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Without Ray: held-out images, the schedule on resume, checks before Ray starts.
+
+
+def test_holdout_images_are_left_out_of_training(tmp_path: Path) -> None:
+    data = synthetic_tree(tmp_path / "data", train=6, val=2)
+    config = TrainConfig(data=str(data), output=str(tmp_path / "out"), arch="anchornet_test", holdout_size=4)
+    full = scan_image_folder(data / "train")
+    held = {full.items[i][0] for i in holdout_indices(full, 4, 0)}
+    task = build_task(config)
+    trained = {path for path, _ in task.train_set.index.items}
+    assert len(task.train_set) == 12 - 4 and len(held) == 4
+    assert not trained & held and trained | held == {path for path, _ in full.items}
+    assert len(task.val_set) == 4  # val/ untouched
+    record = train._preflight(config)[1]
+    assert (record["split"], record["size"], record["seed"], record["images"]) == ("train", 4, 0, 4)
+    other = build_task(TrainConfig(**{**config.to_dict(), "holdout_seed": 1}))
+    assert {path for path, _ in other.train_set.index.items} != trained  # the seed picks other images
+    assert len(build_task(TrainConfig(**{**config.to_dict(), "holdout_size": 0})).train_set) == 12
+    with pytest.raises(ValueError, match="leaves none"):
+        build_task(TrainConfig(**{**config.to_dict(), "holdout_size": 12}))
+
+
+def test_precomputed_patches_of_held_out_images_are_left_out(tmp_path: Path) -> None:
+    data = synthetic_tree(tmp_path / "data", train=4, val=1)
+    full = scan_image_folder(data / "train")
+    counts = [1, 3, 2, 3, 3, 1, 2, 3]  # patches per image (NMS may leave fewer than asked)
+    fake_patches(tmp_path / "patches" / "train", full.items, full.classes, counts)
+    val = scan_image_folder(data / "val")
+    fake_patches(tmp_path / "patches" / "val", val.items, val.classes, [2, 2])
+    config = TrainConfig(
+        data=str(data), output=str(tmp_path / "out"), stage="patch", arch="resnet18",
+        patches=str(tmp_path / "patches"), num_patches=2, holdout_size=3, holdout_seed=5,
+    )  # fmt: skip
+    held = set(holdout_indices(full, 3, 5))
+    starts = [sum(min(c, 2) for c in counts[:i]) for i in range(len(counts))]
+    expected = [starts[i] + k for i in range(len(counts)) if i not in held for k in range(min(counts[i], 2))]
+    task = build_task(config, with_weights=False)
+    assert task.train_set.dataset.indices == expected and len(task.train_set) == len(expected)
+    all_patches = build_task(TrainConfig(**{**config.to_dict(), "holdout_size": 0}), with_weights=False)
+    assert len(all_patches.train_set) == sum(min(c, 2) for c in counts)
+
+    # Patches of another tree: the held-out images could not be left out, so the run is refused.
+    stranger = fake_patches(tmp_path / "other" / "train", [("cls_a/zzz.png", 0)], full.classes, [2])
+    fake_patches(tmp_path / "other" / "val", val.items, val.classes, [2, 2])
+    with pytest.raises(ValueError, match="are not in"):
+        build_task(TrainConfig(**{**config.to_dict(), "patches": str(stranger.parent)}), with_weights=False)
+
+
+@pytest.mark.parametrize(("schedule", "first", "second"), [("cosine", 4, 8), ("step", 10, 20)])
+def test_resumed_run_with_more_epochs_follows_the_fresh_schedule(schedule: str, first: int, second: int) -> None:
+    """A run of ``first`` epochs re-run with ``--epochs second`` goes on at the lr of a fresh ``second``-epoch run
+    (not the old schedule's: a cosine that climbs back up, step milestones that stay), with its momentum."""
+
+    def lrs(optimizer: torch.optim.Optimizer, scheduler: object, epochs: range) -> list[float]:
+        out = []
+        for _ in epochs:
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()  # type: ignore[attr-defined]
+        return out
+
+    short = TrainConfig(data="x", output="y", epochs=first, schedule=schedule, lr=0.1)
+    long = TrainConfig(**{**short.to_dict(), "epochs": second})
+    model = torch.nn.Linear(2, 2)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer, scheduler = make_optimizer(short, model)
+    assert lrs(optimizer, scheduler, range(first)) == pytest.approx([lr_at(short, e) for e in range(first)])
+    resumed, resumed_scheduler = make_optimizer(long, model, start_epoch=first, state=optimizer.state_dict())
+    fresh, fresh_scheduler = make_optimizer(long, torch.nn.Linear(2, 2))
+    tail = lrs(resumed, resumed_scheduler, range(first, second))
+    assert tail == pytest.approx(lrs(fresh, fresh_scheduler, range(second))[first:], abs=1e-12)
+    momentum = resumed.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, optimizer.state_dict()["state"][0]["momentum_buffer"])  # restored, not reset
+    if schedule == "cosine":
+        assert tail == sorted(tail, reverse=True) and tail[-1] > 0  # never climbs back up, never stalls at 0
+    else:
+        assert tail == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.001, 0.001, 0.001, 0.001, 0.0001, 0.0001])
+
+
+def test_resume_takes_hyperparameters_from_the_config() -> None:
+    model = torch.nn.Linear(2, 2)
+    old = TrainConfig(data="x", output="y", epochs=4, lr=0.1, momentum=0.5, weight_decay=0.0)
+    optimizer, _ = make_optimizer(old, model)
+    new = TrainConfig(data="x", output="y", epochs=4, lr=0.2)
+    resumed, _ = make_optimizer(new, model, start_epoch=2, state=optimizer.state_dict())
+    group = resumed.param_groups[0]
+    assert (group["momentum"], group["weight_decay"], group["lr"]) == (0.9, 1e-4, pytest.approx(lr_at(new, 2)))
+
+
+def test_rerun_may_change_epochs_but_not_the_optimizer(
+    tmp_path: Path, no_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = synthetic_tree(tmp_path / "data")
+    first = TrainConfig(data=str(data), output=str(tmp_path / "out"), arch="anchornet_test", batch_size=8)
+    train._preflight(first)  # what the first run writes in OUT
+    earlier = first.to_dict()
+    assert changed_on_resume(earlier, TrainConfig(**{**earlier, "epochs": 200, "num_workers": 4})) == []
+    assert changed_on_resume(earlier, TrainConfig(**{**earlier, "lr": 0.1 * 8 / 256})) == []  # the same peak lr
+    changed = TrainConfig(**{**earlier, "lr": 0.5, "batch_size": 16, "weight_decay": 0.0, "holdout_size": 2})
+    assert changed_on_resume(earlier, changed) == ["lr", "batch-size", "weight-decay", "holdout-size"]
+    legacy = {k: v for k, v in earlier.items() if k not in ("holdout_size", "holdout_seed")}  # older OUT
+    assert changed_on_resume(legacy, first) == []
+
+    base = ["--data", str(data), "--output", str(tmp_path / "out"), "--arch", "anchornet_test", "--batch-size", "8"]
+    for extra, needle in [
+        (["--lr", "0.5"], "other lr"),
+        (["--batch-size", "16"], "other lr, batch-size"),  # the default lr scales with the batch
+        (["--momentum", "0.8", "--schedule", "cosine"], "other momentum, schedule"),
+        (["--holdout-size", "2"], "other holdout-size"),
+    ]:
+        assert train_anchornet.main([*base, *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "--output" in err and len(err.splitlines()) == 1, err
+
+
+def test_bad_stage2_inputs_fail_before_ray(
+    tmp_path: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = synthetic_tree(tmp_path / "data", train=2, val=1)
+    index = scan_image_folder(data / "train")
+    fake_patches(tmp_path / "patches" / "train", index.items, index.classes, [2] * len(index))
+    common = ["--data", str(data), "--output", str(tmp_path / "out"), *FAST]
+
+    # --patches without DIR/val and without --anchornet to crop val on the fly
+    patches = ["--patches", str(tmp_path / "patches"), "--num-patches", "2"]
+    argv = ["--role", "patch", "--arch", "resnet18", *patches, *common]
+    assert train_classifier.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "patches/val" in err and "--anchornet" in err and len(err.splitlines()) == 1, err
+
+    # offline: ImageNet weights that cannot be downloaded (the hint names the flag, not a library argument)
+    def offline(url: str, **kwargs: object) -> None:
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    assert train_classifier.main(["--role", "glance", "--arch", "resnet18", "--weights", "imagenet", *common]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "could not download" in err and "--weights PATH" in err and "weights=PATH" not in err, err
+    assert len(err.splitlines()) == 1
+
+    # a state dict of another shape
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "wrong.pt")
+    argv = ["--role", "glance", "--arch", "resnet18", "--weights", str(tmp_path / "wrong.pt"), *common]
+    assert train_classifier.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "does not fit resnet18" in err and len(err.splitlines()) == 1, err
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Ray Train: 2 workers, checkpoints, resume, crashes, S3.
 
 
@@ -159,6 +370,36 @@ def test_worker_crash_restarts_from_last_checkpoint_on_s3(imagenette: Path, ray_
     _, card = load_checkpoint(f"{out}/anchornet.pt")
     assert card.kind == "anchornet" and card.provenance["ray_run"] == f"{out}/ray_anchornet"
     assert [h["start_epoch"] for h in card.extra["history"]] == [0, 1]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_holdout_run_with_fewer_val_images_than_workers(ray_local: None, tmp_path: Path) -> None:
+    """2 DDP workers, one val image (rank 1 validates nothing: no collective may wait for it), 2 of the 8 train
+    images held out: they are not trained on, the card records them and the evaluation picks them up."""
+    from pipelines.evaluate import EvaluateConfig, resolve_holdout
+
+    data = synthetic_tree(tmp_path / "data", train=4, val=1, classes=("cls_a", "cls_b"))
+    for image in (data / "val" / "cls_b").iterdir():
+        image.unlink()
+    argv = [
+        "--data", str(data), "--output", str(tmp_path / "out"), "--arch", "anchornet_test", "--epochs", "1",
+        "--num-workers", "2", "--holdout-size", "2", "--holdout-seed", "1", *FAST,
+    ]  # fmt: skip
+    assert train_anchornet.main(argv) == 0
+    _, card = load_checkpoint(tmp_path / "out" / "anchornet.pt")
+    assert card.extra["history"][0]["train_samples"] == 8 - 2
+    holdout = card.provenance["holdout"]
+    assert (holdout["split"], holdout["size"], holdout["seed"], holdout["images"]) == ("train", 2, 1, 2)
+    assert card.provenance["config"]["holdout_size"] == 2
+
+    cards = {"--anchornet": card, "--glance": card, "--patch": card}
+    config = EvaluateConfig(data=str(data), anchornet="a", glance="g", patch="p", output="o", full_arch="x")
+    chosen, index = resolve_holdout(config, cards, card.class_names)
+    assert (chosen.size, chosen.seed, chosen.from_cards, chosen.warning) == (2, 1, True, None)
+    assert chosen.indices == holdout_indices(index, 2, 1)
+    other, _ = resolve_holdout(EvaluateConfig(**{**config.__dict__, "holdout_seed": 0}), cards, card.class_names)
+    assert not other.disjoint and "--glance trained on" in other.warning
 
 
 @pytest.mark.ray
