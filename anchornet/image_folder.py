@@ -60,10 +60,15 @@ def scan_image_folder(
     if info.type == pafs.FileType.NotFound and not (storage.is_remote(root) and _has_children(fs, path)):
         raise FileNotFoundError(f"input not found: {root}")
     entries = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    try:
+        paths = [entry.path for entry in entries]
+    except UnicodeDecodeError as err:  # pyarrow decodes each name as UTF-8 when asked for it
+        where = "" if storage.is_remote(root) else f" ({_first_undecodable(path)})"
+        raise ValueError(f"a name under {root} is not valid UTF-8{where}: rename it") from err
     suffixes = tuple(e.lower() for e in extensions)
     found: dict[str, list[str]] = {}
-    for entry in entries:
-        rel = entry.path[len(path) :].lstrip("/")
+    for entry, entry_path in zip(entries, paths, strict=True):
+        rel = entry_path[len(path) :].lstrip("/")
         parts = rel.split("/")
         if entry.type == pafs.FileType.Directory and len(parts) == 1:
             found.setdefault(parts[0], [])
@@ -105,6 +110,17 @@ def holdout_indices(index: ImageFolderIndex, size: int, seed: int) -> list[int]:
 def holdout_digest(image_ids: Iterable[str]) -> str:
     """sha256 of the sorted image ids (``"<class>/<file>"``): names a held-out set in a checkpoint card."""
     return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()
+
+
+def _first_undecodable(path: str) -> str:
+    """The first path under local ``path`` whose name is not UTF-8, as Python shows it (undecodable bytes escaped)."""
+    for folder, dirs, files in os.walk(os.fsencode(path)):
+        for name in sorted(dirs + files):
+            try:
+                name.decode("utf-8")
+            except UnicodeDecodeError:
+                return os.path.join(folder, name).decode("utf-8", "backslashreplace")
+    return "name not found"
 
 
 def _has_children(fs: pafs.FileSystem, path: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,11 @@ def test_bad_trees(tmp_path: Path) -> None:
         scan_image_folder(tmp_path)
     (tmp_path / "cls").mkdir()
     with pytest.raises(ValueError, match="no images"):
+        scan_image_folder(tmp_path)
+    # a file name that is not UTF-8 (Linux allows any bytes): pyarrow cannot list it
+    with open(os.path.join(os.fsencode(tmp_path / "cls"), b"bad\xff.png"), "wb") as file:
+        file.write(b"x")
+    with pytest.raises(ValueError, match=r"not valid UTF-8 \(.*cls/bad\\xff\.png\): rename it"):
         scan_image_folder(tmp_path)
 
 
