@@ -24,12 +24,15 @@ class ImageDecodeError(ValueError):
     """Bytes that are not a usable image; the message says why in one line."""
 
 
-def decode_image(data: bytes, *, min_size: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, *, min_size: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float | None = None
+) -> Image.Image:
     """Decode ``data`` to an RGB PIL image, whatever its mode (grey, CMYK, palette, alpha).
 
     Transparent pixels are composited on white. Raises ``ImageDecodeError`` for empty or non-image bytes, a
-    truncated file, more than ``max_pixels`` pixels (a decompression bomb; checked before decoding) or a side
-    shorter than ``min_size``.
+    truncated file, more than ``max_pixels`` pixels (a decompression bomb), a longer side more than
+    ``max_aspect_ratio`` times the shorter (``None``: no limit; resizing the shorter side of a long thin image
+    makes a buffer far larger than the image), both checked before decoding, or a side shorter than ``min_size``.
     """
     if not data:
         raise ImageDecodeError("empty image")
@@ -40,6 +43,11 @@ def decode_image(data: bytes, *, min_size: int = 1, max_pixels: int = DEFAULT_MA
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(f"image of {width} x {height} pixels exceeds the limit of {max_pixels} pixels")
+            if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
+                raise ImageDecodeError(
+                    f"image of {width} x {height} pixels is too elongated: "
+                    f"its longer side may be at most {max_aspect_ratio:g} times its shorter side"
+                )
             previous = ImageFile.LOAD_TRUNCATED_IMAGES
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             try:
@@ -75,7 +83,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize the shorter side to ``resize_size``, centre-crop ``image_size``; uint8 ``(3, S, S)`` out.
+    """Resize the shorter side to ``resize_size``, centre-crop ``image_size``; uint8 ``(3, S, S)`` out, contiguous
+    and in its own storage (a view of the resized image would carry all of it wherever it is pickled to).
 
     ``resize_size == image_size`` is the "as is" mode for data that is already square at ``image_size``
     (resize and crop are then no-ops on such images).
@@ -101,7 +110,7 @@ class Preprocessing:
         if tensor.shape[-2:] != (self.image_size, self.image_size) or self.resize_size != self.image_size:
             tensor = TF.resize(tensor, [self.resize_size], interpolation=mode, antialias=True)
             tensor = TF.center_crop(tensor, [self.image_size, self.image_size])
-        return tensor
+        return tensor.clone(memory_format=torch.contiguous_format)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

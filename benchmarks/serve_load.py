@@ -63,6 +63,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def budget_problem(budget: str | None, thresholds: str | None) -> str | None:
+    """Why ``--budget`` would make every request a 400, or None: a budget neither built in nor in ``--thresholds``."""
+    from anchornet import load_thresholds
+    from pipelines.serve import BUILTIN_BUDGETS
+
+    if budget is None or budget in BUILTIN_BUDGETS:
+        return None
+    if thresholds is None:
+        return f"--budget {budget} needs --thresholds (the file that names it); built in: {', '.join(BUILTIN_BUDGETS)}"
+    known = [*load_thresholds(thresholds), *BUILTIN_BUDGETS]
+    return None if budget in known else f"--budget {budget} is not in {thresholds}: {', '.join(known)}"
+
+
 def load_images(root: Path, limit: int) -> tuple[list[tuple[bytes, int]], list[str]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.is_file()]
@@ -215,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"serve_load: unknown --layouts {sorted(unknown)}: use separate and/or colocated")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if problem := budget_problem(args.budget, args.thresholds):
+        raise SystemExit(f"serve_load: {problem}")
     import ray
     import torch
     from ray import serve

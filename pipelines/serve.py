@@ -21,18 +21,20 @@ Build it with ``build_app(ServeArgs(...))`` (``serve_config.yaml`` fills the sam
 ``high_throughput_env()`` is the environment of Ray Serve's high-throughput mode (HAProxy in place of the
 Python HTTP proxy), for ``ray start`` or an embedded ``ray.init`` (``jobs/serve.py --high-throughput``).
 Thresholds are live: they come from the ingress ``user_config`` (``thresholds_path``, ``default_budget``,
-inline ``budgets``) through ``reconfigure``, without restarting replicas.
+inline ``budgets``) through ``reconfigure``, without restarting replicas. A bad config fails a replica at start; a
+bad live update is refused (the last good budgets stay, ``GET /info`` says why in ``config_error``).
 
 This module has no ``from __future__ import annotations``: Serve reads the builder's annotation as a class.
 """
 
 import asyncio
+import logging
 import math
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -76,6 +78,7 @@ __all__ = [
     "BaselineArgs",
     "DeploymentArgs",
     "DeploymentsArgs",
+    "LiveBudgets",
     "ServeArgs",
     "ServingSpec",
     "build_app",
@@ -87,10 +90,17 @@ __all__ = [
     "load_on_replica",
     "model_device",
     "propose_patches",
+    "reconfigured_budgets",
 ]
+
+logger = logging.getLogger("ray.serve")
 
 #: Built-in budgets, always available: every step (the most accurate and costly) and the glance only.
 BUILTIN_BUDGETS: dict[str, tuple[float, ...] | None] = {"all-steps": None, "glance-only": None}
+#: Keys of the ingress ``user_config`` (``load_budgets``).
+USER_CONFIG_KEYS = ("thresholds_path", "budgets", "default_budget")
+#: Longest image side over the shortest that serving accepts by default (checked before decoding).
+MAX_ASPECT_RATIO = 20.0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -163,6 +173,9 @@ class ServeArgs(BaseModel):
     top_k: int = Field(5, ge=1, description="classes returned by default")
     max_body_bytes: int = Field(10 * 1024**2, ge=1)
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit, checked before decoding")
+    max_aspect_ratio: float | None = Field(
+        MAX_ASPECT_RATIO, ge=1, description="longest side / shortest side, checked before decoding; null: no limit"
+    )
     colocate: bool = Field(
         False,
         description="run the three models inside the ingress replica (no handle calls; the ingress's resources, "
@@ -180,6 +193,7 @@ class BaselineArgs(BaseModel):
     top_k: int = Field(5, ge=1)
     max_body_bytes: int = Field(10 * 1024**2, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
+    max_aspect_ratio: float | None = Field(MAX_ASPECT_RATIO, ge=1)
     deployment: DeploymentArgs = Field(default_factory=DeploymentArgs)
 
 
@@ -204,6 +218,7 @@ class ServingSpec:
     top_k: int
     max_body_bytes: int
     max_pixels: int
+    max_aspect_ratio: float | None  # longest side / shortest side; None: no limit
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -255,6 +270,7 @@ def serving_spec(args: ServeArgs) -> ServingSpec:
         top_k=args.top_k,
         max_body_bytes=args.max_body_bytes,
         max_pixels=args.max_pixels,
+        max_aspect_ratio=args.max_aspect_ratio,
         models={
             "anchornet": {"arch": "anchornet", "input_size": size, "macs": int(anchornet_macs), "K": k},
             "glance": {
@@ -275,7 +291,7 @@ def load_budgets(config: dict[str, Any], num_steps: int) -> tuple[dict[str, dict
     budgets are always there: ``all-steps`` (every ``rho = inf``) and ``glance-only`` (every ``rho = 0``).
     Raises ``ValueError`` for unknown keys, a wrong number of thresholds or an unknown default.
     """
-    unknown = set(config) - {"thresholds_path", "budgets", "default_budget"}
+    unknown = set(config) - set(USER_CONFIG_KEYS)
     if unknown:
         raise ValueError(f"unknown user_config keys {sorted(unknown)}")
     count = num_steps - 1
@@ -296,6 +312,40 @@ def load_budgets(config: dict[str, Any], num_steps: int) -> tuple[dict[str, dict
     if default not in budgets:
         raise ValueError(f"default_budget {default!r} is not one of {list(budgets)}")
     return budgets, default
+
+
+@dataclass(frozen=True)
+class LiveBudgets:
+    """The ingress's live thresholds, ``load_budgets`` of its ``user_config``, as one immutable value.
+
+    ``reconfigure`` (on a worker thread) replaces it in one assignment and a request reads it once, so no request
+    pairs the budgets of one config with the default of another. ``error`` says why the last live update was
+    refused; ``named`` and ``default`` are then those of the last good config.
+    """
+
+    named: Mapping[str, Mapping[str, Any]]
+    default: str
+    error: str | None = None
+
+    @classmethod
+    def load(cls, config: Mapping[str, Any] | None, num_steps: int) -> "LiveBudgets":
+        named, default = load_budgets(dict(config or {}), num_steps)
+        return cls(named=named, default=default)
+
+
+def reconfigured_budgets(current: LiveBudgets | None, config: Mapping[str, Any] | None, num_steps: int) -> LiveBudgets:
+    """The budgets after a ``user_config`` update. At start (``current`` is None) a bad config raises, failing the
+    replica and so the deploy; on a running replica it is refused and logged: ``current`` stays, with ``error``
+    saying why, so that a typo in a live update does not take the service down."""
+    try:
+        return LiveBudgets.load(config, num_steps)
+    except Exception as err:  # a missing file, bad JSON, wrong thresholds, unknown keys: all refused alike
+        if current is None:
+            raise
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        error = f"user_config update refused, the previous budgets stay: {reason}"
+        logger.error(error)
+        return replace(current, error=error)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -396,9 +446,10 @@ def _device_of(model: nn.Module) -> torch.device:
 @torch.inference_mode()
 def classify_images(model: nn.Module, input_size: int, images: torch.Tensor) -> list[torch.Tensor]:
     """What a classifier deployment computes for a batch: uint8 ``(B, 3, H, W)`` -> ``B`` float32 logits
-    (on the CPU, wherever the model runs)."""
+    (on the CPU, wherever the model runs, each in its own storage)."""
     images = images.to(_device_of(model), non_blocking=True)
-    return list(model(resize_square(to_float(images), input_size)).float().cpu())
+    logits = model(resize_square(to_float(images), input_size)).float().cpu()
+    return [row.clone() for row in logits]  # each its own storage: a view would pickle the whole batch
 
 
 @torch.inference_mode()
@@ -592,7 +643,9 @@ async def decode_request(request: Request, spec: ServingSpec | dict[str, Any]) -
 
     def decode() -> tuple[torch.Tensor, list[int], float]:
         start = time.perf_counter()
-        image = decode_image(data, min_size=get("min_side"), max_pixels=get("max_pixels"))
+        image = decode_image(
+            data, min_size=get("min_side"), max_pixels=get("max_pixels"), max_aspect_ratio=get("max_aspect_ratio")
+        )
         return preprocessing(image), list(image.size), (time.perf_counter() - start) * 1e3
 
     try:
@@ -675,11 +728,15 @@ class Ingress:
             self.glance, self.anchornet, self.patch = glance, anchornet, patch
         self.layout = "colocated" if colocated is not None else "separate"
         self.spec = spec
-        self.budgets, self.default_budget = load_budgets({}, spec.num_steps)
+        self.budgets = LiveBudgets.load({}, spec.num_steps)  # the built-in budgets, until a user_config comes
+        self.configured = False
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """Live thresholds: ``user_config`` as ``load_budgets`` reads it."""
-        self.budgets, self.default_budget = load_budgets(dict(config or {}), self.spec.num_steps)
+        """Live thresholds: ``user_config`` as ``load_budgets`` reads it. A bad one fails the replica at start;
+        once it has started with a good one, a bad update is refused (``reconfigured_budgets``)."""
+        current = self.budgets if self.configured else None
+        self.budgets = reconfigured_budgets(current, config, self.spec.num_steps)
+        self.configured = True
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -687,7 +744,7 @@ class Ingress:
 
     @api.get("/info")
     async def info(self) -> dict[str, Any]:
-        spec = self.spec
+        spec, live = self.spec, self.budgets
         return jsonable(
             {
                 "classes": spec.class_names,
@@ -701,9 +758,14 @@ class Ingress:
                 "preprocessing": spec.preprocessing,
                 "models": spec.models,
                 "step_macs": spec.step_macs,
-                "default_budget": self.default_budget,
-                "budgets": {name: {**b, "thresholds": list(b["thresholds"])} for name, b in self.budgets.items()},
-                "limits": {"max_body_bytes": spec.max_body_bytes, "max_pixels": spec.max_pixels},
+                "default_budget": live.default,
+                "budgets": {name: {**b, "thresholds": list(b["thresholds"])} for name, b in live.named.items()},
+                "config_error": live.error,
+                "limits": {
+                    "max_body_bytes": spec.max_body_bytes,
+                    "max_pixels": spec.max_pixels,
+                    "max_aspect_ratio": spec.max_aspect_ratio,
+                },
             }
         )
 
@@ -716,9 +778,9 @@ class Ingress:
         top_k: int | None = Query(None, ge=1, description="classes to return"),
     ) -> Response:
         timing = ServerTiming()
-        spec = self.spec
-        thresholds_of = {name: b["thresholds"] for name, b in self.budgets.items()}
-        budget_name, rho = resolve_thresholds(thresholds_of, self.default_budget, spec.num_patches, budget, thresholds)
+        spec, live = self.spec, self.budgets  # read once: reconfigure may replace it meanwhile
+        thresholds_of = {name: b["thresholds"] for name, b in live.named.items()}
+        budget_name, rho = resolve_thresholds(thresholds_of, live.default, spec.num_patches, budget, thresholds)
         image, image_size, decode_ms = await decode_request(request, spec)
         timing.add("decode", decode_ms)
 
@@ -730,7 +792,8 @@ class Ingress:
             available = int(proposal["boxes"].shape[0])
             for j in range(available):
                 t = j + 2
-                z = z + step_contribution(await timing.call("patch", self.patch, proposal["crops"][j]), spec.aggregate)
+                crop = proposal["crops"][j].clone()  # its own storage: a view would ship all n crops
+                z = z + step_contribution(await timing.call("patch", self.patch, crop), spec.aggregate)
                 confidence, prediction = accumulated_confidence(z, t, spec.aggregate)
                 patches.append(
                     PatchInfo(step=t, box=proposal["boxes"][j].tolist(), cam_score=float(proposal["scores"][j]))
@@ -834,6 +897,7 @@ class FullClassifier:
         top_k: int = 5,
         max_body_bytes: int = 10 * 1024**2,
         max_pixels: int = 40_000_000,
+        max_aspect_ratio: float | None = MAX_ASPECT_RATIO,
         max_batch_size: int = 16,
         batch_wait_timeout_s: float = 0.005,
         torch_threads: int = 1,
@@ -851,6 +915,7 @@ class FullClassifier:
         self.limits = {
             "max_body_bytes": max_body_bytes,
             "max_pixels": max_pixels,
+            "max_aspect_ratio": max_aspect_ratio,
             "min_side": 1,
             "preprocessing": preprocessing.to_dict(),
         }
@@ -892,6 +957,7 @@ def build_baseline_app(args: BaselineArgs | dict[str, Any]) -> serve.Application
         top_k=args.top_k,
         max_body_bytes=args.max_body_bytes,
         max_pixels=args.max_pixels,
+        max_aspect_ratio=args.max_aspect_ratio,
         max_batch_size=opts.max_batch_size,
         batch_wait_timeout_s=opts.batch_wait_timeout_s,
         torch_threads=opts.torch_threads,
@@ -909,13 +975,47 @@ def _unknown_keys(data: Any, allowed: Sequence[str], where: str) -> list[str]:
     return [f"unknown key {where}.{key}" for key in data if key not in allowed]
 
 
-def check_serve_config(config: dict[str, Any]) -> list[str]:
+def _check_ingress_user_config(
+    app: dict[str, Any], args: ServeArgs, where: str, local_path: Callable[[str], str] | None
+) -> list[str]:
+    """Problems of the ``user_config`` the Ingress replicas of a ``build_app`` application will get: the one under
+    its ``Ingress`` deployment, which replaces the one ``build_app`` makes from ``args``, or else that one."""
+    overrides = [
+        d
+        for d in app.get("deployments") or []
+        if isinstance(d, dict) and d.get("name") == "Ingress" and "user_config" in d
+    ]
+    if overrides:
+        user_config, where = overrides[-1]["user_config"], f"{where}: Ingress user_config"
+    else:
+        user_config = {"thresholds_path": args.thresholds, "default_budget": args.default_budget}
+        where = f"{where}.args (thresholds, default_budget)"
+    if not isinstance(user_config, dict):
+        return [f"{where} must be a mapping"]
+    if local_path is None:
+        return [f"{where}: unknown key {key}" for key in user_config if key not in USER_CONFIG_KEYS]
+    config = dict(user_config)
+    if config.get("thresholds_path"):
+        config["thresholds_path"] = local_path(config["thresholds_path"])
+    try:
+        load_budgets(config, args.num_patches + 1)
+    except Exception as err:  # what reconfigure would raise at replica start
+        return [f"{where}: {type(err).__name__}: {' '.join(str(err).split())}"]
+    return []
+
+
+def check_serve_config(config: dict[str, Any], *, local_path: Callable[[str], str] | None = None) -> list[str]:
     """Problems of a ``serve deploy`` config; empty when it is valid.
 
     Validates with Serve's ``ServeDeploySchema``, then checks every key of the top level, the applications,
     their deployments and autoscaling configs against the schema's fields (Serve silently drops unknown keys,
-    so a typo like ``max_ongoing_request`` would otherwise be ignored), and the ``args`` of applications built
-    by ``build_app`` / ``build_baseline_app`` against ``ServeArgs`` / ``BaselineArgs`` (which forbid extras).
+    so a typo like ``max_ongoing_request`` would otherwise be ignored), the ``args`` of applications built
+    by ``build_app`` / ``build_baseline_app`` against ``ServeArgs`` / ``BaselineArgs`` (which forbid extras), and
+    the keys of the ``user_config`` the ``build_app`` Ingress replicas will get.
+
+    With ``local_path`` (a path in the config -> where that file is here, e.g. from the cluster's mount of the
+    repository to this checkout) it also loads that ``user_config`` as the replicas will (``load_budgets``: the
+    thresholds file, the number of thresholds, the default budget), which otherwise fails every replica at start.
     """
     from pydantic import ValidationError
     from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
@@ -943,7 +1043,10 @@ def check_serve_config(config: dict[str, Any]) -> list[str]:
         model = builders.get(app.get("import_path", ""))
         if model is not None:
             try:
-                model.model_validate(app.get("args") or {})
+                args = model.model_validate(app.get("args") or {})
             except ValidationError as err:
                 problems += [f"{where}.args: {e['loc']}: {e['msg']}" for e in err.errors()]
+                continue
+            if isinstance(args, ServeArgs):
+                problems += _check_ingress_user_config(app, args, where, local_path)
     return problems

@@ -2,13 +2,16 @@
 request asks for, and the JSON error every bad request gets.
 
 Every rejection is an ``ApiError`` (status, machine-readable code, one-line message) that the FastAPI apps of
-``pipelines.serve`` turn into ``{"error": {"code": ..., "message": ...}}`` with that status, never a 500.
+``pipelines.serve`` turn into ``{"error": {"code": ..., "message": ...}}`` with that status. An unexpected
+exception (a bug) gets the same JSON shape with status 500 and code ``internal_error``, and its traceback is logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.errors
 import email.policy
+import logging
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from email.parser import BytesParser
@@ -18,10 +21,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
     "RAW_CONTENT_TYPES",
     "ApiError",
+    "JsonServerErrors",
     "install_error_handlers",
     "json_float",
     "model_response",
@@ -35,6 +40,9 @@ __all__ = [
 RAW_CONTENT_TYPES = ("application/octet-stream",)
 #: Multipart form fields searched for the image, in order; otherwise the only part, or the first with a filename.
 IMAGE_FIELDS = ("file", "image")
+
+#: Serve's logger: in a replica its records go to the replica's log with the request id.
+logger = logging.getLogger("ray.serve")
 
 _BAD_MULTIPART_DEFECTS = (
     email.errors.StartBoundaryNotFoundDefect,
@@ -57,8 +65,39 @@ class ApiError(Exception):
         return JSONResponse({"error": {"code": self.code, "message": self.message}}, status_code=self.status)
 
 
+class JsonServerErrors:
+    """ASGI middleware: an unexpected exception becomes a JSON 500 ``internal_error`` (its traceback logged)
+    instead of Starlette's ``text/plain`` "Internal Server Error". Re-raised when the response had started."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as err:
+            logger.exception("unexpected error in %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            message = f"internal error ({type(err).__name__}); it was logged"
+            response = JSONResponse({"error": {"code": "internal_error", "message": message}}, status_code=500)
+            await response(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """JSON errors for ``ApiError`` and query validation (422); anything unexpected is a JSON 500."""
+    """JSON errors for ``ApiError`` and query validation (422); anything unexpected is a JSON 500
+    (``JsonServerErrors``)."""
+    app.add_middleware(JsonServerErrors)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -112,14 +151,27 @@ async def read_image_bytes(request: Request, max_body_bytes: int) -> bytes:
     if not body:
         raise ApiError(400, "empty_body", "empty request body: send an image")
     if is_multipart:
-        body = parse_multipart(body, content_type)
+        # The email parser is pure Python: a 10 MB body of newlines takes seconds, so not on the event loop.
+        body = await asyncio.to_thread(parse_multipart, body, content_type)
         if not body:
             raise ApiError(400, "empty_body", "the image part of the multipart form is empty")
     return body
 
 
 def parse_multipart(body: bytes, content_type: str) -> bytes:
-    """The image part of a ``multipart/form-data`` body (see ``IMAGE_FIELDS``); ``ApiError`` 400 if malformed."""
+    """The image part of a ``multipart/form-data`` body (see ``IMAGE_FIELDS``); ``ApiError`` 400 if malformed.
+
+    CPU-bound (seconds for a large body of many short lines): call it off the event loop."""
+    try:
+        return _parse_multipart(body, content_type)
+    except ApiError:
+        raise
+    except Exception as err:  # the email parser's own failures on malformed headers, e.g. IndexError on "name*"
+        message = f"malformed multipart form: its headers could not be parsed ({type(err).__name__})"
+        raise ApiError(400, "bad_multipart", message) from None
+
+
+def _parse_multipart(body: bytes, content_type: str) -> bytes:
     try:
         header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
     except UnicodeEncodeError:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import pytest
 import torch
@@ -41,6 +43,42 @@ def test_bad_bytes_raise_one_line_errors() -> None:
         decode_image(_encode(Image.new("L", (2000, 2000))), max_pixels=1_000_000)
     with pytest.raises(ImageDecodeError, match="too small: at least 95 x 95"):
         decode_image(_encode(Image.new("RGB", (200, 60))), min_size=95)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width x height`` pixels (decoding it would fail: the data is 8 x 8)."""
+    png = bytearray(_encode(Image.new("L", (8, 8))))
+    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
+    png[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    png[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(png[ihdr - 4 : ihdr + 13])))
+    return bytes(png)
+
+
+def test_aspect_ratio_limit_is_opt_in_and_checked_before_decoding() -> None:
+    """Long thin images cost time and memory out of proportion to their pixels once the shorter side is resized;
+    serving refuses them from the header. Off by default (the precompute job decodes what it always did)."""
+    long_thin = _encode(Image.new("RGB", (95, 2000)))
+    assert decode_image(long_thin, min_size=95).size == (95, 2000)
+    assert decode_image(long_thin, max_aspect_ratio=25).size == (95, 2000)
+    for data in (long_thin, _encode(Image.new("RGB", (2000, 95)))):
+        with pytest.raises(ImageDecodeError, match="too elongated: its longer side may be at most 20 times"):
+            decode_image(data, max_aspect_ratio=20)
+    with pytest.raises(ImageDecodeError, match="too elongated"):  # from the header alone: the pixels are not there
+        decode_image(_png_claiming(95, 420_000), max_pixels=40_000_000, max_aspect_ratio=20)
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_image(_png_claiming(95, 420_000), max_pixels=40_000_000)
+
+
+@pytest.mark.parametrize(
+    ("size", "preprocessing"),
+    [((95, 4000), Preprocessing()), ((224, 3000), Preprocessing.as_is(224)), ((224, 224), Preprocessing.as_is(224))],
+)
+def test_output_owns_its_storage(size: tuple[int, int], preprocessing: Preprocessing) -> None:
+    """The crop is its own contiguous tensor, not a view of the resized image: pickled (to a Ray actor), a view
+    carries all of its storage (82 MB for a 95 x 40000 image)."""
+    out = preprocessing(Image.new("RGB", size))
+    assert out.shape == (3, 224, 224) and out.is_contiguous()
+    assert out.untyped_storage().nbytes() == out.numel()
 
 
 def test_resize_and_centre_crop() -> None:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import math
 import struct
+import threading
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
+from fastapi import FastAPI, Request
 from PIL import Image
 
 from anchornet import (
@@ -26,7 +32,15 @@ from anchornet import (
     save_thresholds,
 )
 from anchornet.preprocessing import to_float
-from pipelines.serve_http import ApiError, parse_multipart, parse_server_timing, parse_thresholds
+from pipelines import serve_http
+from pipelines.serve_http import (
+    ApiError,
+    install_error_handlers,
+    parse_multipart,
+    parse_server_timing,
+    parse_thresholds,
+    read_image_bytes,
+)
 
 requests = pytest.importorskip("requests")
 
@@ -35,6 +49,7 @@ CLASSES = [f"class{i}" for i in range(10)]
 NUM_PATCHES = 3
 MAX_BODY = 300_000
 MAX_PIXELS = 4_000_000
+MOUNT = "/home/ray/anchornet/"  # where cluster.yaml mounts this repository on every node
 
 
 def _encode(image: Image.Image, fmt: str = "JPEG", **kwargs: object) -> bytes:
@@ -87,10 +102,90 @@ def test_parse_multipart() -> None:
     for content_type, broken in (
         ("multipart/form-data; boundary=XX", b"no boundaries here"),
         ("multipart/form-data", body),
+        # A parameter ending in "*" with no "=": the email parser itself fails (IndexError), in either header.
+        ("multipart/form-data; boundary=XX; x*", body),
+        ("multipart/form-data; boundary=XX", body.replace(b'filename="a.jpg"', b"filename*")),
     ):
         with pytest.raises(ApiError) as err:
             parse_multipart(broken, content_type)
-        assert err.value.status == 400
+        assert (err.value.status, err.value.code) == (400, "bad_multipart")
+
+
+def _asgi_request(
+    app: Callable[..., Any], body: bytes, content_type: str, path: str = "/classify"
+) -> tuple[int, dict[str, str], bytes]:
+    """One POST straight into an ASGI ``app`` (no server, no httpx): status, headers and body of the answer."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    messages: list[dict[str, Any]] = []
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            await asyncio.sleep(3600)
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in messages if m["type"] == "http.response.start")
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]}
+    return start["status"], headers, b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+
+
+def test_unexpected_errors_are_json_500() -> None:
+    """A bug in a handler gets the JSON error shape (code internal_error) instead of a text/plain 500."""
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/classify")
+    async def classify() -> dict[str, str]:
+        raise RuntimeError("a bug")
+
+    status, headers, body = _asgi_request(app, b"x", "image/jpeg")
+    assert status == 500 and headers["content-type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert error["code"] == "internal_error" and "RuntimeError" in error["message"] and "\n" not in error["message"]
+
+
+def test_multipart_is_parsed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The email parser takes seconds on some 10 MB bodies: it must not block the ingress's event loop."""
+    threads: list[int] = []
+    parse = serve_http.parse_multipart
+
+    def recording_parse(body: bytes, content_type: str) -> bytes:
+        threads.append(threading.get_ident())
+        return parse(body, content_type)
+
+    monkeypatch.setattr(serve_http, "parse_multipart", recording_parse)
+    app = FastAPI()
+    install_error_handlers(app)
+    loop_threads: list[int] = []
+
+    @app.post("/classify")
+    async def classify(request: Request) -> dict[str, int]:
+        loop_threads.append(threading.get_ident())
+        return {"bytes": len(await read_image_bytes(request, 10_000))}
+
+    body = b'--XX\r\nContent-Disposition: form-data; name="file"\r\n\r\nJPEGDATA\r\n--XX--\r\n'
+    status, _, answer = _asgi_request(app, body, "multipart/form-data; boundary=XX")
+    assert (status, answer) == (200, b'{"bytes":8}')
+    assert len(threads) == 1 and threads != loop_threads
 
 
 def test_openapi_documents_the_classify_responses() -> None:
@@ -104,11 +199,17 @@ def test_openapi_documents_the_classify_responses() -> None:
         assert {"prediction", "top_k", "macs", "latency_ms"} <= set(spec["components"]["schemas"][model]["properties"])
 
 
+def _local(path: str) -> str:
+    """A path of serve_config.yaml (on the cluster's mount of the repository) in this checkout."""
+    return str(REPO / path.removeprefix(MOUNT)) if path.startswith(MOUNT) else path
+
+
 def test_serve_config_yaml_is_valid_and_strict() -> None:
     from pipelines.serve import check_serve_config
 
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     assert check_serve_config(config) == []
+    assert check_serve_config(config, local_path=_local) == []  # the thresholds its Ingress replicas load
     app = config["applications"][0]
     assert app["import_path"] == "pipelines.serve:build_app"
 
@@ -122,17 +223,78 @@ def test_serve_config_yaml_is_valid_and_strict() -> None:
     assert "num_patch" in problems
 
 
+def test_serve_config_checks_the_ingress_user_config() -> None:
+    """The Ingress user_config of the YAML replaces the one build_app makes from args: every Ingress replica loads
+    it at start, and a bad one fails them all. check_serve_config loads it as they will."""
+    from pipelines.serve import check_serve_config
+
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    (ingress,) = [d for d in app["deployments"] if d["name"] == "Ingress"]
+    assert _local(ingress["user_config"]["thresholds_path"]) == _local(app["args"]["thresholds"])
+    for user_config, expected in (
+        ({"thresholds_path": "/models/thresholds.json"}, "/models/thresholds.json"),  # not where it is deployed
+        ({"thresholds_path": MOUNT + "checkpoints/thresholds.json", "default_budget": "q=0.5O"}, "q=0.5O"),
+        ({"budgets": {"mine": [0.9, 0.8]}}, "'mine' needs 4 thresholds"),
+        ({"thresholds_paths": "x.json"}, "thresholds_paths"),
+    ):
+        ingress["user_config"] = user_config
+        problems = "\n".join(check_serve_config(config, local_path=_local))
+        assert "Ingress user_config" in problems and expected in problems, (user_config, problems)
+    assert "thresholds_paths" in "\n".join(check_serve_config(config))  # key typos even without the files
+    # Without an override the replicas get the builder's user_config, from args.
+    app["deployments"] = [d for d in app["deployments"] if d["name"] != "Ingress"]
+    assert check_serve_config(config, local_path=_local) == []
+    app["args"]["default_budget"] = "q=0.5O"
+    assert "q=0.5O" in "\n".join(check_serve_config(config, local_path=_local))
+
+
+def test_a_bad_live_update_keeps_the_last_good_budgets() -> None:
+    """A bad user_config fails a replica at start; on a running replica it is refused and said, not fatal."""
+    from pipelines.serve import LiveBudgets, reconfigured_budgets
+
+    good = reconfigured_budgets(None, {"budgets": {"mine": [0.9, 0.8]}, "default_budget": "mine"}, 3)
+    assert (good.default, good.error) == ("mine", None) and good.named["mine"]["thresholds"] == (0.9, 0.8)
+    for bad in ({"default_budget": "nope"}, {"budgets": {"mine": [0.9]}}, {"thresholds_path": "/no/such.json"}):
+        with pytest.raises((ValueError, OSError)):
+            reconfigured_budgets(None, bad, 3)  # at start: the replica fails, so does the deploy
+        kept = reconfigured_budgets(good, bad, 3)
+        assert (kept.named, kept.default) == (good.named, good.default)
+        assert kept.error is not None and "refused" in kept.error and "\n" not in kept.error
+    again = reconfigured_budgets(kept, {"default_budget": "glance-only"}, 3)
+    assert (again.default, again.error) == ("glance-only", None)
+    with pytest.raises(AttributeError):  # one immutable value, replaced whole
+        good.default = "all-steps"  # type: ignore[misc]
+    assert isinstance(LiveBudgets.load(None, 3), LiveBudgets)
+
+
+def test_classifier_outputs_own_their_storage() -> None:
+    """Each image's logits are their own tensor: a view of the batch's would ship the whole batch through Ray."""
+    from pipelines.serve import classify_images
+
+    model = build_classifier("mobilenet_v3_small", 10).eval()
+    outputs = classify_images(model, 95, torch.zeros(3, 3, 95, 95, dtype=torch.uint8))
+    assert len(outputs) == 3
+    for logits in outputs:
+        assert logits.shape == (10,) and logits.untyped_storage().nbytes() == 10 * 4
+
+
+def test_serve_load_refuses_a_budget_it_cannot_find(tmp_path: Path) -> None:
+    """Every request would be a 400: the benchmark says so in one line before starting Ray."""
+    from benchmarks.serve_load import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["--data", str(tmp_path), "--budget", "q=0.50"])
+    assert "--thresholds" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_serve_config_deploys_the_shipped_checkpoints() -> None:
     """The YAML's paths are the shipped imagenette models where cluster.yaml mounts the repository; they fit
     together (classes, K, MACs) and the default budget is in the thresholds file."""
     from pipelines.serve import ServeArgs, load_budgets, serving_spec
 
     args = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]
-    mount = "/home/ray/anchornet/"
-    local = {
-        k: str(REPO / v.removeprefix(mount)) if isinstance(v, str) and v.startswith(mount) else v
-        for k, v in args.items()
-    }
+    local = {k: _local(v) if isinstance(v, str) else v for k, v in args.items()}
     spec = serving_spec(ServeArgs.model_validate(local))
     assert spec.class_names == sorted(spec.class_names) and len(spec.class_names) == 10
     labels = dict(zip(spec.class_names, spec.class_labels, strict=True))
@@ -178,6 +340,22 @@ def layout(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+def _app_args(checkpoints: dict[str, str], layout: str, default_budget: str = "q=0.50") -> dict[str, Any]:
+    """``build_app`` args of the test app in ``layout``, every replica on a tenth of a CPU."""
+    return {
+        "anchornet": checkpoints["anchornet"],
+        "glance": checkpoints["glance"],
+        "patch": checkpoints["patch"],
+        "thresholds": checkpoints["thresholds"],
+        "default_budget": default_budget,
+        "num_patches": NUM_PATCHES,
+        "max_body_bytes": MAX_BODY,
+        "max_pixels": MAX_PIXELS,
+        "deployments": {name: _tiny() for name in ("ingress", "glance", "anchornet", "patch")},
+        "colocate": layout == "colocated",
+    }
+
+
 @pytest.fixture(scope="module")
 def server(ray_local: None, checkpoints: dict[str, str], layout: str) -> Iterator[str]:
     """The app on a free 127.0.0.1 port, every replica on a tenth of a CPU."""
@@ -188,19 +366,7 @@ def server(ray_local: None, checkpoints: dict[str, str], layout: str) -> Iterato
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-    args = {
-        "anchornet": checkpoints["anchornet"],
-        "glance": checkpoints["glance"],
-        "patch": checkpoints["patch"],
-        "thresholds": checkpoints["thresholds"],
-        "default_budget": "q=0.50",
-        "num_patches": NUM_PATCHES,
-        "max_body_bytes": MAX_BODY,
-        "max_pixels": MAX_PIXELS,
-        "deployments": {name: _tiny() for name in ("ingress", "glance", "anchornet", "patch")},
-        "colocate": layout == "colocated",
-    }
-    serve.run(build_app(args), name="anchornet", route_prefix="/", blocking=False)
+    serve.run(build_app(_app_args(checkpoints, layout)), name="anchornet", route_prefix="/", blocking=False)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -349,27 +515,43 @@ def test_image_modes_and_multipart(server: str) -> None:
 def test_bad_input_gets_4xx_json_and_service_stays_up(server: str) -> None:
     good = _encode(_photo(3))
     multipart = "multipart/form-data; boundary=XYZ"
+    form = b'--XX\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + good + b"\r\n--XX--\r\n"
     cases = [
         ("empty body", lambda: _classify(server, b""), 400),
         ("not an image", lambda: _classify(server, b"this is not an image at all"), 400),
         ("truncated JPEG", lambda: _classify(server, good[: len(good) // 2]), 400),
         ("too small", lambda: _classify(server, _encode(_photo(4, (64, 200)))), 400),
+        ("too elongated", lambda: _classify(server, _encode(Image.new("RGB", (95, 2000)), "PNG"), "image/png"), 400),
         ("decompression bomb", lambda: _classify(server, _png_bomb(), "image/png"), 413),
         ("body over the limit", lambda: _classify(server, b"\xff" * (MAX_BODY + 1)), 413),
         ("unsupported media type", lambda: _classify(server, good, "text/plain"), 415),
         ("malformed multipart", lambda: _classify(server, b"--nope\r\nbroken", multipart), 400),
         ("multipart without boundary", lambda: _classify(server, good, "multipart/form-data"), 400),
+        (
+            "multipart Content-Type parameter x*",
+            lambda: _classify(server, form, "multipart/form-data; boundary=XX; x*"),
+            400,
+        ),
+        (
+            "multipart part parameter name*",
+            lambda: _classify(server, form.replace(b'name="file"', b"name*"), "multipart/form-data; boundary=XX"),
+            400,
+        ),
         ("unknown budget", lambda: _classify(server, good, budget="q=9.99"), 400),
         ("too few thresholds", lambda: _classify(server, good, thresholds="0.9,0.8"), 400),
         ("non-numeric thresholds", lambda: _classify(server, good, thresholds="a,b,c"), 400),
         ("budget and thresholds", lambda: _classify(server, good, budget="strict", thresholds="1,1,1"), 400),
         ("bad top_k", lambda: _classify(server, good, top_k="zero"), 422),
     ]
+    codes = {}
     for what, send, status in cases:
         got = send()
         assert got.status_code == status, f"{what}: {got.status_code} {got.text}"
         error = got.json()["error"]
         assert error["code"] and error["message"], what
+        codes[what] = error["code"]
+    assert codes["multipart Content-Type parameter x*"] == codes["multipart part parameter name*"] == "bad_multipart"
+    assert codes["too elongated"] == "bad_image"
     too_small = _classify(server, _encode(_photo(4, (64, 200)))).json()["error"]["message"]
     assert "95" in too_small and "too small" in too_small
     got = _classify(server, good)
@@ -379,28 +561,84 @@ def test_bad_input_gets_4xx_json_and_service_stays_up(server: str) -> None:
 
 @pytest.mark.ray
 @pytest.mark.timeout(180)
-def test_thresholds_are_live_config(server: str, checkpoints: dict[str, str]) -> None:
+def test_thresholds_are_live_config(server: str, checkpoints: dict[str, str], layout: str) -> None:
     from ray import serve
 
     from pipelines.serve import build_app
 
-    args = {
-        "anchornet": checkpoints["anchornet"],
-        "glance": checkpoints["glance"],
-        "patch": checkpoints["patch"],
-        "thresholds": checkpoints["thresholds"],
-        "default_budget": "strict",
-        "num_patches": NUM_PATCHES,
-        "max_body_bytes": MAX_BODY,
-        "max_pixels": MAX_PIXELS,
-        "deployments": {name: _tiny() for name in ("ingress", "glance", "anchornet", "patch")},
-    }
+    args = _app_args(checkpoints, layout, default_budget="strict")  # the same layout: only the thresholds change
     before = requests.get(f"{server}/info", timeout=30).json()
     serve.run(build_app(args), name="anchornet", route_prefix="/", blocking=False)
     info = requests.get(f"{server}/info", timeout=30).json()
     assert before["default_budget"] == "q=0.50" and info["default_budget"] == "strict"
+    assert info["layout"] == before["layout"] == layout
     body = _classify(server, _encode(_photo(5))).json()
     assert body["budget"] == "strict" and body["exit_step"] == NUM_PATCHES + 1
+
+
+def _deploy_config(checkpoints: dict[str, str], layout: str, user_config: dict[str, Any]) -> None:
+    """Deploy the app from a config, as ``serve deploy`` does, with ``user_config`` under ``Ingress``.
+
+    The app's code version is then a hash of its import path and args, so a change of the user_config alone
+    reconfigures the running Ingress replicas (``serve.run`` gives every deploy a new version: new replicas)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = {
+        "name": "anchornet",
+        "route_prefix": "/",
+        "import_path": "pipelines.serve:build_app",
+        "args": _app_args(checkpoints, layout),
+        "deployments": [{"name": "Ingress", "user_config": user_config}],
+    }
+    # Sets the app DEPLOYING before it returns; RUNNING again once every deployment reached the new target.
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
+    deadline = time.monotonic() + 150
+    while (status := serve.status().applications["anchornet"]).status != "RUNNING":
+        assert time.monotonic() < deadline and status.status == "DEPLOYING", (status.status, status.message)
+        time.sleep(0.5)
+
+
+def _info_when(server: str, ready: Callable[[dict[str, Any]], bool], timeout: float = 120) -> dict[str, Any]:
+    """``GET /info`` polled until ``ready`` holds (through a redeploy); its last answer otherwise."""
+    deadline = time.monotonic() + timeout
+    info: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            got = requests.get(f"{server}/info", timeout=30)
+            info = got.json() if got.ok else {}
+        except requests.RequestException:
+            info = {}
+        if info and ready(info):
+            break
+        time.sleep(0.5)
+    return info
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_bad_live_update_is_refused_and_the_service_stays_up(
+    server: str, checkpoints: dict[str, str], layout: str
+) -> None:
+    """A typo in a live thresholds update (serve deploy of a changed user_config) must not stop the replicas that
+    run: they keep the last good budgets and say why in /info; the next good update applies."""
+    thresholds = checkpoints["thresholds"]
+    _deploy_config(checkpoints, layout, {"thresholds_path": thresholds, "default_budget": "strict"})
+    info = _info_when(server, lambda i: i["default_budget"] == "strict")
+    assert info["default_budget"] == "strict" and info["config_error"] is None and info["layout"] == layout
+
+    _deploy_config(checkpoints, layout, {"thresholds_path": thresholds, "default_budget": "q=0.5O"})
+    info = _info_when(server, lambda i: i["config_error"] is not None)
+    assert info["config_error"] and "q=0.5O" in info["config_error"], info
+    assert info["default_budget"] == "strict" and "q=0.50" in info["budgets"]
+    body = _classify(server, _encode(_photo(6))).json()
+    assert body["budget"] == "strict" and body["exit_step"] == NUM_PATCHES + 1
+
+    _deploy_config(checkpoints, layout, {"thresholds_path": thresholds, "default_budget": "q=0.50"})
+    info = _info_when(server, lambda i: i["config_error"] is None)
+    assert (info["default_budget"], info["config_error"]) == ("q=0.50", None)
+    assert _classify(server, _encode(_photo(6))).json()["budget"] == "q=0.50"
 
 
 def test_replicas_run_on_the_gpu_they_ask_for() -> None:
