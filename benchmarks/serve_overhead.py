@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._machine import cpu_name
-from benchmarks.serve_load import IMAGENETTE_INDICES, checkpoints, load_images
+from benchmarks.serve_load import IMAGENETTE_INDICES, budget_problem, checkpoints, load_images
 
 MODELS = ("glance", "anchornet", "patch")  # their Server-Timing entries
 
@@ -226,6 +226,8 @@ def inprocess_times(
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if problem := budget_problem(args.budget, args.thresholds):
+        raise SystemExit(f"serve_overhead: {problem}")
     import torch
 
     images, classes = load_images(args.data, args.limit)

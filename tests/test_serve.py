@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import io
 import json
 import math
@@ -279,9 +280,10 @@ def test_classifier_outputs_own_their_storage() -> None:
         assert logits.shape == (10,) and logits.untyped_storage().nbytes() == 10 * 4
 
 
-def test_serve_load_refuses_a_budget_it_cannot_find(tmp_path: Path) -> None:
+@pytest.mark.parametrize("script", ["serve_load", "serve_overhead"])
+def test_serve_benchmarks_refuse_a_budget_they_cannot_find(tmp_path: Path, script: str) -> None:
     """Every request would be a 400: the benchmark says so in one line before starting Ray."""
-    from benchmarks.serve_load import main
+    main = importlib.import_module(f"benchmarks.{script}").main
 
     with pytest.raises(SystemExit) as err:
         main(["--data", str(tmp_path), "--budget", "q=0.50"])
