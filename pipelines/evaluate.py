@@ -15,6 +15,7 @@ import io
 import json
 import math
 import platform
+import posixpath
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -157,9 +158,10 @@ def resolve_holdout(
     """
     recorded = _recorded(cards["--glance"]) or _recorded(cards["--patch"])
     split = config.holdout_split or (recorded["split"] if recorded else TRAIN_SPLIT)
+    split = posixpath.normpath(split)  # "train/" and "./train" are train
     size = config.holdout_size or (recorded["size"] if recorded else DEFAULT_HOLDOUT_SIZE)
     seed = config.holdout_seed if config.holdout_seed is not None else recorded["seed"] if recorded else config.seed
-    if split == config.split:
+    if split == posixpath.normpath(config.split):
         raise ValueError(f"the held-out split must not be the test split ({split}): use --holdout-split")
     index = scan_image_folder(storage.join(config.data, split), classes=classes)
     indices = holdout_indices(index, size, seed)

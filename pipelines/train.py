@@ -508,6 +508,11 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         _unwrap(model).load_state_dict(state["model"])
         optimizer_state = state["optimizer"]
         start_epoch, history = state["epoch"] + 1, state["history"]
+        if start_epoch > config.epochs:
+            raise ValueError(
+                f"this run has trained {start_epoch} epochs already: --epochs {config.epochs} cannot undo that "
+                "(raise it, or use a new --output)"
+            )
     # The schedule is rebuilt from this run's config (a re-run may raise --epochs), not restored.
     optimizer, scheduler = make_optimizer(config, model, start_epoch=start_epoch, state=optimizer_state)
 
@@ -639,15 +644,23 @@ def _preflight(config: TrainConfig) -> tuple[list[str], dict[str, Any]]:
                     f"{config.output} holds a run with different {what}: use a new --output to start afresh"
                 )
         changed = changed_on_resume(earlier.get("config", {}), config)
-        if changed:
+        if changed and _has_checkpoints(config):
             raise TrainError(
                 f"{config.output} holds a run with other {', '.join(changed)} (a re-run resumes it and may change "
                 "only --epochs and the resources): use the same values or a new --output"
             )
+        if changed:  # nothing to resume (the earlier attempt saved no checkpoint): this run starts afresh
+            storage.write_bytes(manifest_uri, json.dumps({**manifest, "config": config.to_dict()}, indent=1).encode())
     else:
         storage.makedirs(config.output)
         storage.write_bytes(manifest_uri, json.dumps({**manifest, "config": config.to_dict()}, indent=1).encode())
     return classes, train_data.holdout_record(splits, config.holdout_size, config.holdout_seed)
+
+
+def _has_checkpoints(config: TrainConfig) -> bool:
+    """Whether Ray Train will resume the run in OUT: it restores from its checkpoint manager's snapshot, written
+    with the first reported checkpoint (``ray.train.v2``'s ``checkpoint_manager_snapshot.json``)."""
+    return storage.exists(storage.join(config.output, config.run_name, "checkpoint_manager_snapshot.json"))
 
 
 def changed_on_resume(earlier: dict[str, Any], config: TrainConfig) -> list[str]:
@@ -661,6 +674,8 @@ def changed_on_resume(earlier: dict[str, Any], config: TrainConfig) -> list[str]
     now = config.to_dict()
     changed = []
     for key in RESUME_FIXED:
+        if key == "milestones" and config.schedule == "cosine" == earlier.get("schedule", defaults["schedule"]):
+            continue  # unused by the cosine schedule
         if key == "lr":
             batch = earlier.get("batch_size", defaults["batch_size"])
             then = earlier.get("lr") or BASE_LR[config.stage] * batch / 256

@@ -142,6 +142,11 @@ def test_holdout_comes_from_the_cards_and_overlaps_are_named(setup: dict[str, Pa
     stage1_all = {**cards, "--anchornet": _card(None)}
     mixed, _ = resolve_holdout(config, stage1_all, CLASSES)
     assert mixed.overlaps == ["--anchornet trained on all of train/"] and "biased high" in mixed.warning
+    for spelling in ("train/", "./train"):  # the same split, however it is written
+        spelled, _ = resolve_holdout(
+            EvaluateConfig(**{**config.__dict__, "holdout_split": spelling}), stage1_all, CLASSES
+        )
+        assert spelled.overlaps == mixed.overlaps
     elsewhere = {**cards, "--patch": _card({**record, "sha256": holdout_digest(["cls_a/other.png"])})}
     assert resolve_holdout(config, elsewhere, CLASSES)[0].overlaps == ["--patch held out other images (another tree?)"]
     with pytest.raises(ValueError, match="test split"):

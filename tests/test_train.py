@@ -270,6 +270,20 @@ def test_rerun_may_change_epochs_but_not_the_optimizer(
     assert changed_on_resume(earlier, changed) == ["lr", "batch-size", "weight-decay", "holdout-size"]
     legacy = {k: v for k, v in earlier.items() if k not in ("holdout_size", "holdout_seed")}  # older OUT
     assert changed_on_resume(legacy, first) == []
+    cosine = {**earlier, "schedule": "cosine"}
+    assert changed_on_resume(cosine, TrainConfig(**{**cosine, "milestones": (0.5,)})) == []  # unused by cosine
+
+    # No checkpoint yet (the first attempt died before its first report): nothing to resume, so a corrected
+    # batch size starts afresh and becomes the run's recipe.
+    retry = TrainConfig(**{**earlier, "batch_size": 16})
+    train._preflight(retry)
+    manifest = json.loads((tmp_path / "out" / f"{first.run_name}.json").read_text())
+    assert manifest["config"]["batch_size"] == 16
+    train._preflight(first)  # and back again: still nothing to resume
+    # With a checkpoint Ray Train would resume from, a change of recipe is refused.
+    snapshot = tmp_path / "out" / first.run_name / "checkpoint_manager_snapshot.json"
+    snapshot.parent.mkdir()
+    snapshot.write_text("{}")
 
     base = ["--data", str(data), "--output", str(tmp_path / "out"), "--arch", "anchornet_test", "--batch-size", "8"]
     for extra, needle in [
