@@ -79,13 +79,21 @@ def prepare_for_inference(model: AnchorNet, device: torch.device | str = "cpu") 
     works too, only slower. On one CPU thread the CAM of one 224 image took 4.5-5.4 ms against 5.9-6.9 ms eager
     (p50s of three runs).
 
-    On a CUDA device this also turns off cuDNN's TF32 convolutions **for the whole process** (cuDNN has no
-    per-module switch): on an H100 TF32 moved the CAM by up to 0.06 against the CPU and changed which patches
-    were chosen. AnchorNet is 0.06 GMACs; exact float32 costs it nothing that matters, but other models in the
-    same process lose TF32 too.
+    On a CUDA device this also turns TF32 off **for the whole process** (torch has no per-module switch), for
+    cuDNN's convolutions and for the matrix products of the CAM and the classifier: on an H100 TF32 moved the CAM
+    by up to 0.06 against the CPU and changed which patches were chosen. AnchorNet is 0.06 GMACs; exact float32
+    costs it nothing that matters, but other models in the same process lose TF32 too. It uses torch's
+    ``fp32_precision`` flags, which win over a global ``torch.backends.fp32_precision = "tf32"`` (the legacy
+    ``allow_tf32 = False`` does not); torch then refuses to *read* the legacy ``cudnn.allow_tf32`` flag.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        torch.backends.cudnn.allow_tf32 = False
+        _exact_float32()
     prepared = fold_normalize(fold_batchnorm(model))
     return prepared.to(device, memory_format=torch.channels_last)
+
+
+def _exact_float32() -> None:
+    """IEEE float32 for cuDNN convolutions and CUDA matrix products in this process (``prepare_for_inference``)."""
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    torch.backends.cuda.matmul.fp32_precision = "ieee"

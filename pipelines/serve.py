@@ -432,7 +432,8 @@ def load_on_replica(checkpoint: str, use_gpu: bool) -> tuple[nn.Module, Any]:
 
 def load_anchornet_on_replica(checkpoint: str, use_gpu: bool) -> AnchorNet:
     """An AnchorNet checkpoint ready for serving on the replica's device: ``anchornet.prepare_for_inference``, the
-    same folded, channels-last, exact-float32 model the precompute job runs, so served patches are its patches."""
+    same folded, channels-last, exact-float32 model the precompute job runs (up to float32 rounding with the batch
+    shape: the job runs 16 images per pass, a replica the batch it formed)."""
     model, card = load_checkpoint(checkpoint)
     if not isinstance(model, AnchorNet):
         raise ValueError(f"{checkpoint} is a {card.kind} checkpoint, not an AnchorNet one")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -104,3 +107,15 @@ def test_prepared_for_inference_is_folded_channels_last_and_gives_the_same_cam()
         prepared_cam, prepared_logits = class_activation_map(prepared, nhwc)
     torch.testing.assert_close(prepared_cam, cam, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(prepared_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_float32_wins_over_a_global_tf32_setting() -> None:
+    """On CUDA, prepare_for_inference turns TF32 off even when the process asked for it through torch's new flags
+    (the legacy ``allow_tf32 = False`` would not). Process-wide flags: checked in a child process."""
+    code = (
+        "import torch; from anchornet.fusion import _exact_float32; "
+        "torch.backends.fp32_precision = 'tf32'; _exact_float32(); "
+        "print(torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["ieee", "ieee"]
