@@ -232,6 +232,7 @@ def plan_job(config: PrecomputeConfig) -> JobPlan:
         raise PrecomputeError(f"cannot read checkpoint {config.anchornet}: {_one_line(err)}") from err
     if not isinstance(model, AnchorNet):
         raise PrecomputeError(f"bad checkpoint: {config.anchornet} holds a {card.kind} model, not AnchorNet")
+    _probe_output(config.output)  # before listing the input, which takes minutes for ImageNet on S3
     classes = None
     if config.classes_from == "checkpoint":
         if not card.class_names:
@@ -259,6 +260,28 @@ def plan_job(config: PrecomputeConfig) -> JobPlan:
         cam_grid=grid,
         min_size=config.min_size or rf.size,
     )
+
+
+def _probe_output(out: str) -> None:
+    """``PrecomputeError`` now when ``out`` clearly cannot be written; creates nothing that stays.
+
+    Locally: the nearest existing ancestor must be a writable directory. On S3: a probe object is written and
+    deleted. (``_check_or_claim_output`` writes ``_job.json`` later, once the input is indexed.)"""
+    try:
+        if storage.is_remote(out):
+            probe = storage.join(out, f".probe-{uuid.uuid4().hex}")
+            storage.write_bytes(probe, b"")
+            fs, path = storage.resolve(probe)
+            fs.delete_file(path)
+            return
+        path = Path(storage.resolve(out)[1])
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"{existing} is not writable")
+    except (OSError, ValueError) as err:
+        raise PrecomputeError(f"cannot write to output {out}: {_one_line(err)}") from err
 
 
 def _one_line(err: BaseException) -> str:

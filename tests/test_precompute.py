@@ -194,7 +194,9 @@ def test_jpeg_bytes_are_pillows(tree: Path) -> None:
         assert schema.encode_crops(crops, "jpeg", quality) == expected
 
 
-def test_plan_is_deterministic_and_rejects_bad_input(tree: Path, checkpoint: Path, tmp_path: Path) -> None:
+def test_plan_is_deterministic_and_rejects_bad_input(
+    tree: Path, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     plan = plan_job(_config(tree, tmp_path, checkpoint))
     assert plan.num_shards == 4 and plan.patch_size == 95 and plan.cam_grid == (17, 17)
     assert plan.identity == plan_job(_config(tree, tmp_path, checkpoint)).identity
@@ -206,6 +208,12 @@ def test_plan_is_deterministic_and_rejects_bad_input(tree: Path, checkpoint: Pat
         plan_job(_config(tree, tmp_path, tmp_path / "garbage.pt"))
     with pytest.raises(PrecomputeError, match="--num-patches"):
         _config(tree, tmp_path, checkpoint, num_patches=0)
+    (tmp_path / "a_file").write_text("x")
+    listed = []  # an unwritable output is refused before the input is listed (minutes on S3 at ImageNet scale)
+    monkeypatch.setattr("pipelines.precompute.scan_image_folder", lambda *a, **k: listed.append(a))
+    with pytest.raises(PrecomputeError, match=r"cannot write to output .*a_file is not a directory"):
+        plan_job(_config(tree, tmp_path / "a_file" / "out", checkpoint))
+    assert listed == []
 
 
 # ----------------------------------------------------------------------------------------------------------
