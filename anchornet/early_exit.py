@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +29,16 @@ __all__ = [
     "EarlyExitResult",
     "PatchPolicy",
     "accumulated_confidence",
+    "check_thresholds",
     "cumulative_step_macs",
     "resize_square",
+    "sample_macs",
     "step_contribution",
 ]
 
 Aggregate = Literal["logits", "probs"]
 PatchPolicy = Literal["anchornet", "random"]
+T = TypeVar("T", int, torch.Tensor)
 
 
 def cumulative_step_macs(anchornet_macs: int, glance_macs: int, patch_macs: int, num_steps: int) -> list[int]:
@@ -49,6 +52,27 @@ def cumulative_step_macs(anchornet_macs: int, glance_macs: int, patch_macs: int,
     costs = [int(glance_macs)]
     costs += [int(anchornet_macs) + int(glance_macs) + (t - 1) * int(patch_macs) for t in range(2, num_steps + 1)]
     return costs
+
+
+def sample_macs(exit_step: T, ran_anchornet: T, anchornet_macs: int, glance_macs: int, patch_macs: int) -> T:
+    """MACs actually spent on a sample (REFERENCE section 4): the glance, AnchorNet when it ran (``ran_anchornet``
+    1 or 0: every sample past step 1, and one whose patches ran out before any step), and one patch pass per step
+    after the first. Ints or int tensors alike (``exit_step`` and ``ran_anchornet`` of a batch)."""
+    return glance_macs + ran_anchornet * anchornet_macs + (exit_step - 1) * patch_macs
+
+
+def check_thresholds(thresholds: Sequence[float], num_steps: int) -> tuple[float, ...]:
+    """``rho_1..rho_{T-1}`` as floats; ``ValueError`` for the wrong count (none for the last step) or a NaN."""
+    values = tuple(float(rho) for rho in thresholds)
+    expected = num_steps - 1
+    if len(values) != expected:
+        raise ValueError(
+            f"expected {expected} thresholds rho_1..rho_{expected} (T = num_patches + 1 = {num_steps} steps, "
+            f"none for the last), got {len(values)}"
+        )
+    if any(math.isnan(rho) for rho in values):
+        raise ValueError(f"thresholds must not be NaN, got {values}")
+    return values
 
 
 def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -190,16 +214,7 @@ class EarlyExitClassifier(nn.Module):
 
     @thresholds.setter
     def thresholds(self, thresholds: Sequence[float]) -> None:
-        values = tuple(float(rho) for rho in thresholds)
-        expected = self.num_steps - 1
-        if len(values) != expected:
-            raise ValueError(
-                f"expected {expected} thresholds rho_1..rho_{expected} (T = num_patches + 1 = {self.num_steps} steps, "
-                f"none for the last), got {len(values)}"
-            )
-        if any(math.isnan(rho) for rho in values):
-            raise ValueError(f"thresholds must not be NaN, got {values}")
-        self._thresholds = values
+        self._thresholds = check_thresholds(thresholds, self.num_steps)
 
     @property
     def step_macs(self) -> list[int]:
@@ -319,7 +334,7 @@ class EarlyExitClassifier(nn.Module):
                 selection = _index_selection(selection, keep)
 
         anchornet_macs = self._anchornet_cost(images.shape[-2], images.shape[-1]) if ran_anchornet.any() else 0
-        macs = self.glance_macs + ran_anchornet.long() * anchornet_macs + (exit_step - 1) * self.patch_macs
+        macs = sample_macs(exit_step, ran_anchornet.long(), anchornet_macs, self.glance_macs, self.patch_macs)
         return EarlyExitResult(
             prediction=prediction,
             confidence=confidence,

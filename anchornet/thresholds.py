@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from anchornet import storage
-from anchornet.early_exit import Aggregate, EarlyExitClassifier, accumulated_confidence
+from anchornet.early_exit import Aggregate, EarlyExitClassifier, accumulated_confidence, check_thresholds
 
 __all__ = [
     "DEFAULT_QS",
@@ -122,7 +122,7 @@ class StepTable:
 
     def exit_steps(self, thresholds: Sequence[float]) -> torch.Tensor:
         """1-based exit step of every sample under ``rho_1..rho_{T-1}``, ``(N,)`` (Alg. 1, ``confidence >= rho``)."""
-        rho = _check_thresholds(thresholds, self.num_steps)
+        rho = check_thresholds(thresholds, self.num_steps)
         steps = torch.arange(1, self.num_steps + 1, device=self.confidence.device)
         rho = torch.tensor([*rho, -math.inf], dtype=self.confidence.dtype, device=self.confidence.device)
         exits = (self.confidence >= rho) | (steps >= self.last_step[:, None])
@@ -319,15 +319,6 @@ def load_thresholds(path: str | os.PathLike[str]) -> dict[str, BudgetPoint]:
             exit_fractions=tuple(fractions) if fractions is not None else None,
         )
     return budgets
-
-
-def _check_thresholds(thresholds: Sequence[float], num_steps: int) -> tuple[float, ...]:
-    values = tuple(float(r) for r in thresholds)
-    if len(values) != num_steps - 1:
-        raise ValueError(f"expected {num_steps - 1} thresholds rho_1..rho_{num_steps - 1}, got {len(values)}")
-    if any(math.isnan(r) for r in values):
-        raise ValueError(f"thresholds must not be NaN, got {values}")
-    return values
 
 
 def _encode(value: float) -> float | str:

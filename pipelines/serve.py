@@ -62,7 +62,7 @@ from anchornet import (
     prepare_for_inference,
     select_patches,
 )
-from anchornet.early_exit import Aggregate, resize_square, step_contribution
+from anchornet.early_exit import Aggregate, resize_square, sample_macs, step_contribution
 from anchornet.model import AnchorNet
 from anchornet.preprocessing import to_float
 from pipelines.serve_http import (
@@ -801,7 +801,8 @@ class Ingress:
                 )
                 if t == spec.num_steps or confidence >= rho[t - 1]:
                     break
-        macs = spec.glance_macs + (spec.anchornet_macs if available is not None else 0) + (t - 1) * spec.patch_macs
+        ran_anchornet = int(available is not None)
+        macs = sample_macs(t, ran_anchornet, spec.anchornet_macs, spec.glance_macs, spec.patch_macs)
         probs = z.softmax(dim=-1) if spec.aggregate == "logits" else z / t
         names, labels = spec.class_names, spec.class_labels
         result = Classification(
