@@ -141,6 +141,20 @@ class PatchDataset(Dataset):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         return bisect.bisect_right(self._starts, i) - 1
 
+    def image_samples(self) -> list[tuple[str, range]]:
+        """``(image_id, samples)`` of every image, in the dataset's order: the positions of its glance (one) or of
+        its patches (``role="patch"``; none when it has none). Reads each shard's ``image_id`` column."""
+        out: list[tuple[str, range]] = []
+        for shard in range(len(self._files)):
+            ids = self._read(shard, ["image_id"]).column("image_id").to_pylist()
+            start = self._starts[shard]
+            if self._patch_offsets is None:
+                out += [(image_id, range(start + k, start + k + 1)) for k, image_id in enumerate(ids)]
+            else:
+                offsets = self._patch_offsets[shard].tolist()
+                out += [(image_id, range(start + offsets[k], start + offsets[k + 1])) for k, image_id in enumerate(ids)]
+        return out
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if i < 0:
             i += len(self)

@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from anchornet.model import AnchorNet, anchornet_test
 from anchornet.patches import crop_patches, select_patches
 from anchornet.preprocessing import Preprocessing, to_float
 from pipelines import train_data
+
+if TYPE_CHECKING:
+    from pipelines.patch_dataset import PatchDataset
 
 __all__ = [
     "STAGES",
@@ -337,14 +340,14 @@ def _no_patch_val(val_uri: str) -> str:
     return f"no {val_uri}: precompute val patches there or pass --anchornet for validation"
 
 
-def _patch_picks(config: TrainConfig, patches: Dataset, splits: train_data.DataSplits) -> list[int] | None:
+def _patch_picks(config: TrainConfig, patches: PatchDataset, splits: train_data.DataSplits) -> list[int] | None:
     """The samples of the precomputed train patches to train on (``None``: all): without the held-out images'
     patches, then ``limit`` evenly spaced ones (every class keeps some)."""
-    picks = list(range(len(patches)))  # type: ignore[arg-type]
+    picks = list(range(len(patches)))
     if config.holdout_size:
         held = {path for path, _ in splits.holdout.items}
         known = held | {path for path, _ in splits.train.items}
-        ranges = train_data.patch_sample_ranges(patches)
+        ranges = patches.image_samples()
         strangers = [image_id for image_id, _ in ranges if image_id not in known]
         if strangers:
             raise ValueError(

@@ -15,7 +15,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
@@ -36,7 +35,6 @@ __all__ = [
     "eval_preprocessing",
     "holdout_record",
     "limit_index",
-    "patch_sample_ranges",
     "scan_splits",
     "train_transform",
     "val_loader",
@@ -98,24 +96,6 @@ def holdout_record(splits: DataSplits, size: int, seed: int) -> dict[str, Any]:
     """What a checkpoint card records of the images left out of training (``provenance["holdout"]``)."""
     ids = [path for path, _ in splits.holdout.items]
     return {"split": HOLDOUT_SPLIT, "size": size, "seed": seed, "images": len(ids), "sha256": holdout_digest(ids)}
-
-
-def patch_sample_ranges(dataset: Any) -> list[tuple[str, range]]:
-    """``(image_id, samples)`` of every image of a ``pipelines.patch_dataset.PatchDataset`` (``role="patch"``):
-    its patches' positions in the dataset, in the dataset's order (shard by shard, index order)."""
-    fs, root = storage.resolve(dataset.uri)
-    ranges: list[tuple[str, range]] = []
-    start = 0
-    for shard in dataset.manifest["shards"]:
-        table = pq.read_table(f"{root}/{shard['file']}", columns=["image_id", "num_patches"], filesystem=fs)
-        counts = table.column("num_patches").to_pylist()
-        for image_id, count in zip(table.column("image_id").to_pylist(), counts, strict=True):
-            stop = start + min(int(count), dataset.num_patches)
-            ranges.append((image_id, range(start, stop)))
-            start = stop
-    if start != len(dataset):
-        raise ValueError(f"{dataset.uri}: {start} patches in the shards, {len(dataset)} in the dataset")
-    return ranges
 
 
 def limit_index(index: ImageFolderIndex, limit: int) -> ImageFolderIndex:

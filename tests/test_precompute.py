@@ -345,6 +345,8 @@ def test_reader(reference: Path) -> None:
         image, label = patches[i]
         assert label == rows[i // 3]["label"]
         assert torch.equal(image, schema.decode_crop(rows[i // 3]["patches"][i % 3], "jpeg", 95))
+    assert patches.image_samples() == [(r["image_id"], range(3 * i, 3 * i + 3)) for i, r in enumerate(rows)]
+    assert glances.image_samples() == [(r["image_id"], range(i, i + 1)) for i, r in enumerate(rows)]
     bounded = PatchDataset(str(reference), "patch", max_cached_shards=1)
     loader = torch.utils.data.DataLoader(bounded, batch_size=8, num_workers=0)
     labels = torch.cat([y for _, y in loader])
