@@ -43,10 +43,10 @@ from anchornet.model import AnchorNet
 from anchornet.patches import select_patches
 from anchornet.preprocessing import Preprocessing, to_float
 from anchornet.thresholds import BudgetPoint, StepTable, anytime_accuracy, budgeted_search, save_thresholds
+from pipelines.train_data import HOLDOUT_SPLIT  # the split the training jobs train on and hold images out of
 
 __all__ = ["Curve", "EvaluateConfig", "EvaluationReport", "Holdout", "resolve_holdout", "run_evaluation"]
 
-TRAIN_SPLIT = "train"  # the split both training jobs train on (pipelines.train_data)
 DEFAULT_HOLDOUT_SIZE = 1000
 
 
@@ -157,7 +157,7 @@ def resolve_holdout(
     that include them.
     """
     recorded = _recorded(cards["--glance"]) or _recorded(cards["--patch"])
-    split = config.holdout_split or (recorded["split"] if recorded else TRAIN_SPLIT)
+    split = config.holdout_split or (recorded["split"] if recorded else HOLDOUT_SPLIT)
     split = posixpath.normpath(split)  # "train/" and "./train" are train
     size = config.holdout_size or (recorded["size"] if recorded else DEFAULT_HOLDOUT_SIZE)
     seed = config.holdout_seed if config.holdout_seed is not None else recorded["seed"] if recorded else config.seed
@@ -166,12 +166,12 @@ def resolve_holdout(
     index = scan_image_folder(storage.join(config.data, split), classes=classes)
     indices = holdout_indices(index, size, seed)
     overlaps = []
-    if split == TRAIN_SPLIT:
+    if split == HOLDOUT_SPLIT:
         chosen = {index.items[i][0] for i in indices}
         for flag, card in cards.items():
             record = _recorded(card)
             if record is None:
-                overlaps.append(f"{flag} trained on all of {TRAIN_SPLIT}/")
+                overlaps.append(f"{flag} trained on all of {HOLDOUT_SPLIT}/")
                 continue
             held = [index.items[i][0] for i in holdout_indices(index, int(record["size"]), int(record["seed"]))]
             if record.get("sha256") not in (None, holdout_digest(held)):
