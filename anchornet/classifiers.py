@@ -33,7 +33,14 @@ __all__ = [
 
 
 class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be fetched (offline, say); the message says what to do instead."""
+    """Pretrained weights could not be fetched (offline, say); the message says what to do instead.
+
+    ``reason`` is the cause alone, for callers that word their own advice (a job names its flag, not ``weights=``).
+    """
+
+    def __init__(self, reason: str, hint: str | None = "pass weights=PATH (a local file or s3:// URI) instead") -> None:
+        super().__init__(f"{reason}; {hint}" if hint else reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -105,9 +112,7 @@ def download_state_dict(url: str, what: str) -> dict[str, torch.Tensor]:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, weights_only=True)
     except (urllib.error.URLError, OSError, ConnectionError) as err:
         reason = getattr(err, "reason", err)
-        raise WeightsUnavailableError(
-            f"could not download {what} from {url} ({reason}); pass weights=PATH (a local file or s3:// URI) instead"
-        ) from err
+        raise WeightsUnavailableError(f"could not download {what} from {url} ({reason})") from err
 
 
 class Classifier(nn.Module):
@@ -158,7 +163,7 @@ def build_classifier(
         return Classifier(name, num_classes, entry.builder(num_classes), entry.mean, entry.std)
     if weights == "imagenet":
         if entry.imagenet_weights is None:
-            raise WeightsUnavailableError(f"no ImageNet weights are known for {name!r}")
+            raise WeightsUnavailableError(f"no ImageNet weights are known for {name!r}", hint=None)
         net = entry.builder(1000)
         net.load_state_dict(entry.imagenet_weights())
         if num_classes != 1000:

@@ -62,8 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
     except WeightsUnavailableError as err:  # --full-arch offline: its hint names a library argument, not a flag
-        reason = str(err).split("; pass weights=")[0]
-        print(f"evaluate: error: --full-arch {config.full_arch}: {reason}; pass --full CKPT instead", file=sys.stderr)
+        message = f"--full-arch {config.full_arch}: {err.reason}; pass --full CKPT instead"
+        print(f"evaluate: error: {message}", file=sys.stderr)
         return 2
     print(f"full-224: {100 * report.full_accuracy:.2f} % top-1 at {report.full_gmacs:.4f} GMACs ({report.full_kind})")
     for key, value in report.answers.items():

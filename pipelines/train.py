@@ -652,10 +652,11 @@ def _preflight(config: TrainConfig) -> tuple[list[str], dict[str, Any]]:
                 f"{config.output} holds a run with other {', '.join(changed)} (a re-run resumes it and may change "
                 "only --epochs and the resources): use the same values or a new --output"
             )
-        if changed:  # nothing to resume (the earlier attempt saved no checkpoint): this run starts afresh
-            storage.write_bytes(manifest_uri, json.dumps({**manifest, "config": config.to_dict()}, indent=1).encode())
+        record = bool(changed)  # nothing to resume (no checkpoint yet): this run starts afresh with its own recipe
     else:
         storage.makedirs(config.output)
+        record = True
+    if record:
         storage.write_bytes(manifest_uri, json.dumps({**manifest, "config": config.to_dict()}, indent=1).encode())
     return classes, train_data.holdout_record(splits, config.holdout_size, config.holdout_seed)
 
@@ -704,8 +705,7 @@ def _check_weights(config: TrainConfig, classes: list[str]) -> None:
     try:
         _classifier(config, classes, with_weights=True)
     except WeightsUnavailableError as err:
-        reason = str(err).split("; pass weights=")[0]
-        raise TrainError(f"--weights imagenet: {reason}; pass --weights PATH (a local file or s3:// URI)") from err
+        raise TrainError(f"--weights imagenet: {err.reason}; pass --weights PATH (a local file or s3:// URI)") from err
     except (RuntimeError, KeyError) as err:
         raise TrainError(
             f"--weights {config.weights} does not fit {config.arch} with {len(classes)} classes: {_first_line(err)}"

@@ -101,6 +101,7 @@ def test_offline_download_fails_in_one_clear_line(tmp_path: Path, monkeypatch: p
     with pytest.raises(WeightsUnavailableError, match=r"could not download .* pass weights=PATH") as info:
         download_state_dict(f"http://127.0.0.1:{port}/resnet18-f37072fd.pth", "torchvision weights")
     assert "\n" not in str(info.value)
+    assert info.value.reason.startswith("could not download") and "weights=" not in info.value.reason
 
 
 def test_torchvision_imagenet_weights_go_through_the_download(monkeypatch: pytest.MonkeyPatch) -> None:
