@@ -53,7 +53,8 @@ _BAD_MULTIPART_DEFECTS = (
 
 
 class ApiError(Exception):
-    """A request the service refuses: HTTP ``status`` (4xx), a stable ``code`` and a one-line ``message``."""
+    """A request the service refuses: HTTP ``status`` (4xx; 500 for ``JsonServerErrors``'s bugs), a stable ``code``
+    and a one-line ``message``."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -90,8 +91,7 @@ class JsonServerErrors:
             if started:
                 raise
             message = f"internal error ({type(err).__name__}); it was logged"
-            response = JSONResponse({"error": {"code": "internal_error", "message": message}}, status_code=500)
-            await response(scope, receive, send)
+            await ApiError(500, "internal_error", message).to_response()(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
