@@ -6,8 +6,9 @@
 ROOT is an ImageFolder tree with the test split (``val/``) and the training split (``train/``), whose held-out
 part fits the budgeted thresholds: by default the images the training jobs left out (their ``--holdout-size``,
 recorded in the glance and patch cards); a warning on stderr, in metrics.json and in results.md says when the
-models were trained on the held-out images. Writes results.md, results.csv, metrics.json, thresholds.json,
-accuracy_vs_gmacs.png and gallery.png to REPORT_DIR (local or s3://).
+models were trained on the held-out images. For models trained on all of train/, ``--holdout-split val`` fits
+the thresholds on ``--holdout-size`` val images and tests on the others. Writes results.md, results.csv,
+metrics.json, thresholds.json, accuracy_vs_gmacs.png and gallery.png to REPORT_DIR (local or s3://).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
                       "to the dataset's classes (class directories must be ImageNet WordNet ids)")  # fmt: skip
     parser.add_argument("--split", default="val", help="test split directory under --data (default: val)")
     parser.add_argument(
-        "--holdout-split", help="split whose held-out part fits the thresholds (default: the cards', else train)"
+        "--holdout-split",
+        help="split whose held-out part fits the thresholds (default: the cards', else train); the test split "
+        "itself works too: its held-out images are then left out of the test",
     )
     parser.add_argument("--holdout-size", type=int, help="held-out images (default: those the cards record, else 1000)")
     parser.add_argument("--holdout-seed", type=int, help="which held-out images (default: the cards', else --seed)")

@@ -1,9 +1,11 @@
 """Evaluation: accuracy against MACs (anytime and budgeted), AnchorNet against random patches, real time.
 
 Runs in one process with plain PyTorch (no Ray needed: the test set is small next to training). The
-thresholds of the budgeted curve are fitted on a held-out part of the *training* split, never on the test
-split: by default the images the training jobs left out (``--holdout-size``, recorded in the cards), with a
-warning when the models were trained on them (thresholds fitted on training images are biased high).
+thresholds of the budgeted curve are fitted on held-out images, never on the images they are tested on: by
+default the images the training jobs left out of the *training* split (``--holdout-size``, recorded in the
+cards), with a warning when the models were trained on them (thresholds fitted on training images are biased
+high). For models trained on all of it, ``--holdout-split`` set to the test split fits on a seeded part of the
+test split and tests on the rest.
 Writes a Markdown and CSV table, the fitted budgets as a thresholds JSON (deployable), a plot of accuracy
 against GMACs and a gallery of CAMs with the chosen patches.
 """
@@ -45,7 +47,15 @@ from anchornet.preprocessing import Preprocessing, to_float
 from anchornet.thresholds import BudgetPoint, StepTable, anytime_accuracy, budgeted_search, save_thresholds
 from pipelines.train_data import HOLDOUT_SPLIT  # the split the training jobs train on and hold images out of
 
-__all__ = ["Curve", "EvaluateConfig", "EvaluationReport", "Holdout", "resolve_holdout", "run_evaluation"]
+__all__ = [
+    "Curve",
+    "EvaluateConfig",
+    "EvaluationReport",
+    "Holdout",
+    "evaluation_indices",
+    "resolve_holdout",
+    "run_evaluation",
+]
 
 DEFAULT_HOLDOUT_SIZE = 1000
 
@@ -56,6 +66,7 @@ class EvaluateConfig:
 
     ``holdout_split``, ``holdout_size`` and ``holdout_seed`` left ``None`` come from the held-out images the
     glance (else patch) card records (``--holdout-size`` of the training jobs), else ``train``, 1000, ``seed``.
+    ``holdout_split`` may be the test split itself: its held-out images are then left out of the test set.
     """
 
     data: str
@@ -85,8 +96,6 @@ class EvaluateConfig:
         for name in ("holdout_size", "batch_size", "num_patches", "timing_batch", "timing_repeats"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.holdout_split is not None and self.holdout_split == self.split:
-            raise ValueError(f"--holdout-split must not be the test split ({self.split}): thresholds fit elsewhere")
         if self.limit is not None and self.limit < 1:
             raise ValueError("--limit must be at least 1")
 
@@ -105,7 +114,7 @@ class Holdout:
     """The held-out images the thresholds are fitted on, and whether the models were trained without them.
 
     ``overlaps`` names each model trained on some of them (or that cannot be shown not to be); empty when the
-    thresholds are unbiased.
+    thresholds are unbiased. ``from_test_split``: they are part of the test split and left out of the test set.
     """
 
     split: str
@@ -114,6 +123,7 @@ class Holdout:
     from_cards: bool
     indices: list[int]
     overlaps: list[str]
+    from_test_split: bool = False
 
     @property
     def disjoint(self) -> bool:
@@ -125,7 +135,8 @@ class Holdout:
             return None
         return (
             f"thresholds are fitted on images the models were trained on ({'; '.join(self.overlaps)}), so they are "
-            "biased high: train with --holdout-size N and evaluate with the same held-out images"
+            "biased high: train with --holdout-size N and evaluate with the same held-out images, or fit on part "
+            "of the test split (--holdout-split set to the test split; those images are left out of the test)"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,6 +146,7 @@ class Holdout:
             "seed": self.seed,
             "images": len(self.indices),
             "from_cards": self.from_cards,
+            "from_test_split": self.from_test_split,
             "disjoint_from_training": self.disjoint,
             "warning": self.warning,
         }
@@ -154,16 +166,21 @@ def resolve_holdout(
 
     Unset flags take the glance (else patch) card's record. A model counts as trained without those images
     when the split is not train/, or when its card records held-out images of this tree (same ids digest)
-    that include them.
+    that include them. When the split is the test split, the held-out images are drawn from it and
+    :func:`evaluation_indices` leaves them out of the test set; at least one test image must remain.
     """
     recorded = _recorded(cards["--glance"]) or _recorded(cards["--patch"])
     split = config.holdout_split or (recorded["split"] if recorded else HOLDOUT_SPLIT)
     split = posixpath.normpath(split)  # "train/" and "./train" are train
     size = config.holdout_size or (recorded["size"] if recorded else DEFAULT_HOLDOUT_SIZE)
     seed = config.holdout_seed if config.holdout_seed is not None else recorded["seed"] if recorded else config.seed
-    if split == posixpath.normpath(config.split):
-        raise ValueError(f"the held-out split must not be the test split ({split}): use --holdout-split")
+    from_test_split = split == posixpath.normpath(config.split)
     index = scan_image_folder(storage.join(config.data, split), classes=classes)
+    if from_test_split and size >= len(index):
+        raise ValueError(
+            f"--holdout-size {size} leaves no test images: the held-out images come from the test split "
+            f"({split}), which has {len(index)}"
+        )
     indices = holdout_indices(index, size, seed)
     overlaps = []
     if split == HOLDOUT_SPLIT:
@@ -179,7 +196,14 @@ def resolve_holdout(
             elif not chosen <= set(held):
                 overlaps.append(f"{flag} trained on {len(chosen - set(held))} of them")
     from_cards = recorded is not None and None in (config.holdout_split, config.holdout_size, config.holdout_seed)
-    return Holdout(split, size, seed, from_cards, indices, overlaps), index
+    return Holdout(split, size, seed, from_cards, indices, overlaps, from_test_split), index
+
+
+def evaluation_indices(num_images: int, holdout: Holdout, limit: int | None = None) -> list[int]:
+    """The test split's images to evaluate: all of them, less the held-out ones when they come from the test
+    split (disjoint by construction), then the first ``limit``."""
+    held = set(holdout.indices) if holdout.from_test_split else set()
+    return [i for i in range(num_images) if i not in held][:limit]
 
 
 @dataclass
@@ -304,14 +328,14 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
         Preprocessing.from_dict(anchornet_card.preprocessing) if anchornet_card.preprocessing else Preprocessing()
     )
     test_set: ImageFolderDataset | Subset = ImageFolderDataset(test_index, preprocessing)
-    if config.limit is not None:
-        test_set = Subset(test_set, range(min(config.limit, len(test_index))))
+    if config.limit is not None or holdout.from_test_split:
+        test_set = Subset(test_set, evaluation_indices(len(test_index), holdout, config.limit))
     holdout_set = Subset(ImageFolderDataset(holdout_index, preprocessing), holdout.indices)
     full, full_kind = _full_model(config, classes)
     image_size = preprocessing.image_size
     full_macs = count_macs(full, image_size)
     _log(
-        f"{len(test_set)} test images ({config.split}), "
+        f"{len(test_set)} test images ({config.split}{', less the held-out ones' if holdout.from_test_split else ''}), "
         f"{len(holdout_set)} held-out images ({holdout.split}, seed {holdout.seed}"
         f"{', as the cards record' if holdout.from_cards else ''}) for thresholds"
     )
@@ -443,8 +467,10 @@ def _write_report(
     lines = [
         "# AnchorNet evaluation",
         "",
-        f"Test split `{config.split}` ({num_test} images); thresholds fitted on {len(holdout.indices)} held-out "
-        f"images of `{holdout.split}` (seed {holdout.seed}). Full-224 baseline: {full_kind}: "
+        f"Test split `{config.split}` ({num_test} images"
+        f"{', the held-out ones left out' if holdout.from_test_split else ''}); thresholds fitted on "
+        f"{len(holdout.indices)} held-out images of `{holdout.split}` (seed {holdout.seed}). "
+        f"Full-224 baseline: {full_kind}: "
         f"**{100 * full_accuracy:.2f} %** top-1 at {full_macs / 1e9:.4f} GMACs.",
         "",
         *([f"**Warning:** the {holdout.warning}.", ""] if holdout.warning else []),
@@ -488,6 +514,7 @@ def _write_report(
     metrics = {
         "config": asdict(config),
         "holdout": holdout.to_dict(),
+        "test_images": num_test,
         "full_accuracy": full_accuracy,
         "full_gmacs": full_macs / 1e9,
         "full_kind": full_kind,

@@ -19,7 +19,7 @@ from anchornet.checkpoint import ModelCard
 from anchornet.image_folder import holdout_digest, holdout_indices, scan_image_folder
 from anchornet.preprocessing import Preprocessing
 from jobs import evaluate
-from pipelines.evaluate import EvaluateConfig, resolve_holdout
+from pipelines.evaluate import EvaluateConfig, evaluation_indices, resolve_holdout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,8 +149,41 @@ def test_holdout_comes_from_the_cards_and_overlaps_are_named(setup: dict[str, Pa
         assert spelled.overlaps == mixed.overlaps
     elsewhere = {**cards, "--patch": _card({**record, "sha256": holdout_digest(["cls_a/other.png"])})}
     assert resolve_holdout(config, elsewhere, CLASSES)[0].overlaps == ["--patch held out other images (another tree?)"]
-    with pytest.raises(ValueError, match="test split"):
-        EvaluateConfig(**{**config.__dict__, "holdout_split": "val"})
+
+
+def test_holdout_from_the_test_split_is_left_out_of_the_test(setup: dict[str, Path]) -> None:
+    index = scan_image_folder(setup["data"] / "val")  # 10 images
+    config = EvaluateConfig(
+        data=str(setup["data"]), anchornet="a", glance="g", patch="p", output="o", full="f", holdout_split="val/",
+        holdout_size=4, holdout_seed=1,
+    )  # fmt: skip
+    all_train = {flag: _card(None) for flag in ("--anchornet", "--glance", "--patch")}
+    holdout, holdout_index = resolve_holdout(config, all_train, CLASSES)
+    # Models trained on all of train/ never saw val: the fit is unbiased, and the test is the other 6 images.
+    assert holdout.from_test_split and holdout.disjoint and holdout.warning is None
+    assert holdout.indices == holdout_indices(index, 4, 1) and holdout_index.items == index.items
+    assert holdout.to_dict()["from_test_split"] is True
+    rest = evaluation_indices(len(index), holdout)
+    assert sorted(rest + holdout.indices) == list(range(10)) and not set(rest) & set(holdout.indices)
+    assert evaluation_indices(len(index), holdout, limit=2) == rest[:2]
+    from_train, _ = resolve_holdout(EvaluateConfig(**{**config.__dict__, "holdout_split": "train"}), all_train, CLASSES)
+    assert not from_train.from_test_split and evaluation_indices(10, from_train) == list(range(10))
+    with pytest.raises(ValueError, match="leaves no test images"):
+        resolve_holdout(EvaluateConfig(**{**config.__dict__, "holdout_size": 10}), all_train, CLASSES)
+
+
+def test_report_with_thresholds_fitted_on_part_of_the_test_split(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "report"
+    argv = _argv(setup, **{"--output": str(out), "--holdout-split": "val", "--holdout-size": "4", "--gallery": "0"})
+    assert evaluate.main(argv) == 0
+    assert "warning" not in capsys.readouterr().err  # the models were not trained on val
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_images"] == 6 and metrics["holdout"]["from_test_split"] is True
+    assert metrics["holdout"]["disjoint_from_training"] is True and metrics["holdout"]["images"] == 4
+    assert "(6 images, the held-out ones left out)" in (out / "results.md").read_text()
+    assert len(load_thresholds(out / "thresholds.json")) == 39
 
 
 def _run_job(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
