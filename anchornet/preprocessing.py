@@ -104,12 +104,18 @@ class Preprocessing:
     def as_is(cls, image_size: int = 224) -> Preprocessing:
         return cls(image_size=image_size, resize_size=image_size)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, *, channels_last: bool = False) -> torch.Tensor:
+        """``image`` preprocessed. ``channels_last``: the same values, with the memory laid out ``(S, S, 3)``,
+        as the decoder wrote the pixels; a batch of them stacks to NHWC without a transposition, which is what
+        channels-last convolutions, the JPEG encoder and ``crop_patches`` read fastest on the CPU."""
         mode = TF.InterpolationMode(self.interpolation)
-        tensor = TF.pil_to_tensor(image)
+        tensor = TF.pil_to_tensor(image)  # a (3, H, W) view of the decoder's (H, W, 3) pixels
         if tensor.shape[-2:] != (self.image_size, self.image_size) or self.resize_size != self.image_size:
+            # on that view torch resizes channels-last: the same values as on a (3, H, W) copy (tested)
             tensor = TF.resize(tensor, [self.resize_size], interpolation=mode, antialias=True)
             tensor = TF.center_crop(tensor, [self.image_size, self.image_size])
+        if channels_last:
+            return tensor.permute(1, 2, 0).clone(memory_format=torch.contiguous_format).permute(2, 0, 1)
         return tensor.clone(memory_format=torch.contiguous_format)
 
     def to_dict(self) -> dict[str, Any]:

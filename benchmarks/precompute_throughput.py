@@ -11,6 +11,10 @@ temporary tree):
 (c) AnchorNet's CAM alone in this process, on the CPU (one torch thread, a mini-batch of the job's batch size): the
     eager model against the model as the job runs it (``anchornet.prepare_for_inference``: batch norms and the
     normalisation folded, channels-last; ``pipelines.precompute.batch_invariant_cam``: 16 images per pass);
+(d) the rest of a mini-batch's work in this process (one thread): preprocessing the decoded images, the batch for
+    the model, crops, glance and JPEG encoding, as the job does it (the decoder's (H, W, 3) pixels kept, stacked
+    to NHWC, crops by one slice per window) against the path it replaced (a (3, 224, 224) copy per image, an NCHW
+    batch converted to NHWC for the model, crops by one gather);
 
 then prints images/s of (a) and (b) (over the span from the first shard's start to the last shard's end, so actor
 start-up is left out; wall time including start-up beside it), the ratio (b)/(a), the peak resident memory
@@ -40,10 +44,12 @@ import PIL
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torchvision.transforms.v2.functional as TF
 
 import anchornet
 from anchornet import AnchorNet, Preprocessing, crop_patches, decode_image
 from anchornet.image_folder import scan_image_folder
+from anchornet.patches import _gather_windows
 from anchornet.preprocessing import to_float
 from benchmarks._machine import cpu_name
 from pipelines import schema
@@ -205,6 +211,46 @@ def forward_speed(checkpoint: str, batch_size: int, repeats: int = 5) -> tuple[f
     return best[0], best[1]
 
 
+def layout_speed(batch_size: int, repeats: int = 5) -> tuple[float, float]:
+    """ms/image of part (d): the job's per-batch work besides the forward pass, the replaced NCHW path first."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (batch_size, 224, 224, 3), dtype=torch.uint8, generator=generator).numpy()
+    images = [PIL.Image.fromarray(p) for p in pixels]
+    preprocessing = Preprocessing.as_is(224)
+    field = anchornet.ReceptiveField(size=95, stride=8)
+    selection = anchornet.random_patches(field, (224, 224), batch_size, 4, generator=generator)
+    safe = selection.boxes.long()
+
+    def rest(batch: torch.Tensor, crops: torch.Tensor) -> None:
+        glance = TF.resize(batch, [95, 95], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        schema.encode_crops(crops[selection.valid], "jpeg", 95)
+        schema.encode_crops(glance, "jpeg", 95)
+
+    def nchw() -> None:
+        batch = torch.stack([preprocessing(image) for image in images])
+        batch.contiguous(memory_format=torch.channels_last)  # the model's input
+        rest(batch, _gather_windows(batch, safe, selection.valid, 95).contiguous())
+
+    def nhwc() -> None:
+        decoded = [preprocessing(image, channels_last=True) for image in images]
+        batch = torch.stack([d.permute(1, 2, 0) for d in decoded]).permute(0, 3, 1, 2)
+        batch.contiguous(memory_format=torch.channels_last)  # a no-op now
+        rest(batch, crop_patches(batch, selection.boxes, size=95))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best = [float("inf"), float("inf")]
+    try:
+        for _ in range(repeats):  # interleaved, so that load changes hit both alike
+            for i, run in enumerate((nchw, nhwc)):
+                start = time.perf_counter()
+                run()
+                best[i] = min(best[i], 1e3 * (time.perf_counter() - start) / batch_size)
+    finally:
+        torch.set_num_threads(threads)
+    return best[0], best[1]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="ImageFolder tree <data>/<class>/<image>")
@@ -277,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _, full_rate = _rate(result.shard_reports)
         encodings = compare_encodings(tree, tmp_path / "out", args.encoding_images, (90, 95))
         eager_ms, folded_ms = forward_speed(checkpoint, args.batch_size)
+        nchw_ms, nhwc_ms = layout_speed(args.batch_size)
         size_mb = sum(p.stat().st_size for p in (tmp_path / "out").rglob("*.parquet")) / 1e6
 
     threads = max(1, int(args.num_cpus_per_worker))
@@ -306,6 +353,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"  (c) AnchorNet forward on the CPU, 1 thread, batch {args.batch_size}: eager {eager_ms:.2f} ms/image, "
         f"as the job runs it (folded, channels-last, 16 per pass) {folded_ms:.2f} ms/image: {eager_ms / folded_ms:.2f}x"
+    )
+    print(
+        f"  (d) the rest of a batch (preprocess, stack, crops, glance, JPEG), 1 thread: NCHW with crops by one "
+        f"gather {nchw_ms:.2f} ms/image, as the job does it (NHWC, crops by slices) {nhwc_ms:.2f} ms/image: "
+        f"{nchw_ms / nhwc_ms:.2f}x"
     )
     print(
         f"  peak RSS, driver + Ray processes: (a) {mem_decode.peak_total / 2**20:.0f} MiB, "

@@ -100,7 +100,7 @@ def encode_crops(crops: torch.Tensor, encoding: Encoding, jpeg_quality: int = 95
     """
     if crops.dtype != torch.uint8 or crops.dim() != 4 or crops.shape[1] != 3:
         raise ValueError(f"expected uint8 (N, 3, K, K) crops, got {crops.dtype} {tuple(crops.shape)}")
-    crops = crops.cpu().contiguous()
+    crops = crops.cpu()  # any memory layout: the encoders take (3, K, K) views and write C-order bytes
     if encoding == "jpeg":
         return [e.numpy().tobytes() for e in encode_jpeg(list(crops), quality=jpeg_quality)] if len(crops) else []
     array = crops.numpy()

@@ -7,6 +7,7 @@ import torch
 from torchvision.ops import box_iou, roi_align
 
 from anchornet import ReceptiveField, crop_patches, random_patches, select_patches
+from anchornet.patches import _gather_windows, _slice_windows
 
 pytestmark = pytest.mark.math
 
@@ -194,3 +195,24 @@ def test_crop_invalid_slots_are_zero_even_for_non_finite_pixels(value: float) ->
     crops = crop_patches(images, sel.boxes)
     torch.testing.assert_close(crops[:, 0], images[:, :, :95, :95], equal_nan=True)
     assert crops[:, 1].eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_crop_by_slices_and_by_one_gather_agree(dtype: torch.dtype, channels_last: bool) -> None:
+    """The CPU path (one slice per window) and the other devices' path (one gather) give the same crops."""
+    generator = torch.Generator().manual_seed(3)
+    images = (torch.rand(5, 3, 224, 224, generator=generator) * 255).to(dtype)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    if dtype.is_floating_point:
+        images[2] = float("nan")  # invalid slots stay zeros on both paths
+    sel = random_patches(RF, (224, 224), 5, num_patches=300, generator=generator)  # 289 cells: 11 invalid
+    safe = torch.where(sel.valid[..., None], sel.boxes, torch.tensor([0.0, 0.0, 95.0, 95.0])).long()
+    by_slices = _slice_windows(images, safe, sel.valid, 95)
+    by_gather = _gather_windows(images, safe, sel.valid, 95)
+    torch.testing.assert_close(by_slices, by_gather, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(crop_patches(images, sel.boxes).isnan(), by_slices.isnan())
+    assert by_slices[:, -11:].eq(0).all() and by_gather[:, -11:].eq(0).all()
+    # a channels-last batch gives crops whose memory is (K, K, C): encoders and NHWC convolutions read them as is
+    assert by_slices[0, 0].permute(1, 2, 0).is_contiguous() == channels_last

@@ -81,6 +81,19 @@ def test_output_owns_its_storage(size: tuple[int, int], preprocessing: Preproces
     assert out.untyped_storage().nbytes() == out.numel()
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("size", [(500, 375), (160, 240), (1000, 90), (224, 224)])
+def test_channels_last_output_has_the_same_values(size: tuple[int, int], interpolation: str) -> None:
+    """``channels_last=True`` (the precompute job's decoder) only lays the memory out (S, S, 3): the values are
+    the bits of the default (3, S, S) output, through the resize and centre crop or as is."""
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = Image.fromarray(pixels.numpy())
+    for preprocessing in (Preprocessing(interpolation=interpolation), Preprocessing.as_is(224)):
+        default, hwc = preprocessing(image), preprocessing(image, channels_last=True)
+        assert torch.equal(default, hwc) and default.is_contiguous()
+        assert hwc.permute(1, 2, 0).is_contiguous() and hwc.untyped_storage().nbytes() == hwc.numel()
+
+
 def test_resize_and_centre_crop() -> None:
     image = Image.new("RGB", (400, 300))
     out = Preprocessing(image_size=224, resize_size=256)(image)
