@@ -125,7 +125,7 @@ def serve_latencies(
     from ray import serve
 
     from anchornet import Preprocessing, decode_image, load_checkpoint
-    from pipelines.serve import build_app, enable_high_throughput
+    from pipelines.serve import build_app, enable_high_throughput, from_wire, to_wire
     from pipelines.serve_http import parse_server_timing
 
     preprocessing = Preprocessing.from_dict(load_checkpoint(paths["anchornet"])[1].preprocessing or {})
@@ -176,7 +176,7 @@ def serve_latencies(
             for record, (data, _) in zip(records, images, strict=True):  # one hop, no HTTP, no ingress
                 image = preprocessing(decode_image(data))
                 start = time.perf_counter()
-                glance.remote(image).result()
+                from_wire(glance.remote(to_wire(image)).result())  # as the ingress calls it
                 record["glance_handle_ms"] = 1e3 * (time.perf_counter() - start)
         return records
     finally:

@@ -280,6 +280,34 @@ def test_classifier_outputs_own_their_storage() -> None:
         assert logits.shape == (10,) and logits.untyped_storage().nbytes() == 10 * 4
 
 
+def test_handle_payloads_travel_as_arrays_and_come_back_as_tensors() -> None:
+    """Handle calls ship NumPy arrays (Ray pickles their buffer; a tensor goes through torch.save), and the
+    receiving side gets back tensors equal to what was sent, writable even from Ray's read-only buffers."""
+    import pickle
+
+    import numpy as np
+
+    from pipelines.serve import from_wire, to_wire
+
+    proposal = {
+        "boxes": torch.tensor([[0.0, 0.0, 95.0, 95.0]]),
+        "scores": torch.tensor([1.5]),
+        "crops": torch.randint(0, 256, (1, 3, 95, 95), dtype=torch.uint8),
+    }
+    sent = to_wire([proposal, torch.arange(3), "name", torch.ones(2, dtype=torch.bfloat16)])
+    assert isinstance(sent[0]["crops"], np.ndarray) and isinstance(sent[1], np.ndarray) and sent[2] == "name"
+    assert isinstance(sent[3], torch.Tensor)  # no NumPy dtype for bfloat16: it stays a tensor
+    received = from_wire(pickle.loads(pickle.dumps(sent, protocol=5)))
+    for key, value in proposal.items():
+        assert isinstance(received[0][key], torch.Tensor) and torch.equal(received[0][key], value)
+    assert torch.equal(received[1], torch.arange(3)) and received[2] == "name"
+    frozen = np.zeros(4, dtype=np.float32)
+    frozen.flags.writeable = False
+    thawed = from_wire(frozen)
+    thawed += 1  # a copy: the read-only buffer is untouched
+    assert frozen.sum() == 0 and thawed.sum() == 4
+
+
 @pytest.mark.parametrize("script", ["serve_load", "serve_overhead"])
 def test_serve_benchmarks_refuse_a_budget_they_cannot_find(tmp_path: Path, script: str) -> None:
     """Every request would be a 400: the benchmark says so in one line before starting Ray."""
