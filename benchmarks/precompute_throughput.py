@@ -35,7 +35,7 @@ import platform
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,16 +196,21 @@ def forward_speed(checkpoint: str, batch_size: int, repeats: int = 5) -> tuple[f
         lambda: anchornet.class_activation_map(model, to_float(images)),
         lambda: batch_invariant_cam(prepared, nhwc),
     )
+    with torch.inference_mode():
+        return _best_of(variants, batch_size, repeats)
+
+
+def _best_of(variants: Sequence[Callable[[], object]], batch_size: int, repeats: int) -> tuple[float, float]:
+    """Best ms/image of two variants on one torch thread, run interleaved so that load changes hit both alike."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     best = [float("inf"), float("inf")]
     try:
-        with torch.inference_mode():
-            for _ in range(repeats):  # interleaved, so that load changes hit both alike
-                for i, run in enumerate(variants):
-                    start = time.perf_counter()
-                    run()
-                    best[i] = min(best[i], 1e3 * (time.perf_counter() - start) / batch_size)
+        for _ in range(repeats):
+            for i, run in enumerate(variants):
+                start = time.perf_counter()
+                run()
+                best[i] = min(best[i], 1e3 * (time.perf_counter() - start) / batch_size)
     finally:
         torch.set_num_threads(threads)
     return best[0], best[1]
@@ -237,18 +242,7 @@ def layout_speed(batch_size: int, repeats: int = 5) -> tuple[float, float]:
         batch.contiguous(memory_format=torch.channels_last)  # a no-op now
         rest(batch, crop_patches(batch, selection.boxes, size=95))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    best = [float("inf"), float("inf")]
-    try:
-        for _ in range(repeats):  # interleaved, so that load changes hit both alike
-            for i, run in enumerate((nchw, nhwc)):
-                start = time.perf_counter()
-                run()
-                best[i] = min(best[i], 1e3 * (time.perf_counter() - start) / batch_size)
-    finally:
-        torch.set_num_threads(threads)
-    return best[0], best[1]
+    return _best_of((nchw, nhwc), batch_size, repeats)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
