@@ -159,7 +159,10 @@ def _recorded(card: ModelCard) -> dict[str, Any] | None:
 
 
 def resolve_holdout(
-    config: EvaluateConfig, cards: dict[str, ModelCard], classes: list[str]
+    config: EvaluateConfig,
+    cards: dict[str, ModelCard],
+    classes: list[str],
+    test_index: ImageFolderIndex | None = None,
 ) -> tuple[Holdout, ImageFolderIndex]:
     """The held-out images to fit the thresholds on and the index of their split, checked against what each
     model (``cards``: flag -> card) was trained on.
@@ -167,7 +170,8 @@ def resolve_holdout(
     Unset flags take the glance (else patch) card's record. A model counts as trained without those images
     when the split is not train/, or when its card records held-out images of this tree (same ids digest)
     that include them. When the split is the test split, the held-out images are drawn from it and
-    :func:`evaluation_indices` leaves them out of the test set; at least one test image must remain.
+    :func:`evaluation_indices` leaves them out of the test set; at least one test image must remain. The test
+    split's ``test_index``, when given, is reused for that instead of listing the split again.
     """
     recorded = _recorded(cards["--glance"]) or _recorded(cards["--patch"])
     split = config.holdout_split or (recorded["split"] if recorded else HOLDOUT_SPLIT)
@@ -175,7 +179,10 @@ def resolve_holdout(
     size = config.holdout_size or (recorded["size"] if recorded else DEFAULT_HOLDOUT_SIZE)
     seed = config.holdout_seed if config.holdout_seed is not None else recorded["seed"] if recorded else config.seed
     from_test_split = split == posixpath.normpath(config.split)
-    index = scan_image_folder(storage.join(config.data, split), classes=classes)
+    if from_test_split and test_index is not None:
+        index = test_index
+    else:
+        index = scan_image_folder(storage.join(config.data, split), classes=classes)
     if from_test_split and size >= len(index):
         raise ValueError(
             f"--holdout-size {size} leaves no test images: the held-out images come from the test split "
@@ -321,7 +328,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
     for card, flag in ((glance_card, "--glance"), (patch_card, "--patch")):
         _check_classes(card, classes, flag)
     cards = {"--anchornet": anchornet_card, "--glance": glance_card, "--patch": patch_card}
-    holdout, holdout_index = resolve_holdout(config, cards, classes)
+    holdout, holdout_index = resolve_holdout(config, cards, classes, test_index)
     if holdout.warning:
         print(f"[evaluate] warning: {holdout.warning}", file=sys.stderr, flush=True)
     preprocessing = (

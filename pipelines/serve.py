@@ -823,7 +823,7 @@ class Ingress:
             available = int(proposal["boxes"].shape[0])
             for j in range(available):
                 t = j + 2
-                crop = proposal["crops"][j].clone()  # its own storage: a view would ship all n crops
+                crop = proposal["crops"][j]  # to_wire ships a view's own bytes only (a tensor view: its storage)
                 z = z + step_contribution(await timing.call("patch", self.patch, crop), spec.aggregate)
                 confidence, prediction = accumulated_confidence(z, t, spec.aggregate)
                 patches.append(

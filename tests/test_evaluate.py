@@ -162,6 +162,8 @@ def test_holdout_from_the_test_split_is_left_out_of_the_test(setup: dict[str, Pa
     # Models trained on all of train/ never saw val: the fit is unbiased, and the test is the other 6 images.
     assert holdout.from_test_split and holdout.disjoint and holdout.warning is None
     assert holdout.indices == holdout_indices(index, 4, 1) and holdout_index.items == index.items
+    reused, reused_index = resolve_holdout(config, all_train, CLASSES, test_index=index)  # no second listing
+    assert reused_index is index and reused.indices == holdout.indices
     assert holdout.to_dict()["from_test_split"] is True
     rest = evaluation_indices(len(index), holdout)
     assert sorted(rest + holdout.indices) == list(range(10)) and not set(rest) & set(holdout.indices)

@@ -301,6 +301,10 @@ def test_handle_payloads_travel_as_arrays_and_come_back_as_tensors() -> None:
     for key, value in proposal.items():
         assert isinstance(received[0][key], torch.Tensor) and torch.equal(received[0][key], value)
     assert torch.equal(received[1], torch.arange(3)) and received[2] == "name"
+    # one crop of the n AnchorNet returned ships its own bytes as an array; as a tensor view, all n crops
+    one_crop = torch.zeros(4, 3, 95, 95, dtype=torch.uint8)[1]
+    assert len(pickle.dumps(to_wire(one_crop), protocol=5)) < one_crop.numel() + 1000
+    assert len(pickle.dumps(one_crop, protocol=5)) > 4 * one_crop.numel()
     frozen = np.zeros(4, dtype=np.float32)
     frozen.flags.writeable = False
     thawed = from_wire(frozen)
