@@ -34,7 +34,7 @@ VERSION = 1
 
 
 class CheckpointError(ValueError):
-    """A file that is not a checkpoint of this package, or one that does not match its own card."""
+    """A file that cannot be read, is not a checkpoint of this package, or does not match its own card."""
 
 
 @dataclass(frozen=True)
@@ -144,11 +144,17 @@ def load_checkpoint(path: str | os.PathLike[str], data: bytes | None = None) -> 
     ``data``: the file's bytes when the caller has read them already (say, to hash them: the model is then the one
     hashed, whatever happens to the file since); ``path`` only names it in errors.
 
-    Raises ``FileNotFoundError`` when the file is missing and ``CheckpointError`` for a file that is not one
-    of ours (or a newer format version).
+    Raises ``FileNotFoundError`` when the file is missing and ``CheckpointError`` (one line, naming ``path``) for
+    one that cannot be read (a directory, no permission on S3) or is not one of ours (or a newer format version).
     """
     if data is None:
-        data = storage.read_bytes(path)
+        try:
+            data = storage.read_bytes(path)
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise CheckpointError(f"cannot read {path}: {first}") from err
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights_only errors all mean "not ours"

@@ -28,6 +28,7 @@ __all__ = [
     "class_labels",
     "classifier_names",
     "imagenet_indices",
+    "is_classifier_name",
     "register_classifier",
 ]
 
@@ -66,7 +67,13 @@ def register_classifier(name: str, entry: ClassifierEntry) -> None:
 
 
 def classifier_names() -> list[str]:
+    """The registered names; ``build_classifier`` also takes any torchvision classification model."""
     return sorted(_REGISTRY)
+
+
+def is_classifier_name(name: str) -> bool:
+    """Whether ``build_classifier`` knows ``name`` (registered, or a torchvision classification model); builds none."""
+    return name in _REGISTRY or name in torchvision.models.list_models(module=torchvision.models)
 
 
 def _torchvision_entry(name: str) -> ClassifierEntry:
@@ -147,15 +154,19 @@ def build_classifier(
         name: a registered architecture (``classifier_names()``).
         weights: ``None`` (random init); ``"imagenet"`` (torchvision's default weights, downloaded when online,
             or the packaged offline weights for ``efficientnet_lite0``); or a local path / ``s3://`` URI of a
-            checkpoint of this package or a plain state dict of the same architecture.
+            checkpoint of this package or a plain state dict of the same architecture; ``ValueError`` (one line,
+            naming the file) when it cannot be read or holds no state dict.
         head_from: with ImageNet weights and ``num_classes != 1000``, initialise the new classifier rows from
             these ImageNet classes (one index per class) instead of at random, so a pretrained network is
             usable on a subset of ImageNet classes before any fine-tuning.
     """
-    if name not in _REGISTRY and name in torchvision.models.list_models(module=torchvision.models):
-        register_classifier(name, _torchvision_entry(name))  # any torchvision classification model works
+    if not is_classifier_name(name):
+        raise ValueError(
+            f"unknown classifier {name!r}; known: {', '.join(classifier_names())} or any torchvision classification "
+            "model (torchvision.models.list_models(module=torchvision.models))"
+        )
     if name not in _REGISTRY:
-        raise ValueError(f"unknown classifier {name!r}; known: {', '.join(classifier_names())}")
+        register_classifier(name, _torchvision_entry(name))  # any torchvision classification model works
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     entry = _REGISTRY[name]
@@ -180,12 +191,27 @@ def build_classifier(
 
 
 def _load_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    obj = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    """The state dict in ``uri`` (or under its ``"state_dict"`` key); ``FileNotFoundError`` when it is missing,
+    ``ValueError`` in one line for a file that cannot be read (a directory, no permission) or is not a torch file."""
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise ValueError(f"cannot read {uri}: {_first_line(err)}") from err
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and weights_only errors all mean "not a torch state dict"
+        raise ValueError(f"{uri} is not a PyTorch state dict or checkpoint ({type(err).__name__})") from err
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ValueError(f"{uri} holds no state dict")
     return obj
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def _replace_head(net: nn.Module, num_classes: int, head_from: Sequence[int] | None) -> None:

@@ -28,7 +28,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--anchornet", default=None, help="stage I checkpoint (K, and patches on the fly)")
     parser.add_argument("--patches", default=None, help="precomputed patch Parquet DIR with train/ (and val/)")
-    parser.add_argument("--patch-size", type=int, default=None, help="K (default: the AnchorNet receptive field)")
+    parser.add_argument(
+        "--patch-size",
+        type=int,
+        default=None,
+        help="the classifier's input side: the glance image, or each K x K patch, resized to it (default: K, the "
+        "AnchorNet receptive field or the precomputed patches' side)",
+    )
     parser.add_argument("--num-patches", type=int, default=4, help="patches per image for --role patch")
     args = parser.parse_args(argv)
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import functools
 import json
 import math
 import os
@@ -35,7 +36,14 @@ from torch.utils.data import Dataset
 from anchornet import storage
 from anchornet.cam import class_activation_map
 from anchornet.checkpoint import CheckpointError, ModelCard, load_checkpoint, save_checkpoint
-from anchornet.classifiers import WeightsUnavailableError, build_classifier, classifier_names, imagenet_indices
+from anchornet.classifiers import (
+    WeightsUnavailableError,
+    build_classifier,
+    classifier_names,
+    imagenet_indices,
+    is_classifier_name,
+)
+from anchornet.early_exit import resize_square
 from anchornet.model import AnchorNet, anchornet_test
 from anchornet.patches import crop_patches, select_patches
 from anchornet.preprocessing import Preprocessing, to_float
@@ -46,11 +54,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "STAGES",
+    "FlagError",
     "Task",
     "TrainConfig",
     "TrainError",
     "TrainOutcome",
     "add_common_arguments",
+    "anchornet_receptive_field",
     "build_task",
     "config_from_args",
     "final_checkpoint_uri",
@@ -83,16 +93,23 @@ class TrainError(RuntimeError):
     """Training could not start or did not finish; the message is one line for the user."""
 
 
+class FlagError(TrainError):
+    """A flag that contradicts an input, found before Ray starts (``--image-size`` smaller than the ``--anchornet``
+    receptive field, say): a bad flag, so the jobs exit with status 2 as for the flags argparse refuses."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; validated on construction, plain values only (it travels to workers).
 
-    ``batch_size`` is the global batch (split evenly over workers), so a recipe means the same on one CPU
-    and on eight GPUs. ``lr=None`` scales the stage's base lr linearly: ``BASE_LR[stage] * batch_size / 256``.
-    The step schedule multiplies the lr by 0.1 at ``milestones`` (fractions of ``epochs``); cosine decays it
-    to 0 over ``epochs``. ``holdout_size`` images of ``train/``, drawn with ``holdout_seed``
-    (``anchornet.image_folder.holdout_indices``), are left out of training so that ``jobs/evaluate.py`` can fit
-    the early-exit thresholds on images the models have not seen (0: train on all of ``train/``).
+    ``batch_size`` is the global batch in images (split evenly over workers), so a recipe means the same on one
+    CPU and on eight GPUs; for the patch role each image contributes up to ``num_patches`` patches to the step,
+    cropped on the fly or read precomputed (``Task.batch_sizes``). ``lr=None`` scales the stage's base lr
+    linearly: ``BASE_LR[stage] * batch_size / 256``. The step schedule multiplies the lr by 0.1 at ``milestones``
+    (fractions of ``epochs``); cosine decays it to 0 over ``epochs``. ``holdout_size`` images of ``train/``,
+    drawn with ``holdout_seed`` (``anchornet.image_folder.holdout_indices``), are left out of training so that
+    ``jobs/evaluate.py`` can fit the early-exit thresholds on images the models have not seen (0: train on all
+    of ``train/``).
 
     Test-only fields (no CLI help): ``limit`` keeps that many images per split (evenly spaced),
     ``crash_at_epoch=k`` makes the last worker raise at the start of epoch ``k`` (k >= 1) of an attempt that
@@ -139,8 +156,11 @@ class TrainConfig:
             problems.append(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.stage == "anchornet" and self.arch not in ANCHORNET_ARCHS:
             problems.append(f"stage I trains {' or '.join(ANCHORNET_ARCHS)}, got arch {self.arch!r}")
-        if self.stage != "anchornet" and self.arch not in classifier_names():
-            problems.append(f"unknown classifier {self.arch!r}; known: {', '.join(classifier_names())}")
+        if self.stage != "anchornet" and not is_classifier_name(self.arch):
+            problems.append(
+                f"unknown classifier {self.arch!r}; known: {', '.join(classifier_names())} or any torchvision "
+                "classification model"
+            )
         if self.stage == "anchornet" and (self.weights or self.anchornet or self.patches):
             problems.append("--weights, --anchornet and --patches are for stage II (train_classifier.py)")
         if self.stage == "glance" and self.patches:
@@ -152,6 +172,12 @@ class TrainConfig:
                 problems.append(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
             problems.append(f"lr must be positive, got {self.lr}")
+        if not self.momentum >= 0:
+            problems.append(f"momentum must be >= 0, got {self.momentum}")
+        if self.stage == "anchornet" and self.arch in ANCHORNET_ARCHS and self.image_size >= 1:
+            k = anchornet_receptive_field(self.arch)
+            if self.image_size < k:
+                problems.append(f"image-size {self.image_size} is smaller than {self.arch}'s receptive field ({k} px)")
         if self.resize_size < self.image_size:
             problems.append(f"resize-size ({self.resize_size}) must be at least image-size ({self.image_size})")
         if not 0 < self.min_scale <= 1:
@@ -215,7 +241,13 @@ def final_checkpoint_uri(config: TrainConfig) -> str:
 
 @dataclass
 class Task:
-    """One stage's model and data. ``inputs(images, labels)`` turns a loader batch into model inputs."""
+    """One stage's model and data. ``inputs(images, labels)`` turns a loader batch into model inputs.
+
+    The patch role cuts ``window x window`` patches (K: the frozen AnchorNet's receptive field, or the side of the
+    precomputed ones) and resizes them to ``input_size`` when ``--patch-size`` differs, as
+    ``EarlyExitClassifier(patch_size=...)`` does at inference. ``train_per_image`` / ``val_per_image``: loader
+    samples per image, ``num_patches`` for a precomputed patch set (one patch per sample), else 1.
+    """
 
     config: TrainConfig
     classes: list[str]
@@ -224,18 +256,31 @@ class Task:
     val_set: Dataset
     input_size: int
     frozen: AnchorNet | None = None  # the patch role's proposal network, eval mode, never trained
+    window: int | None = None  # the patch role's K; None for stage I and glance (their images are the inputs)
+    train_per_image: int = 1
+    val_per_image: int = 1
 
     def inputs(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``uint8`` loader images to float ``[0, 1]`` model inputs; the on-the-fly patch role crops here."""
-        if self.frozen is None or images.shape[-1] == self.input_size:
+        """``uint8`` loader images to float ``[0, 1]`` model inputs; the patch role crops and resizes here."""
+        if self.window is None:
             return to_float(images), labels
         with torch.no_grad():
             floats = to_float(images)
+            if images.shape[-1] == self.window:  # precomputed K x K patches (or images of one window)
+                return resize_square(floats, self.input_size), labels
+            if self.frozen is None:
+                raise ValueError(f"expected {self.window} x {self.window} patches, got {tuple(images.shape[-2:])}")
             cam, _ = class_activation_map(self.frozen, floats)
             selection = select_patches(cam, self.frozen.receptive_field, self.config.num_patches)
-            crops = crop_patches(floats, selection.boxes, self.input_size)  # (B, k, 3, K, K)
-        valid = selection.valid
-        return crops[valid], labels[:, None].expand_as(valid)[valid]
+            crops = crop_patches(floats, selection.boxes, self.window)  # (B, k, 3, K, K)
+            valid = selection.valid
+            return resize_square(crops[valid], self.input_size), labels[:, None].expand_as(valid)[valid]
+
+    def batch_sizes(self, world_size: int) -> tuple[int, int]:
+        """Each worker's (train, val) loader batch: ``batch_size`` images per step over all workers, counted in
+        loader samples (``num_patches`` per image for precomputed patches)."""
+        batch = self.config.batch_size
+        return math.ceil(batch * self.train_per_image / world_size), math.ceil(batch * self.val_per_image / world_size)
 
     def to(self, device: torch.device) -> Task:
         if self.frozen is not None:
@@ -247,8 +292,18 @@ def _anchornet_model(arch: str, num_classes: int) -> AnchorNet:
     return anchornet_test(num_classes) if arch == "anchornet_test" else AnchorNet(num_classes)
 
 
+@functools.cache
+def anchornet_receptive_field(arch: str) -> int:
+    """K of a stage I architecture (``ANCHORNET_ARCHS``), from its shapes alone."""
+    with torch.device("meta"):  # no memory, no initialisation cost
+        return _anchornet_model(arch, 1).receptive_field.size
+
+
 def _load_anchornet(uri: str, classes: list[str]) -> tuple[AnchorNet, ModelCard]:
-    model, card = load_checkpoint(uri)
+    try:
+        model, card = load_checkpoint(uri)
+    except CheckpointError as err:
+        raise CheckpointError(f"--anchornet {err}") from err
     if card.kind != "anchornet":
         raise CheckpointError(f"--anchornet {uri} holds a {card.kind}, not an AnchorNet")
     if card.class_names is not None and list(card.class_names) != list(classes):
@@ -257,7 +312,7 @@ def _load_anchornet(uri: str, classes: list[str]) -> tuple[AnchorNet, ModelCard]
 
 
 def patch_size_for(config: TrainConfig, anchornet: AnchorNet | None = None) -> int:
-    """K: ``--patch-size``, else the AnchorNet's receptive field (95 for Table 1)."""
+    """The classifier's input side: ``--patch-size``, else K, the AnchorNet's receptive field (95 for Table 1)."""
     if config.patch_size is not None:
         return config.patch_size
     if anchornet is not None:
@@ -272,14 +327,16 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
 
         train_set = PatchDataset(storage.join(config.patches, "train"), role="patch", num_patches=config.num_patches)
         classes = list(train_set.classes)
-        size = int(train_set.patch_size)
+        window = int(train_set.patch_size)
         splits = _splits(config, classes=classes, limit=None)
         picks = _patch_picks(config, train_set, splits)
         val_uri = storage.join(config.patches, "val")
         frozen = None
+        val_per_image = config.num_patches
         if storage.exists(val_uri):
             val_set: Dataset = PatchDataset(val_uri, role="patch", num_patches=config.num_patches)
         elif config.anchornet:
+            val_per_image = 1
             frozen, _ = _load_anchornet(config.anchornet, classes)
             val = splits.val if config.limit is None else train_data.limit_index(splits.val, config.limit)
             val_set = train_data.image_dataset(val, config.preprocessing)
@@ -288,7 +345,18 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
         if picks is not None:
             train_set = torch.utils.data.Subset(train_set, picks)
         model = _classifier(config, classes, with_weights)
-        return Task(config, classes, model, train_data.FlipDataset(train_set), val_set, size, frozen)
+        return Task(
+            config,
+            classes,
+            model,
+            train_data.FlipDataset(train_set),
+            val_set,
+            config.patch_size or window,
+            frozen,
+            window=window,
+            train_per_image=config.num_patches,
+            val_per_image=val_per_image,
+        )
 
     splits = _splits(config)
     classes = splits.classes
@@ -322,6 +390,7 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
         train_data.image_dataset(splits.val, val_transform),
         size,
         frozen,
+        window=frozen.receptive_field.size if frozen is not None else None,
     )
 
 
@@ -519,11 +588,11 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     # The schedule is rebuilt from this run's config (a re-run may raise --epochs), not restored.
     optimizer, scheduler = make_optimizer(config, model, start_epoch=start_epoch, state=optimizer_state)
 
-    per_worker_batch = math.ceil(config.batch_size / world)
+    train_batch, val_batch = task.batch_sizes(world)
     pin = device.type == "cuda"
     validation = train_data.val_loader(
         task.val_set,
-        batch_size=per_worker_batch,
+        batch_size=val_batch,
         rank=rank,
         world_size=world,
         num_workers=config.loader_workers,
@@ -537,7 +606,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         started = time.perf_counter()
         loader = train_data.epoch_loader(
             task.train_set,
-            batch_size=per_worker_batch,
+            batch_size=train_batch,
             epoch=epoch,
             seed=config.seed,
             rank=rank,
@@ -614,6 +683,8 @@ def _preflight(config: TrainConfig) -> tuple[list[str], dict[str, Any]]:
 
     Returns the classes and the held-out images' record for the card (``train_data.holdout_record``).
     """
+    window = None  # K of the precomputed patches
+    crops_on_the_fly = config.stage == "patch" and config.anchornet is not None  # the frozen AnchorNet crops images
     if config.stage == "patch" and config.patches:
         try:
             from pipelines.patch_dataset import PatchDataset
@@ -621,19 +692,37 @@ def _preflight(config: TrainConfig) -> tuple[list[str], dict[str, Any]]:
             raise TrainError(f"--patches needs pipelines.patch_dataset ({err})") from err
         patches = PatchDataset(storage.join(config.patches, "train"), role="patch", num_patches=config.num_patches)
         classes = list(patches.classes)
+        window = int(patches.patch_size)
         splits = _splits(config, classes=classes, limit=None)
         _patch_picks(config, patches, splits)
         val_uri = storage.join(config.patches, "val")
         if storage.exists(val_uri):
-            if list(PatchDataset(val_uri, role="patch", num_patches=config.num_patches).classes) != classes:
+            crops_on_the_fly = False
+            val_patches = PatchDataset(val_uri, role="patch", num_patches=config.num_patches)
+            if list(val_patches.classes) != classes:
                 raise ValueError(f"{val_uri} and {config.patches}/train hold different classes")
+            if int(val_patches.patch_size) != window:
+                raise TrainError(
+                    f"{val_uri} holds {val_patches.patch_size} px patches but {config.patches}/train {window} px ones"
+                )
         elif not config.anchornet:
             raise TrainError(_no_patch_val(val_uri))
     else:
         splits = _splits(config)
         classes = splits.classes
     if config.anchornet:
-        _load_anchornet(config.anchornet, classes)
+        anchornet, _ = _load_anchornet(config.anchornet, classes)
+        k = anchornet.receptive_field.size
+        if crops_on_the_fly and config.image_size < k:
+            raise FlagError(
+                f"--image-size {config.image_size} is smaller than the --anchornet receptive field ({k} px): "
+                "it crops patches of that side"
+            )
+        if crops_on_the_fly and window is not None and window != k:
+            raise TrainError(
+                f"--patches {config.patches}/train holds {window} px patches but --anchornet {config.anchornet} "
+                f"crops val at {k} px: precompute val/ too, or pass the AnchorNet that cut them"
+            )
     if config.weights is not None:
         _check_weights(config, classes)
     manifest_uri = storage.join(config.output, f"{config.run_name}.json")
@@ -697,7 +786,13 @@ def _check_weights(config: TrainConfig, classes: list[str]) -> None:
     other classes or a state dict of another shape fail in one line instead of in every worker attempt."""
     if config.weights != "imagenet":
         try:
-            _, card = load_checkpoint(config.weights)
+            data = storage.read_bytes(config.weights)
+        except FileNotFoundError:
+            raise
+        except OSError as err:  # a directory, no permission on S3
+            raise CheckpointError(f"cannot read --weights {config.weights}: {_first_line(err)}") from err
+        try:
+            _, card = load_checkpoint(config.weights, data)
         except CheckpointError:
             card = None  # a plain state dict: build_classifier checks its shapes
         if card is not None and card.class_names is not None and list(card.class_names) != classes:
@@ -710,6 +805,8 @@ def _check_weights(config: TrainConfig, classes: list[str]) -> None:
         raise TrainError(
             f"--weights {config.weights} does not fit {config.arch} with {len(classes)} classes: {_first_line(err)}"
         ) from err
+    except ValueError as err:  # not a torch file, or no state dict in it
+        raise CheckpointError(f"--weights: {_first_line(err)}") from err
 
 
 def _resources(config: TrainConfig) -> tuple[float, int]:
@@ -861,7 +958,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, schedu
     parser.add_argument("--data", required=True, help="ROOT with train/ and val/ ImageFolder trees (local or s3://)")
     parser.add_argument("--output", required=True, help="OUT (local or s3://): Ray checkpoints and the final .pt")
     parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch, split over workers")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="global batch in images (patch role: up to --num-patches patches each), split over workers",
+    )
     parser.add_argument("--lr", type=float, default=None, help="peak lr (default: base lr x batch / 256)")
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
@@ -927,9 +1029,13 @@ def config_from_args(args: argparse.Namespace, **stage: Any) -> TrainConfig:
 
 
 def run_job(config: TrainConfig, ray_address: str | None = None) -> int:
-    """Train and print where the checkpoint is; a user error is one line on stderr and exit status 1."""
+    """Train and print where the checkpoint is; a user error is one line on stderr and exit status 1 (2 for a flag
+    that contradicts an input, ``FlagError``)."""
     try:
         outcome = run_training(config, ray_address=ray_address)
+    except FlagError as err:
+        print(f"error: {_first_line(err)}", file=sys.stderr)
+        return 2
     except (TrainError, CheckpointError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {_first_line(err)}", file=sys.stderr)
         return 1

@@ -97,6 +97,22 @@ def test_foreign_files_are_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_unreadable_files_are_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory, or a read error such as S3's access denied: a ``CheckpointError`` naming the path."""
+    with pytest.raises(CheckpointError, match=f"cannot read {tmp_path}: .*is a directory"):
+        load_checkpoint(tmp_path)
+
+    def denied(uri: object) -> bytes:
+        raise OSError("AWS Error ACCESS_DENIED during GetObject operation:\nAccess Denied")
+
+    monkeypatch.setattr(storage, "read_bytes", denied)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint("s3://bucket/anchornet.pt")
+    assert (
+        str(info.value) == "cannot read s3://bucket/anchornet.pt: AWS Error ACCESS_DENIED during GetObject operation:"
+    )
+
+
 def test_newer_version_and_mismatched_weights_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "a.pt"
     save_checkpoint(anchornet_test(10), path)

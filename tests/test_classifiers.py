@@ -16,6 +16,7 @@ from anchornet.classifiers import (
     build_classifier,
     classifier_names,
     download_state_dict,
+    is_classifier_name,
 )
 
 pytestmark = pytest.mark.model
@@ -36,6 +37,26 @@ def test_registry_lists_the_paper_networks_and_accepts_any_torchvision_model() -
     assert build_classifier("shufflenet_v2_x0_5", 3).config["name"] == "shufflenet_v2_x0_5"
     with pytest.raises(ValueError, match="unknown classifier 'resnet9000'"):
         build_classifier("resnet9000", 3)
+
+
+def test_names_are_checked_by_build_classifiers_rule_without_building() -> None:
+    registered = classifier_names()
+    assert is_classifier_name("efficientnet_lite0") and is_classifier_name("resnet101")
+    assert not is_classifier_name("resnet9000") and not is_classifier_name("fasterrcnn_resnet50_fpn")
+    assert classifier_names() == registered  # nothing built or registered
+
+
+def test_weights_that_are_not_a_torch_file_fail_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b"x" * 16)
+    for path, needle in [
+        (tmp_path / "model.safetensors", r"is not a PyTorch state dict or checkpoint \(UnpicklingError\)"),
+        (tmp_path, "cannot read .*is a directory"),
+    ]:
+        with pytest.raises(ValueError, match=needle) as info:
+            build_classifier("resnet18", 3, weights=str(path))
+        assert str(path) in str(info.value) and len(str(info.value).splitlines()) == 1
+    with pytest.raises(FileNotFoundError):
+        build_classifier("resnet18", 3, weights=str(tmp_path / "missing.pt"))
 
 
 def test_weights_from_a_local_state_dict(tmp_path: Path) -> None:

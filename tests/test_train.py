@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from anchornet import load_checkpoint
+from anchornet import anchornet_test, load_checkpoint, save_checkpoint
+from anchornet.classifiers import classifier_names
 from anchornet.image_folder import holdout_indices, scan_image_folder
 from jobs import train_anchornet, train_classifier
-from pipelines import train
+from pipelines import train, train_data
 from pipelines.train import (
     TrainConfig,
+    TrainError,
     build_task,
     changed_on_resume,
     imagenet_head,
@@ -91,6 +93,12 @@ def fake_patches(out: Path, image_ids: list[tuple[str, int]], classes: list[str]
     return out
 
 
+def tiny_anchornet(path: Path, classes: tuple[str, ...] = ("cls_a", "cls_b")) -> Path:
+    """A stage I checkpoint (the tiny AnchorNet, K = 95) for ``synthetic_tree``'s classes."""
+    save_checkpoint(anchornet_test(len(classes)), path, class_names=list(classes))
+    return path
+
+
 @pytest.fixture
 def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if a run gets past its checks to Ray (``_fit``): bad inputs must be refused before."""
@@ -120,6 +128,9 @@ def stage1(imagenette: Path, ray_local: None, tmp_path_factory: pytest.TempPathF
         (["--data", "x", "--output", "y", "--epochs", "0"], "epochs must be at least 1"),
         (["--data", "x", "--output", "y", "--resize-size", "100"], "resize-size"),
         (["--data", "x", "--output", "y", "--arch", "resnet50"], "invalid choice"),
+        (["--data", "x", "--output", "y", "--momentum", "-0.5"], "momentum must be >= 0"),
+        (["--data", "x", "--output", "y", "--image-size", "64"], "smaller than anchornet's receptive field (95 px)"),
+        (["--data", "x", "--output", "y", "--arch", "anchornet_test", "--image-size", "94"], "receptive field"),
     ],
 )
 def test_bad_flags_fail_with_one_line(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -137,6 +148,24 @@ def test_classifier_flags(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         train_classifier.main(["--role", "glance", "--arch", "nope", "--data", "x", "--output", "y"])
     assert "unknown classifier 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        train_classifier.main(
+            ["--role", "glance", "--arch", "resnet18", "--momentum", "-1", "--data", "x", "--output", "y"]
+        )
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "momentum must be >= 0" in err and len(err.splitlines()) == 1, err
+
+
+def test_stage2_takes_any_build_classifier_name_without_building_it() -> None:
+    """``--arch`` follows ``build_classifier``'s rule (the registry or any torchvision classification model),
+    checked by name: the model is not built (nor registered) by the check."""
+    registered = classifier_names()
+    for arch in ("resnet101", "efficientnet_lite0", "shufflenet_v2_x0_5"):
+        assert TrainConfig(data="x", output="y", stage="glance", arch=arch).arch == arch
+    assert classifier_names() == registered
+    for arch in ("nope", "fasterrcnn_resnet50_fpn", "anchornet"):  # unknown, a detection model, stage I's
+        with pytest.raises(ValueError, match=f"unknown classifier '{arch}'"):
+            TrainConfig(data="x", output="y", stage="patch", arch=arch, patches="p")
 
 
 def test_missing_empty_and_malformed_trees(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -328,6 +357,126 @@ def test_bad_stage2_inputs_fail_before_ray(
     assert train_classifier.main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert "does not fit resnet18" in err and len(err.splitlines()) == 1, err
+
+
+def test_unreadable_or_foreign_checkpoints_fail_in_one_line_before_ray(
+    tmp_path: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory, a file that is not a torch pickle (safetensors, say) or a read error (S3 permissions) as
+    ``--anchornet`` or ``--weights``: one line naming the flag and the path, no traceback."""
+    data = synthetic_tree(tmp_path / "data", train=2, val=1)
+    common = ["--data", str(data), "--output", str(tmp_path / "out"), *FAST]
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b"x" * 16)
+    good = tiny_anchornet(tmp_path / "anchornet.pt")
+
+    def run(*argv: str) -> str:
+        assert train_classifier.main([*argv, *common]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    for bad in (tmp_path / "runs", tmp_path / "model.safetensors"):
+        err = run("--role", "patch", "--arch", "resnet18", "--anchornet", str(bad))
+        assert "--anchornet" in err and str(bad) in err, err
+        err = run("--role", "glance", "--arch", "resnet18", "--weights", str(bad))
+        assert "--weights" in err and str(bad) in err, err
+    assert "is a directory" in run("--role", "glance", "--arch", "resnet18", "--weights", str(tmp_path / "runs"))
+
+    from anchornet import storage
+
+    def denied(uri: object) -> bytes:
+        raise OSError(f"When reading information for key '{uri}': AWS Error ACCESS_DENIED during HeadObject")
+
+    monkeypatch.setattr(storage, "read_bytes", denied)
+    err = run("--role", "patch", "--arch", "resnet18", "--anchornet", str(good))
+    assert f"--anchornet cannot read {good}" in err and "ACCESS_DENIED" in err, err
+    err = run("--role", "glance", "--arch", "resnet18", "--weights", str(good))
+    assert f"cannot read --weights {good}" in err and "ACCESS_DENIED" in err, err
+
+
+def test_patch_role_image_size_below_the_receptive_field_is_a_bad_flag(
+    tmp_path: Path, no_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On the fly the frozen AnchorNet crops K x K windows of the --image-size crop: smaller than K is refused
+    before Ray starts, as a flag (exit 2)."""
+    data = synthetic_tree(tmp_path / "data", train=2, val=1)
+    argv = ["--role", "patch", "--arch", "resnet18", "--anchornet", str(tiny_anchornet(tmp_path / "a.pt"))]
+    code = train_classifier.main([*argv, "--data", str(data), "--output", str(tmp_path / "out"), "--image-size", "64"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--image-size 64 is smaller than the --anchornet receptive field (95 px)" in err, err
+    assert len(err.splitlines()) == 1
+
+
+def test_patch_size_resizes_the_patches_as_inference_does(tmp_path: Path) -> None:
+    """``--patch-size P`` for the patch role: the K x K windows (cut on the fly, or precomputed) are resized to P,
+    as ``EarlyExitClassifier(patch_size=P)`` resizes them at inference; the card's input size is P."""
+    import shutil
+
+    from anchornet.early_exit import resize_square
+    from anchornet.preprocessing import to_float
+
+    data = synthetic_tree(tmp_path / "data", train=2, val=1)
+    anchornet = str(tiny_anchornet(tmp_path / "anchornet.pt"))
+    images = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+    labels = torch.tensor([0, 1])
+    on_the_fly = TrainConfig(
+        data=str(data), output=str(tmp_path / "out"), stage="patch", arch="resnet18", anchornet=anchornet,
+        num_patches=2, image_size=128, resize_size=128,
+    )  # fmt: skip
+    for patch_size, side in ((None, 95), (96, 96), (64, 64)):
+        task = build_task(TrainConfig(**{**on_the_fly.to_dict(), "patch_size": patch_size}), with_weights=False)
+        inputs, targets = task.inputs(images, labels)
+        assert (task.window, task.input_size) == (95, side)
+        assert inputs.shape[1:] == (3, side, side) and len(inputs) == len(targets) >= 2
+        assert task.model(inputs).shape == (len(inputs), 2)
+        train._preflight(TrainConfig(**{**on_the_fly.to_dict(), "patch_size": patch_size}))  # passes its checks
+
+    index = scan_image_folder(data / "train")
+    fake_patches(tmp_path / "patches" / "train", index.items, index.classes, [2] * len(index))
+    fake_patches(tmp_path / "patches" / "val", scan_image_folder(data / "val").items, index.classes, [2, 2])
+    precomputed = TrainConfig(**{**on_the_fly.to_dict(), "anchornet": None, "patches": str(tmp_path / "patches")})
+    patches = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    for patch_size, side in ((None, 8), (12, 12)):
+        task = build_task(TrainConfig(**{**precomputed.to_dict(), "patch_size": patch_size}), with_weights=False)
+        inputs, targets = task.inputs(patches, labels[:1].expand(3))
+        assert (task.window, task.input_size) == (8, side) and inputs.shape == (3, 3, side, side)
+        assert torch.equal(inputs, resize_square(to_float(patches), side)) and targets.tolist() == [0, 0, 0]
+
+    # Validation cropped on the fly must cut the windows the precomputed ones were cut at.
+    shutil.rmtree(tmp_path / "patches" / "val")
+    with pytest.raises(TrainError, match="holds 8 px patches but --anchornet"):
+        train._preflight(TrainConfig(**{**precomputed.to_dict(), "anchornet": anchornet}))
+
+
+def test_batch_size_counts_images_in_both_patch_paths(tmp_path: Path) -> None:
+    """``--batch-size B`` is B images per step, split over the workers: on the fly the loader yields B images (up
+    to B x num_patches crops), from precomputed patches it yields B x num_patches patches."""
+    data = synthetic_tree(tmp_path / "data", train=8, val=2)
+    index = scan_image_folder(data / "train")
+    fake_patches(tmp_path / "patches" / "train", index.items, index.classes, [3] * len(index))  # 48 patches
+    fake_patches(tmp_path / "patches" / "val", scan_image_folder(data / "val").items, index.classes, [3] * 4)
+    common = {"data": str(data), "output": str(tmp_path / "out"), "stage": "patch", "arch": "resnet18"}
+    precomputed = build_task(
+        TrainConfig(**common, patches=str(tmp_path / "patches"), num_patches=2, batch_size=4), with_weights=False
+    )
+    on_the_fly = build_task(
+        TrainConfig(**common, anchornet=str(tiny_anchornet(tmp_path / "a.pt")), num_patches=2, batch_size=4),
+        with_weights=False,
+    )
+    assert precomputed.batch_sizes(1) == (4 * 2, 4 * 2) and precomputed.batch_sizes(2) == (4, 4)
+    assert on_the_fly.batch_sizes(1) == (4, 4) and on_the_fly.batch_sizes(2) == (2, 2)
+
+    def first_step(task: train.Task) -> tuple[int, int]:
+        loader = train_data.epoch_loader(
+            task.train_set, batch_size=task.batch_sizes(1)[0], epoch=0, seed=0, rank=0, world_size=1, num_workers=0
+        )
+        images, labels = next(iter(loader))
+        return len(images), len(task.inputs(images, labels)[0])
+
+    assert first_step(precomputed) == (8, 8)  # 4 images' 2 patches each
+    samples, crops = first_step(on_the_fly)
+    assert samples == 4 and 4 <= crops <= 8  # 4 images, up to 2 patches each (NMS may leave fewer)
 
 
 # --------------------------------------------------------------------------------------------------------------
