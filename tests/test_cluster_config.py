@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import subprocess
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -209,3 +211,34 @@ def test_high_throughput_lines_are_the_serve_mode() -> None:
 
     commented = re.findall(r"^\s*# - --env (RAY_SERVE_\w+)=(\S+)$", CLUSTER_YAML.read_text(), flags=re.MULTILINE)
     assert dict(commented) == high_throughput_env()
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="needs the rsync command")
+def test_file_mounts_carry_the_shipped_checkpoints_and_leave_out_runs(tmp_path: Path) -> None:
+    """What `ray up` copies to every node, with the rsync arguments Ray builds from this file (locally, no ssh):
+    serve_config.yaml deploys checkpoints/*.pt from there; outputs and caches stay behind."""
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+    source = tmp_path / "repo"
+    for rel in (
+        "checkpoints/anchornet.pt",
+        "checkpoints/thresholds.json",
+        "anchornet/model.py",
+        "runs/a/anchornet.pt",
+        "outputs/x.parquet",
+        "anchornet/__pycache__/model.cpython-311.pyc",
+        ".git/HEAD",
+        "anchornet.egg-info/PKG-INFO",
+    ):
+        (source / rel).parent.mkdir(parents=True, exist_ok=True)
+        (source / rel).write_bytes(b"x")
+    shutil.copy(ROOT / ".gitignore", source / ".gitignore")
+    cfg = load()
+    options = {"rsync_exclude": cfg.get("rsync_exclude"), "rsync_filter": cfg.get("rsync_filter")}
+    args = SSHCommandRunner._create_rsync_filter_args(None, options)  # type: ignore[arg-type]
+    target = tmp_path / "node"
+    subprocess.run(["rsync", "-a", *args, f"{source}/", f"{target}/"], check=True)
+    copied = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
+    assert {"checkpoints/anchornet.pt", "checkpoints/thresholds.json", "anchornet/model.py"} <= copied
+    assert not any(p.startswith(("runs/", "outputs/", ".git/", "anchornet.egg-info/")) for p in copied), copied
+    assert not any("__pycache__" in p for p in copied), copied
