@@ -13,7 +13,14 @@ from anchornet.classifiers import (
     class_labels,
     classifier_names,
 )
-from anchornet.early_exit import EarlyExitClassifier, EarlyExitResult, accumulated_confidence, cumulative_step_macs
+from anchornet.early_exit import (
+    EarlyExitClassifier,
+    EarlyExitResult,
+    ExitThresholds,
+    accumulated_confidence,
+    confidence_log_odds,
+    cumulative_step_macs,
+)
 from anchornet.fusion import fold_batchnorm, fold_normalize, prepare_for_inference
 from anchornet.layers import MBConv, SqueezeExcite
 from anchornet.macs import count_macs
@@ -41,6 +48,7 @@ __all__ = [
     "Classifier",
     "EarlyExitClassifier",
     "EarlyExitResult",
+    "ExitThresholds",
     "ImageDecodeError",
     "MBConv",
     "MBConvConfig",
@@ -61,6 +69,7 @@ __all__ = [
     "class_labels",
     "classifier_names",
     "collect_step_table",
+    "confidence_log_odds",
     "count_macs",
     "crop_patches",
     "cumulative_step_macs",

@@ -5,6 +5,12 @@ Step 1 classifies ``x_1``, the whole image resized to ``K x K``, with ``f_glance
 first ``t < T`` with ``confidence(z_t) >= rho_t``, else at ``T`` with ``argmax z_T``. The batch shrinks at every
 step: each network runs only on the samples still undecided, as a dense sub-batch, and AnchorNet runs once,
 only on the samples that go past step 1.
+
+The test ``confidence >= rho`` is made on log-odds, ``log(c / (1 - c)) >= log(rho / (1 - rho))``: the same decision
+for every ``c`` and ``rho``, without rounding ``c`` to 1. In float32, ``max softmax(z)`` is exactly 1 once the top
+logit leads the next by about 17, which summed logits reach after a step or two; all those samples would tie at
+1 and no threshold could tell them apart. ``confidence_log_odds`` computes ``z_top - logsumexp_{j != top} z_j``
+instead, and ``ExitThresholds`` keeps the thresholds as log-odds, so fitted thresholds above ``1 - 1e-16`` survive.
 """
 
 from __future__ import annotations
@@ -27,10 +33,13 @@ __all__ = [
     "Aggregate",
     "EarlyExitClassifier",
     "EarlyExitResult",
+    "ExitThresholds",
     "PatchPolicy",
     "accumulated_confidence",
     "check_thresholds",
+    "confidence_log_odds",
     "cumulative_step_macs",
+    "log_odds_of",
     "resize_square",
     "sample_macs",
     "step_contribution",
@@ -61,17 +70,65 @@ def sample_macs(exit_step: T, ran_anchornet: T, anchornet_macs: int, glance_macs
     return glance_macs + ran_anchornet * anchornet_macs + (exit_step - 1) * patch_macs
 
 
-def check_thresholds(thresholds: Sequence[float], num_steps: int) -> tuple[float, ...]:
-    """``rho_1..rho_{T-1}`` as floats; ``ValueError`` for the wrong count (none for the last step) or a NaN."""
-    values = tuple(float(rho) for rho in thresholds)
+def _log_odds(rho: float) -> float:
+    """``log(rho / (1 - rho))`` in float64: ``-inf`` for ``rho <= 0`` (everyone exits), ``+inf`` for ``rho >= 1``."""
+    if math.isnan(rho):
+        raise ValueError("thresholds must not be NaN")
+    if rho <= 0.0:
+        return -math.inf
+    if rho >= 1.0:
+        return math.inf
+    return math.log(rho) - math.log1p(-rho)
+
+
+def _confidence(log_odds: float) -> float:
+    """``1 / (1 + exp(-log_odds))``, the inverse of ``_log_odds`` (it rounds to 1.0 above about 37)."""
+    if log_odds >= 0:
+        return 1.0 / (1.0 + math.exp(-log_odds))
+    e = math.exp(log_odds)
+    return e / (1.0 + e)
+
+
+@dataclass(frozen=True)
+class ExitThresholds:
+    """``rho_1..rho_{T-1}``, kept as the log-odds of the confidence: a sample exits at step ``t < T`` when
+    ``confidence_log_odds(z_t) >= log_odds[t - 1]``, i.e. when ``confidence(z_t) >= rho_t``.
+
+    Build it from confidences with ``from_confidences`` (``rho <= 0`` exits everyone, ``rho >= 1`` no one: a
+    softmax of finite logits never reaches 1); ``confidences`` gives them back for display (rounded to 1.0 above
+    log-odds of about 37, which is why the log-odds are what is kept and saved).
+    """
+
+    log_odds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        values = tuple(float(v) for v in self.log_odds)
+        if any(math.isnan(v) for v in values):
+            raise ValueError(f"thresholds must not be NaN, got log-odds {values}")
+        object.__setattr__(self, "log_odds", values)
+
+    @classmethod
+    def from_confidences(cls, rho: Sequence[float]) -> ExitThresholds:
+        return cls(tuple(_log_odds(float(r)) for r in rho))
+
+    @property
+    def confidences(self) -> tuple[float, ...]:
+        return tuple(_confidence(v) for v in self.log_odds)
+
+    def __len__(self) -> int:
+        return len(self.log_odds)
+
+
+def check_thresholds(thresholds: Sequence[float] | ExitThresholds, num_steps: int) -> ExitThresholds:
+    """``rho_1..rho_{T-1}`` as ``ExitThresholds``: confidences (a sequence of floats) or ``ExitThresholds`` as they
+    are; ``ValueError`` for the wrong count (none for the last step) or a NaN."""
+    values = thresholds if isinstance(thresholds, ExitThresholds) else ExitThresholds.from_confidences(thresholds)
     expected = num_steps - 1
     if len(values) != expected:
         raise ValueError(
             f"expected {expected} thresholds rho_1..rho_{expected} (T = num_patches + 1 = {num_steps} steps, "
             f"none for the last), got {len(values)}"
         )
-    if any(math.isnan(rho) for rho in values):
-        raise ValueError(f"thresholds must not be NaN, got {values}")
     return values
 
 
@@ -104,6 +161,34 @@ def accumulated_confidence(
     else:
         raise ValueError(f"aggregate must be 'logits' or 'probs', got {aggregate!r}")
     return confidence, z.argmax(dim=-1)
+
+
+def confidence_log_odds(
+    z: torch.Tensor, num_steps: int | torch.Tensor, aggregate: Aggregate = "logits"
+) -> torch.Tensor:
+    """``log(c / (1 - c))`` of the confidence ``c`` of ``accumulated_confidence``, what exits are decided on.
+
+    ``aggregate="logits"``: ``z_top - logsumexp_{j != top} z_j``, exact where ``c`` itself rounds to 1 (``+inf``
+    with one class). ``aggregate="probs"``: from the mean probability ``c``, which saturates like its inputs.
+    """
+    if aggregate == "logits":
+        top = z.argmax(dim=-1, keepdim=True)
+        rest = z.scatter(-1, top, -math.inf).logsumexp(dim=-1)
+        return _below_inf(z.gather(-1, top).squeeze(-1) - rest)
+    confidence, _ = accumulated_confidence(z, num_steps, aggregate)
+    return log_odds_of(confidence)
+
+
+def log_odds_of(confidence: torch.Tensor) -> torch.Tensor:
+    """``log(c / (1 - c))`` of confidences in ``[0, 1]`` (no better than ``c``'s own precision near 1)."""
+    c = confidence.clamp(0.0, 1.0)
+    return _below_inf(c.log() - (-c).log1p())
+
+
+def _below_inf(log_odds: torch.Tensor) -> torch.Tensor:
+    """``+inf`` (one class; a confidence of exactly 1) to the largest finite value, so an infinite threshold still
+    lets no sample exit; ``-inf`` stays (a zero threshold lets every sample exit)."""
+    return log_odds.clamp(max=torch.finfo(log_odds.dtype).max)
 
 
 @dataclass(frozen=True)
@@ -141,7 +226,8 @@ class EarlyExitClassifier(nn.Module):
         anchornet: the patch proposer; its ``receptive_field.size`` is the patch side ``K``.
         glance_net: ``f_glance``, classifies the whole image resized to ``patch_size x patch_size``.
         patch_net: ``f_patch``, classifies one patch; same classes as ``glance_net``.
-        thresholds: ``rho_1..rho_{T-1}``, one confidence per step but the last; 0 exits everyone, ``inf`` no one.
+        thresholds: ``rho_1..rho_{T-1}``, one confidence per step but the last (0 exits everyone, 1 or ``inf`` no
+            one), or ``ExitThresholds`` (what ``fit_thresholds`` returns).
         num_patches: patches per image, ``T - 1``.
         iou_threshold: NMS threshold of ``select_patches``.
         patch_size: input side of both downstream networks; ``K`` by default. Patches are always cut ``K x K``
@@ -159,7 +245,7 @@ class EarlyExitClassifier(nn.Module):
         anchornet: AnchorNet,
         glance_net: nn.Module,
         patch_net: nn.Module,
-        thresholds: Sequence[float],
+        thresholds: Sequence[float] | ExitThresholds,
         num_patches: int = 4,
         iou_threshold: float = 0.3,
         *,
@@ -208,12 +294,12 @@ class EarlyExitClassifier(nn.Module):
         return self.num_patches + 1
 
     @property
-    def thresholds(self) -> tuple[float, ...]:
-        """``rho_1..rho_{T-1}``; set it to switch budgets without rebuilding the engine."""
+    def thresholds(self) -> ExitThresholds:
+        """``rho_1..rho_{T-1}``; set it (confidences or ``ExitThresholds``) to switch budgets without rebuilding."""
         return self._thresholds
 
     @thresholds.setter
-    def thresholds(self, thresholds: Sequence[float]) -> None:
+    def thresholds(self, thresholds: Sequence[float] | ExitThresholds) -> None:
         self._thresholds = check_thresholds(thresholds, self.num_steps)
 
     @property
@@ -285,12 +371,12 @@ class EarlyExitClassifier(nn.Module):
         ran_anchornet = torch.zeros(batch, dtype=torch.bool, device=device)
         active = torch.arange(batch, device=device)  # rows of the batch still undecided, in order
 
-        def stop_at(t: int, step_confidence: torch.Tensor) -> torch.Tensor:
+        def stop_at(t: int, z_t: torch.Tensor) -> torch.Tensor:
             if exit_at is not None:
-                return torch.full_like(step_confidence, t >= exit_at, dtype=torch.bool)
+                return torch.full(z_t.shape[:1], t >= exit_at, dtype=torch.bool, device=device)
             if t == steps:
-                return torch.ones_like(step_confidence, dtype=torch.bool)
-            return step_confidence >= self._thresholds[t - 1]
+                return torch.ones(z_t.shape[:1], dtype=torch.bool, device=device)
+            return confidence_log_odds(z_t, t, self.aggregate) >= self._thresholds.log_odds[t - 1]
 
         def record(t: int, stop: torch.Tensor, step_confidence: torch.Tensor, step_prediction: torch.Tensor) -> None:
             rows = active[stop]
@@ -300,7 +386,7 @@ class EarlyExitClassifier(nn.Module):
             logits[rows] = z[stop]
 
         step_confidence, step_prediction = accumulated_confidence(z, 1, self.aggregate)
-        stop = stop_at(1, step_confidence)
+        stop = stop_at(1, z)
         record(1, stop, step_confidence, step_prediction)
         keep = ~stop
         active, z = active[keep], z[keep]
@@ -327,7 +413,7 @@ class EarlyExitClassifier(nn.Module):
                 boxes[active, j] = selection.boxes[:, j].to(boxes.dtype)
                 scores[active, j] = selection.scores[:, j].to(scores.dtype)
                 step_confidence, step_prediction = accumulated_confidence(z, t, self.aggregate)
-                stop = stop_at(t, step_confidence) | (last_step <= t)
+                stop = stop_at(t, z) | (last_step <= t)
                 record(t, stop, step_confidence, step_prediction)
                 keep = ~stop
                 active, z, sub_images, last_step = active[keep], z[keep], sub_images[keep], last_step[keep]

@@ -4,6 +4,10 @@ A ``StepTable`` holds, for each of ``N`` held-out samples and each step ``t = 1.
 prediction of the accumulated ``z_t``. For exit proportions ``p_k`` (``k = 1..T``), ``fit_thresholds`` picks
 ``rho_k`` as the confidence of the ``floor(N p_k)``-th most confident sample not yet exited at an earlier step;
 ``budgeted_search`` sweeps ``p_k ∝ q^k`` and evaluates each fit on a *different* (test) table.
+
+Confidences are ranked and compared as log-odds (``anchornet.early_exit.confidence_log_odds``): in float32 most
+samples' ``max softmax`` of summed logits rounds to exactly 1 after a step or two, and a threshold of 1 would let
+all of them exit together whatever ``p_k`` asks. Thresholds are saved as log-odds too (file version 2).
 """
 
 from __future__ import annotations
@@ -17,7 +21,15 @@ from dataclasses import dataclass
 import torch
 
 from anchornet import storage
-from anchornet.early_exit import Aggregate, EarlyExitClassifier, accumulated_confidence, check_thresholds
+from anchornet.early_exit import (
+    Aggregate,
+    EarlyExitClassifier,
+    ExitThresholds,
+    accumulated_confidence,
+    check_thresholds,
+    confidence_log_odds,
+    log_odds_of,
+)
 
 __all__ = [
     "DEFAULT_QS",
@@ -37,7 +49,7 @@ __all__ = [
 DEFAULT_QS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 40))
 
 _FORMAT = "anchornet.thresholds"
-_VERSION = 1
+_VERSION = 2  # 1: thresholds as confidences only (read as such)
 
 
 @dataclass(frozen=True)
@@ -50,12 +62,16 @@ class StepTable:
         prediction: ``argmax z_t``, ``(N, T)``; optional for hand-built tables.
         last_step: the last step each sample can reach, ``(N,)`` in ``1..T`` (``1 + num_valid`` patches; ``T``
             when omitted). A sample exits there whatever its confidence; its columns past it repeat it.
+        log_odds: ``log(c / (1 - c))`` of the confidence, ``(N, T)``, what exits are ranked and decided on
+            (``confidence_log_odds``: exact where ``c`` rounds to 1); computed from ``confidence`` (float64) when
+            omitted, as for hand-built tables.
     """
 
     confidence: torch.Tensor
     correct: torch.Tensor
     prediction: torch.Tensor | None = None
     last_step: torch.Tensor | None = None
+    log_odds: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.confidence.dim() != 2 or self.correct.shape != self.confidence.shape:
@@ -73,6 +89,10 @@ class StepTable:
         if last_step.shape != (num,) or (last_step < 1).any() or (last_step > steps).any():
             raise ValueError(f"last_step must be (N,) with values in 1..{steps}")
         object.__setattr__(self, "last_step", last_step)
+        if self.log_odds is None:
+            object.__setattr__(self, "log_odds", log_odds_of(self.confidence.double()))
+        elif self.log_odds.shape != self.confidence.shape:
+            raise ValueError(f"log_odds must be (N, T), got {tuple(self.log_odds.shape)}")
 
     @property
     def num_samples(self) -> int:
@@ -103,9 +123,13 @@ class StepTable:
         if aggregate == "probs":
             outputs = outputs.softmax(dim=-1) * available[..., None]
         z = outputs.cumsum(dim=1)
-        confidence, prediction = accumulated_confidence(z, available.cumsum(dim=1).clamp(min=1), aggregate)
+        steps_seen = available.cumsum(dim=1).clamp(min=1)
+        confidence, prediction = accumulated_confidence(z, steps_seen, aggregate)
+        log_odds = confidence_log_odds(z, steps_seen, aggregate)
         correct = prediction == labels.to(prediction.device)[:, None]
-        return cls(confidence=confidence, correct=correct, prediction=prediction, last_step=last_step)
+        return cls(
+            confidence=confidence, correct=correct, prediction=prediction, last_step=last_step, log_odds=log_odds
+        )
 
     @classmethod
     def concat(cls, tables: Sequence[StepTable]) -> StepTable:
@@ -118,14 +142,16 @@ class StepTable:
             correct=torch.cat([t.correct for t in tables]),
             prediction=None if any(p is None for p in predictions) else torch.cat(predictions),
             last_step=torch.cat([t.last_step for t in tables]),
+            log_odds=torch.cat([t.log_odds.double() for t in tables]),
         )
 
-    def exit_steps(self, thresholds: Sequence[float]) -> torch.Tensor:
-        """1-based exit step of every sample under ``rho_1..rho_{T-1}``, ``(N,)`` (Alg. 1, ``confidence >= rho``)."""
-        rho = check_thresholds(thresholds, self.num_steps)
+    def exit_steps(self, thresholds: Sequence[float] | ExitThresholds) -> torch.Tensor:
+        """1-based exit step of every sample under ``rho_1..rho_{T-1}``, ``(N,)`` (Alg. 1, ``confidence >= rho``,
+        compared as log-odds)."""
+        rho = check_thresholds(thresholds, self.num_steps).log_odds
         steps = torch.arange(1, self.num_steps + 1, device=self.confidence.device)
-        rho = torch.tensor([*rho, -math.inf], dtype=self.confidence.dtype, device=self.confidence.device)
-        exits = (self.confidence >= rho) | (steps >= self.last_step[:, None])
+        rho = torch.tensor([*rho, -math.inf], dtype=torch.float64, device=self.confidence.device)
+        exits = (self.log_odds.double() >= rho) | (steps >= self.last_step[:, None])
         exits[:, -1] = True
         return exits.long().argmax(dim=1) + 1
 
@@ -136,7 +162,7 @@ class BudgetPoint:
 
     Attributes:
         name: how a deployment picks it, e.g. ``"q=0.50"``.
-        thresholds: ``rho_1..rho_{T-1}``.
+        thresholds: ``rho_1..rho_{T-1}`` as ``ExitThresholds`` (given as confidences, they are converted).
         q: the proportion ratio of the search, ``p_k ∝ q^k``.
         expected_macs: mean MACs per sample on the test table.
         accuracy: top-1 accuracy on the test table, in ``[0, 1]``.
@@ -144,11 +170,15 @@ class BudgetPoint:
     """
 
     name: str
-    thresholds: tuple[float, ...]
+    thresholds: ExitThresholds
     q: float | None = None
     expected_macs: float | None = None
     accuracy: float | None = None
     exit_fractions: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.thresholds, ExitThresholds):  # confidences, as a hand-written budget gives them
+            object.__setattr__(self, "thresholds", ExitThresholds.from_confidences(self.thresholds))
 
 
 def collect_step_table(
@@ -171,6 +201,7 @@ def collect_step_table(
                 correct=table.correct.cpu(),
                 prediction=table.prediction.cpu() if table.prediction is not None else None,
                 last_step=table.last_step.cpu(),
+                log_odds=table.log_odds.cpu(),
             )
         )
     return StepTable.concat(tables)
@@ -190,11 +221,12 @@ def exit_counts(num_samples: int, p_exit: Sequence[float]) -> list[int]:
     return [math.floor(num_samples * float(pk) + 1e-9) for pk in p]
 
 
-def fit_thresholds(table: StepTable, p_exit: Sequence[float]) -> tuple[float, ...]:
+def fit_thresholds(table: StepTable, p_exit: Sequence[float]) -> ExitThresholds:
     """``rho_1..rho_{T-1}`` that make ``floor(N p_k)`` held-out samples exit at step ``k`` (MSDNet's rule).
 
     ``rho_k`` is the confidence of the ``n_k = floor(N p_k)``-th most confident sample among those that did not
-    exit before step ``k``; samples tied with it exit too. ``rho_T = -inf`` is implied and not returned.
+    exit before step ``k`` (ranked and returned as log-odds, ``table.log_odds``, so that confidences that round to
+    1 stay apart); samples tied with it exit too. ``rho_T = -inf`` is implied and not returned.
     Edge cases: ``n_k = 0`` or nobody left gives ``rho_k = +inf`` (no exit); fewer than ``n_k`` left gives the
     least confident of them (all exit). Samples whose ``last_step`` is ``k`` must exit there and take their
     places among the ``n_k`` first.
@@ -209,18 +241,18 @@ def fit_thresholds(table: StepTable, p_exit: Sequence[float]) -> tuple[float, ..
     remaining = torch.ones(table.num_samples, dtype=torch.bool, device=table.confidence.device)
     thresholds: list[float] = []
     for k in range(1, steps):
-        confidence = table.confidence[:, k - 1]
+        score = table.log_odds[:, k - 1].double()
         forced = table.last_step == k
-        ranked = torch.where(forced, math.inf, confidence)[remaining].sort(descending=True).values
+        ranked = torch.where(forced, math.inf, score)[remaining].sort(descending=True).values
         wanted = counts[k - 1]
         rho = math.inf if wanted == 0 or ranked.numel() == 0 else float(ranked[min(wanted, ranked.numel()) - 1])
         thresholds.append(rho)
-        remaining &= ~((confidence >= rho) | forced)
-    return tuple(thresholds)
+        remaining &= ~((score >= rho) | forced)
+    return ExitThresholds(tuple(thresholds))
 
 
 def evaluate_thresholds(
-    table: StepTable, thresholds: Sequence[float], step_macs: Sequence[int]
+    table: StepTable, thresholds: Sequence[float] | ExitThresholds, step_macs: Sequence[int]
 ) -> tuple[float, float, list[float]]:
     """Apply ``rho_1..rho_{T-1}`` to a table.
 
@@ -272,18 +304,26 @@ def budgeted_search(
 
 
 def save_thresholds(
-    budgets: Iterable[BudgetPoint] | Mapping[str, Sequence[float]], path: str | os.PathLike[str]
+    budgets: Iterable[BudgetPoint] | Mapping[str, Sequence[float] | ExitThresholds], path: str | os.PathLike[str]
 ) -> None:
-    """Write named budgets as JSON: ``{"format", "version", "budgets": [{"name", "thresholds", ...}]}``.
+    """Write named budgets as JSON: ``{"format", "version": 2, "budgets": [{"name", "log_odds", "thresholds", ...}]}``.
 
-    ``budgets`` is a list of ``BudgetPoint`` or a mapping ``name -> thresholds``. JSON has no infinity, so
-    infinite thresholds are written as the strings ``"inf"`` and ``"-inf"``; fields that are ``None`` are left out.
+    ``log_odds`` are the thresholds as they are applied (``ExitThresholds``); ``thresholds`` the same as
+    confidences, for reading (those above log-odds of about 37 print as 1.0). ``budgets`` is a list of
+    ``BudgetPoint`` or a mapping ``name -> thresholds`` (confidences or ``ExitThresholds``). JSON has no infinity,
+    so infinite values are written as the strings ``"inf"`` and ``"-inf"``; fields that are ``None`` are left out.
     """
     if isinstance(budgets, Mapping):
-        budgets = [BudgetPoint(name=name, thresholds=tuple(float(r) for r in rho)) for name, rho in budgets.items()]
+        budgets = [
+            BudgetPoint(name=name, thresholds=check_thresholds(rho, len(rho) + 1)) for name, rho in budgets.items()
+        ]
     entries = []
     for point in budgets:
-        entry: dict[str, object] = {"name": point.name, "thresholds": [_encode(r) for r in point.thresholds]}
+        entry: dict[str, object] = {
+            "name": point.name,
+            "log_odds": [_encode(r) for r in point.thresholds.log_odds],
+            "thresholds": [_encode(r) for r in point.thresholds.confidences],
+        }
         if point.q is not None:
             entry["q"] = point.q
         if point.expected_macs is not None:
@@ -301,18 +341,24 @@ def save_thresholds(
 
 
 def load_thresholds(path: str | os.PathLike[str]) -> dict[str, BudgetPoint]:
-    """Read what ``save_thresholds`` wrote: ``name -> BudgetPoint``, in file order."""
+    """Read what ``save_thresholds`` wrote: ``name -> BudgetPoint``, in file order. Version 1 files (thresholds as
+    confidences only, before 2026-11-27) are read as those confidences."""
     document = json.loads(_read_text(path))
     if not isinstance(document, dict) or document.get("format") != _FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not an {_FORMAT} file")
-    if document.get("version") != _VERSION:
-        raise ValueError(f"unsupported {_FORMAT} version {document.get('version')!r}, expected {_VERSION}")
+    version = document.get("version")
+    if version not in (1, _VERSION):
+        raise ValueError(f"unsupported {_FORMAT} version {version!r}, expected 1 or {_VERSION}")
     budgets: dict[str, BudgetPoint] = {}
     for entry in document["budgets"]:
         fractions = entry.get("exit_fractions")
+        if version == 1:
+            thresholds = ExitThresholds.from_confidences([_decode(r) for r in entry["thresholds"]])
+        else:
+            thresholds = ExitThresholds(tuple(_decode(r) for r in entry["log_odds"]))
         budgets[entry["name"]] = BudgetPoint(
             name=entry["name"],
-            thresholds=tuple(_decode(r) for r in entry["thresholds"]),
+            thresholds=thresholds,
             q=entry.get("q"),
             expected_macs=entry.get("expected_macs"),
             accuracy=entry.get("accuracy"),

@@ -34,7 +34,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
     parser.add_argument("--replica-cpus", type=float, default=0.25, help="CPUs reserved per replica")
-    parser.add_argument("--max-replicas", type=int, default=2, help="autoscaling limit per model deployment")
+    parser.add_argument(
+        "--max-replicas", type=int, default=2, help="autoscaling limit of each deployment, the ingress included"
+    )
     parser.add_argument(
         "--colocate",
         action="store_true",

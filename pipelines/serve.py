@@ -28,13 +28,14 @@ This module has no ``from __future__ import annotations``: Serve reads the build
 """
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -63,7 +64,14 @@ from anchornet import (
     prepare_for_inference,
     select_patches,
 )
-from anchornet.early_exit import Aggregate, resize_square, sample_macs, step_contribution
+from anchornet.early_exit import (
+    Aggregate,
+    ExitThresholds,
+    confidence_log_odds,
+    resize_square,
+    sample_macs,
+    step_contribution,
+)
 from anchornet.model import AnchorNet
 from anchornet.preprocessing import to_float
 from pipelines.serve_http import (
@@ -287,10 +295,11 @@ def serving_spec(args: ServeArgs) -> ServingSpec:
 def load_budgets(config: dict[str, Any], num_steps: int) -> tuple[dict[str, dict[str, Any]], str]:
     """Named budgets and the default one from an ingress ``user_config``.
 
-    ``config`` keys: ``thresholds_path`` (a saved thresholds JSON), ``budgets`` (``name -> [rho...]``, added
-    after the file's), ``default_budget`` (else the middle budget of the file, else ``all-steps``). Two
-    budgets are always there: ``all-steps`` (every ``rho = inf``) and ``glance-only`` (every ``rho = 0``).
-    Raises ``ValueError`` for unknown keys, a wrong number of thresholds or an unknown default.
+    ``config`` keys: ``thresholds_path`` (a saved thresholds JSON), ``budgets`` (``name -> [rho...]``, confidences,
+    added after the file's), ``default_budget`` (else the middle budget of the file, else ``all-steps``). Two
+    budgets are always there: ``all-steps`` (every ``rho = inf``) and ``glance-only`` (every ``rho = 0``). Each
+    budget's ``thresholds`` are ``ExitThresholds``. Raises ``ValueError`` for unknown keys, a wrong number of
+    thresholds or an unknown default.
     """
     unknown = set(config) - set(USER_CONFIG_KEYS)
     if unknown:
@@ -299,20 +308,30 @@ def load_budgets(config: dict[str, Any], num_steps: int) -> tuple[dict[str, dict
     budgets: dict[str, dict[str, Any]] = {}
     if config.get("thresholds_path"):
         for name, point in load_thresholds(config["thresholds_path"]).items():
-            budgets[name] = {k: v for k, v in asdict(point).items() if v is not None and k != "name"}
+            fields = {f.name: getattr(point, f.name) for f in dataclasses.fields(point)}
+            budgets[name] = {k: v for k, v in fields.items() if v is not None and k != "name"}
+    from_file = list(budgets)
     for name, rho in (config.get("budgets") or {}).items():
-        budgets[name] = {"thresholds": tuple(float(r) for r in rho)}
-    fitted = list(budgets)
-    budgets.setdefault("all-steps", {"thresholds": (math.inf,) * count})
-    budgets.setdefault("glance-only", {"thresholds": (0.0,) * count})
+        budgets[name] = {"thresholds": ExitThresholds.from_confidences([float(r) for r in rho])}
+    budgets.setdefault("all-steps", {"thresholds": ExitThresholds.from_confidences([math.inf] * count)})
+    budgets.setdefault("glance-only", {"thresholds": ExitThresholds.from_confidences([0.0] * count)})
     for name, budget in budgets.items():
         rho = budget["thresholds"]
-        if len(rho) != count or any(math.isnan(r) for r in rho):
-            raise ValueError(f"budget {name!r} needs {count} thresholds (T = {num_steps} steps), got {list(rho)}")
-    default = config.get("default_budget") or (fitted[len(fitted) // 2] if fitted else "all-steps")
+        if len(rho) != count:
+            raise ValueError(
+                f"budget {name!r} needs {count} thresholds (T = {num_steps} steps), got {list(rho.confidences)}"
+            )
+    # the middle of the file's sweep (cheap to costly); inline budgets never move the default
+    default = config.get("default_budget") or (from_file[len(from_file) // 2] if from_file else "all-steps")
     if default not in budgets:
         raise ValueError(f"default_budget {default!r} is not one of {list(budgets)}")
     return budgets, default
+
+
+def _budget_info(budget: Mapping[str, Any]) -> dict[str, Any]:
+    """A budget as ``/info`` shows it: its thresholds as confidences (for reading) and as the log-odds applied."""
+    rho: ExitThresholds = budget["thresholds"]
+    return {**budget, "thresholds": list(rho.confidences), "log_odds": list(rho.log_odds)}
 
 
 @dataclass(frozen=True)
@@ -790,7 +809,14 @@ class Ingress:
                 "models": spec.models,
                 "step_macs": spec.step_macs,
                 "default_budget": live.default,
-                "budgets": {name: {**b, "thresholds": list(b["thresholds"])} for name, b in live.named.items()},
+                "budgets": {
+                    name: {
+                        **b,
+                        "thresholds": list(b["thresholds"].confidences),
+                        "log_odds": list(b["thresholds"].log_odds),
+                    }
+                    for name, b in live.named.items()
+                },
                 "config_error": live.error,
                 "limits": {
                     "max_body_bytes": spec.max_body_bytes,
@@ -818,7 +844,7 @@ class Ingress:
         z = step_contribution(await timing.call("glance", self.glance, image), spec.aggregate)
         t, patches, available = 1, [], None
         confidence, prediction = accumulated_confidence(z, t, spec.aggregate)
-        if not (spec.num_steps == 1 or confidence >= rho[0]):
+        if not (spec.num_steps == 1 or confidence_log_odds(z, t, spec.aggregate) >= rho.log_odds[0]):
             proposal = await timing.call("anchornet", self.anchornet, image)
             available = int(proposal["boxes"].shape[0])
             for j in range(available):
@@ -829,7 +855,7 @@ class Ingress:
                 patches.append(
                     PatchInfo(step=t, box=proposal["boxes"][j].tolist(), cam_score=float(proposal["scores"][j]))
                 )
-                if t == spec.num_steps or confidence >= rho[t - 1]:
+                if t == spec.num_steps or confidence_log_odds(z, t, spec.aggregate) >= rho.log_odds[t - 1]:
                     break
         ran_anchornet = int(available is not None)
         macs = sample_macs(t, ran_anchornet, spec.anchornet_macs, spec.glance_macs, spec.patch_macs)
@@ -844,7 +870,7 @@ class Ingress:
             macs=int(macs),
             gmacs=macs / 1e9,
             budget=budget_name,
-            thresholds=jsonable(list(rho)),
+            thresholds=jsonable(list(rho.confidences)),
             patches=patches,
             patches_available=available,
             image_size=image_size,

@@ -13,7 +13,7 @@ import email.errors
 import email.policy
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from email.parser import BytesParser
 from typing import Any
 
@@ -21,7 +21,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from anchornet.early_exit import ExitThresholds
 
 __all__ = [
     "RAW_CONTENT_TYPES",
@@ -95,13 +98,20 @@ class JsonServerErrors:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """JSON errors for ``ApiError`` and query validation (422); anything unexpected is a JSON 500
-    (``JsonServerErrors``)."""
+    """JSON errors for ``ApiError``, Starlette's own (404 unknown path, 405 wrong method) and query validation
+    (422); anything unexpected is a JSON 500 (``JsonServerErrors``)."""
     app.add_middleware(JsonServerErrors)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
         return err.to_response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        response = ApiError(err.status_code, code, str(err.detail)).to_response()
+        response.headers.update(err.headers or {})  # 405's Allow
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -216,23 +226,24 @@ def parse_thresholds(text: str, count: int) -> tuple[float, ...]:
 
 
 def resolve_thresholds(
-    budgets: Mapping[str, Sequence[float]],
+    budgets: Mapping[str, ExitThresholds],
     default_budget: str,
     count: int,
     budget: str | None = None,
     thresholds: str | None = None,
-) -> tuple[str | None, tuple[float, ...]]:
-    """``(budget name or None, rho_1..rho_count)`` a request asks for: ``?budget=NAME``, ``?thresholds=...``,
-    or the default budget; both at once, an unknown name or malformed thresholds give ``ApiError`` 400."""
+) -> tuple[str | None, ExitThresholds]:
+    """``(budget name or None, rho_1..rho_count)`` a request asks for: ``?budget=NAME``, ``?thresholds=...``
+    (confidences), or the default budget; both at once, an unknown name or malformed thresholds give
+    ``ApiError`` 400."""
     if budget is not None and thresholds is not None:
         raise ApiError(400, "bad_budget", "pass either budget or thresholds, not both")
     if thresholds is not None:
-        return None, parse_thresholds(thresholds, count)
+        return None, ExitThresholds.from_confidences(parse_thresholds(thresholds, count))
     name = default_budget if budget is None else budget
     if name not in budgets:
         known = ", ".join(budgets) or "none"
         raise ApiError(400, "unknown_budget", f"unknown budget {name!r}; known budgets: {known}")
-    return name, tuple(float(v) for v in budgets[name])
+    return name, budgets[name]
 
 
 def json_float(value: float) -> float | str:

@@ -12,15 +12,18 @@ from torch import nn
 from anchornet import (
     AnchorNet,
     EarlyExitClassifier,
+    ExitThresholds,
     StepTable,
     anchornet_test,
     class_activation_map,
+    confidence_log_odds,
     count_macs,
     cumulative_step_macs,
     evaluate_thresholds,
     random_patches,
     select_patches,
 )
+from anchornet.early_exit import resize_square
 
 pytestmark = pytest.mark.model
 
@@ -123,7 +126,8 @@ def test_batched_engine_matches_a_per_sample_loop(nets, images, aggregate: str, 
     assert len(set(result.exit_step.tolist())) >= 3, "thresholds should spread the exits"
     costs = _costs(nets)
     for b, image in enumerate(images):
-        prediction, step, macs, boxes = _reference(nets, image, engine.thresholds, iou_threshold, aggregate, costs)
+        rho = engine.thresholds.confidences  # the reference compares confidences, as Alg. 1 writes it
+        prediction, step, macs, boxes = _reference(nets, image, rho, iou_threshold, aggregate, costs)
         assert (int(result.prediction[b]), int(result.exit_step[b]), int(result.macs[b])) == (prediction, step, macs)
         assert result.boxes[b, : len(boxes)].tolist() == boxes
         assert result.boxes[b, len(boxes) :].isnan().all()
@@ -302,3 +306,32 @@ def test_tied_cams_give_the_same_patches_alone_and_in_a_batch(nets) -> None:
         alone = engine.predict(images[i : i + 1]).boxes[0]
         assert torch.equal(boxes[i], alone)
         assert alone[0].tolist() == first, "ties go to the lowest cell"
+
+
+class _Gap(nn.Module):
+    """Logits with class 0 ahead of the others by 20..60 (from the top-left pixel): max softmax is 1.0 in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(len(x), NUM_CLASSES, dtype=x.dtype)
+        logits[:, 0] = 20 + 40 * x[:, 0, 0, 0]
+        return logits
+
+
+def test_confidences_that_round_to_one_exit_by_their_log_odds(images) -> None:
+    engine = EarlyExitClassifier(
+        anchornet_test(NUM_CLASSES).eval(),
+        _Gap(),
+        _Gap(),
+        ExitThresholds((40.0,) * 4),
+        K_PATCHES,
+        image_size=(SIZE,) * 2,
+    )
+    images = images.float()
+    glance = _Gap()(resize_square(images, engine.patch_size))
+    assert (glance.softmax(dim=-1).amax(dim=-1) == 1.0).all()  # compared as confidences, all would tie
+    result = engine.predict(images)
+    exited = confidence_log_odds(glance, 1) >= 40.0
+    assert 0 < exited.sum() < len(images)
+    assert torch.equal(result.exit_step == 1, exited)
+    assert (result.exit_step[~exited] == 2).all()  # one patch adds 20 or more
+    assert (result.confidence == 1.0).all()  # reported as the confidence it is

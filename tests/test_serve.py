@@ -24,6 +24,7 @@ from PIL import Image
 
 from anchornet import (
     EarlyExitClassifier,
+    ExitThresholds,
     Preprocessing,
     anchornet_test,
     build_classifier,
@@ -250,12 +251,25 @@ def test_serve_config_checks_the_ingress_user_config() -> None:
     assert "q=0.5O" in "\n".join(check_serve_config(config, local_path=_local))
 
 
+def test_the_default_budget_is_the_middle_of_the_file_only(tmp_path) -> None:
+    from pipelines.serve import load_budgets
+
+    inline = {"fast": [0.5, 0.5], "slow": [0.9, 0.9]}
+    assert load_budgets({"budgets": inline}, 3)[1] == "all-steps"  # no file: inline budgets do not pick it
+    path = tmp_path / "t.json"
+    save_thresholds({f"q={q}": [q, q] for q in (0.1, 0.2, 0.3)}, path)
+    many = {f"z{i}": [0.5, 0.5] for i in range(40)}
+    budgets, default = load_budgets({"thresholds_path": str(path), "budgets": many}, 3)
+    assert default == "q=0.2" and "z0" in budgets  # 40 inline budgets do not move it
+
+
 def test_a_bad_live_update_keeps_the_last_good_budgets() -> None:
     """A bad user_config fails a replica at start; on a running replica it is refused and said, not fatal."""
     from pipelines.serve import LiveBudgets, reconfigured_budgets
 
     good = reconfigured_budgets(None, {"budgets": {"mine": [0.9, 0.8]}, "default_budget": "mine"}, 3)
-    assert (good.default, good.error) == ("mine", None) and good.named["mine"]["thresholds"] == (0.9, 0.8)
+    assert (good.default, good.error) == ("mine", None)
+    assert good.named["mine"]["thresholds"] == ExitThresholds.from_confidences([0.9, 0.8])
     for bad in ({"default_budget": "nope"}, {"budgets": {"mine": [0.9]}}, {"thresholds_path": "/no/such.json"}):
         with pytest.raises((ValueError, OSError)):
             reconfigured_budgets(None, bad, 3)  # at start: the replica fails, so does the deploy
@@ -446,7 +460,9 @@ def test_health_info_and_openapi(server: str, layout: str) -> None:
     assert info["classes"] == CLASSES and info["labels"] == CLASSES  # not WordNet ids: labelled by their names
     assert info["num_steps"] == NUM_PATCHES + 1
     assert info["default_budget"] == "q=0.50"
-    assert info["budgets"]["strict"]["thresholds"] == ["inf"] * NUM_PATCHES
+    strict = info["budgets"]["strict"]  # saved as confidences of inf: log-odds inf, shown as confidence 1
+    assert (strict["thresholds"], strict["log_odds"]) == ([1.0] * NUM_PATCHES, ["inf"] * NUM_PATCHES)
+    assert info["budgets"]["q=0.50"]["thresholds"] == pytest.approx([0.5, 0.4, 0.3])
     assert {"all-steps", "glance-only", "q=0.50"} <= set(info["budgets"])
     macs = info["step_macs"]
     assert len(macs) == NUM_PATCHES + 1 and macs == sorted(macs)
@@ -576,6 +592,8 @@ def test_bad_input_gets_4xx_json_and_service_stays_up(server: str) -> None:
         ("non-numeric thresholds", lambda: _classify(server, good, thresholds="a,b,c"), 400),
         ("budget and thresholds", lambda: _classify(server, good, budget="strict", thresholds="1,1,1"), 400),
         ("bad top_k", lambda: _classify(server, good, top_k="zero"), 422),
+        ("unknown path", lambda: requests.get(f"{server}/classfy", timeout=30), 404),
+        ("wrong method", lambda: requests.get(f"{server}/classify", timeout=30), 405),
     ]
     codes = {}
     for what, send, status in cases:
@@ -586,6 +604,7 @@ def test_bad_input_gets_4xx_json_and_service_stays_up(server: str) -> None:
         codes[what] = error["code"]
     assert codes["multipart Content-Type parameter x*"] == codes["multipart part parameter name*"] == "bad_multipart"
     assert codes["too elongated"] == "bad_image"
+    assert (codes["unknown path"], codes["wrong method"]) == ("not_found", "method_not_allowed")
     too_small = _classify(server, _encode(_photo(4, (64, 200)))).json()["error"]["message"]
     assert "95" in too_small and "too small" in too_small
     got = _classify(server, good)

@@ -48,7 +48,7 @@ def _hand_table(last_step: list[int] | None = None) -> StepTable:
 def test_fit_and_evaluate_by_hand() -> None:
     table = _hand_table()
     thresholds = fit_thresholds(table, [0.3, 0.3, 0.4])  # 3, 3 and 4 exits
-    assert thresholds == (pytest.approx(0.85), pytest.approx(0.8))
+    assert thresholds.confidences == (pytest.approx(0.85), pytest.approx(0.8))
     assert table.exit_steps(thresholds).tolist() == [1, 1, 1, 3, 2, 3, 2, 3, 3, 2]
     macs, accuracy, fractions = evaluate_thresholds(table, thresholds, STEP_MACS)
     assert macs == pytest.approx((3 * 10 + 3 * 30 + 4 * 50) / 10)
@@ -63,15 +63,16 @@ def test_proportions_are_normalised() -> None:
 
 def test_fit_edge_cases() -> None:
     table = _hand_table()
-    assert fit_thresholds(table, [0.0, 0.5, 0.5])[0] == math.inf  # floor(N p_1) = 0: nobody exits
+    assert fit_thresholds(table, [0.0, 0.5, 0.5]).log_odds[0] == math.inf  # floor(N p_1) = 0: nobody exits
     thresholds = fit_thresholds(table, [1.0, 0.0, 0.0])
-    assert thresholds == (pytest.approx(0.5), math.inf)  # everyone at step 1, nobody left
+    assert thresholds.confidences[0] == pytest.approx(0.5)  # everyone at step 1, nobody left
+    assert thresholds.log_odds[1] == math.inf
     assert evaluate_thresholds(table, thresholds, STEP_MACS)[2] == [1.0, 0.0, 0.0]
-    assert fit_thresholds(table, [0.05, 0.05, 0.9]) == (math.inf, math.inf)  # floor(0.5) = 0
+    assert fit_thresholds(table, [0.05, 0.05, 0.9]).log_odds == (math.inf, math.inf)  # floor(0.5) = 0
 
     tied = StepTable(confidence=torch.full((10, 3), 0.5), correct=torch.ones(10, 3, dtype=torch.bool))
     thresholds = fit_thresholds(tied, [0.5, 0.5, 0.0])
-    assert thresholds == (0.5, math.inf)  # ties exit together, then nobody is left
+    assert thresholds.log_odds == (0.0, math.inf)  # ties exit together, then nobody is left
     assert evaluate_thresholds(tied, thresholds, STEP_MACS)[2] == [1.0, 0.0, 0.0]
 
 
@@ -80,13 +81,13 @@ def test_samples_without_more_patches_exit_first() -> None:
     last_step[3] = 2  # sample 3 (conf 0.1 at step 2) has no second patch
     table = _hand_table(last_step)
     thresholds = fit_thresholds(table, [0.3, 0.3, 0.4])
-    assert thresholds == (pytest.approx(0.85), pytest.approx(0.9))  # sample 3 takes the first place at step 2
+    assert thresholds.confidences == (pytest.approx(0.85), pytest.approx(0.9))  # sample 3 takes the first place
     assert table.exit_steps(thresholds).tolist() == [1, 1, 1, 2, 2, 3, 3, 3, 3, 2]
     assert table.exit_steps((math.inf, math.inf)).tolist() == [3, 3, 3, 2, 3, 3, 3, 3, 3, 3]
 
     last_step[9] = 1
     thresholds = fit_thresholds(_hand_table(last_step), [0.3, 0.3, 0.4])
-    assert thresholds[0] == pytest.approx(0.9)
+    assert thresholds.confidences[0] == pytest.approx(0.9)
 
 
 def test_from_logits_accumulates() -> None:
@@ -158,6 +159,46 @@ def test_json_round_trip_with_infinities(tmp_path) -> None:
 
     save_thresholds({"fast": [0.5, 0.6, 0.7, math.inf]}, path)
     assert load_thresholds(path)["fast"] == BudgetPoint(name="fast", thresholds=(0.5, 0.6, 0.7, math.inf))
+    entry = json.loads(path.read_text())["budgets"][0]
+    assert entry["thresholds"] == [0.5, pytest.approx(0.6), pytest.approx(0.7), 1.0]  # for reading
+    assert entry["log_odds"] == [0.0, pytest.approx(math.log(1.5)), pytest.approx(math.log(7 / 3)), "inf"]
+
+
+def test_version_1_files_hold_confidences(tmp_path) -> None:
+    path = tmp_path / "v1.json"
+    budgets = [{"name": "old", "thresholds": [0.9, 0.0, 1.0, "inf"], "q": 0.5}]
+    path.write_text(json.dumps({"format": "anchornet.thresholds", "version": 1, "budgets": budgets}))
+    (point,) = load_thresholds(path).values()
+    assert point.thresholds.log_odds == (pytest.approx(math.log(9)), -math.inf, math.inf, math.inf)
+    assert point.q == 0.5
+
+
+def _saturated_table(num: int = 100) -> StepTable:
+    """Two steps; at step 1 the top logit leads by 20 + i / 10 for sample i: every float32 confidence is 1.0."""
+    gaps = 20.0 + torch.arange(num, dtype=torch.float32) / 10
+    glance = torch.stack([gaps, torch.zeros(num)], dim=1)
+    logits = torch.stack([glance, torch.zeros(num, 2)], dim=1)  # step 2 adds nothing
+    return StepTable.from_logits(logits, torch.zeros(num, dtype=torch.long))
+
+
+def test_confidences_that_round_to_one_stay_apart() -> None:
+    table = _saturated_table()
+    assert (table.confidence[:, 0] == 1.0).all()  # max softmax cannot tell these samples apart
+    torch.testing.assert_close(table.log_odds[:, 0], 20.0 + torch.arange(100.0) / 10)
+    for wanted in (1, 7, 30, 64):
+        thresholds = fit_thresholds(table, [wanted, 100 - wanted])
+        assert thresholds.log_odds[0] == pytest.approx(20.0 + (100 - wanted) / 10)  # the wanted-th largest gap
+        _, _, fractions = evaluate_thresholds(table, thresholds, [1, 2])
+        assert fractions == pytest.approx([wanted / 100, 1 - wanted / 100])  # as asked, not all at once
+    # what the same fit gave before: ranking confidences, a threshold of 1.0 let all 100 samples exit at step 1
+    assert (table.confidence[:, 0] >= 1.0).float().mean() == 1.0
+
+
+def test_a_threshold_of_one_exits_no_one() -> None:
+    table = _saturated_table()
+    assert table.exit_steps([1.0]).tolist() == [2] * 100  # softmax of finite logits never reaches 1
+    assert table.exit_steps([0.0]).tolist() == [1] * 100
+    assert table.exit_steps([math.inf]).tolist() == [2] * 100
 
 
 def test_bad_inputs(tmp_path) -> None:
@@ -176,6 +217,8 @@ def test_bad_inputs(tmp_path) -> None:
         )
     with pytest.raises(ValueError, match="unique"):
         save_thresholds([BudgetPoint("a", (0.5,)), BudgetPoint("a", (0.6,))], tmp_path / "t.json")
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate_thresholds(table, [0.5, math.nan], STEP_MACS)
     (tmp_path / "other.json").write_text('{"budgets": []}')
     with pytest.raises(ValueError, match=r"not an anchornet\.thresholds file"):
         load_thresholds(tmp_path / "other.json")
