@@ -36,6 +36,7 @@ __all__ = [
     "BudgetPoint",
     "StepTable",
     "anytime_accuracy",
+    "anytime_macs",
     "budgeted_search",
     "collect_step_table",
     "evaluate_thresholds",
@@ -210,6 +211,15 @@ def collect_step_table(
 def anytime_accuracy(table: StepTable) -> list[float]:
     """Anytime protocol: accuracy when every sample exits at step ``t``, for ``t = 1..T`` (at most its last step)."""
     return table.correct.double().mean(dim=0).tolist()
+
+
+def anytime_macs(table: StepTable, step_macs: Sequence[int]) -> list[float]:
+    """Anytime protocol: mean MACs per sample when every sample exits at step ``t``, for ``t = 1..T``; a sample
+    with fewer patches stops at its last step and pays for that one (as ``anytime_accuracy`` reads it there)."""
+    if len(step_macs) != table.num_steps:
+        raise ValueError(f"expected {table.num_steps} step costs, got {len(step_macs)}")
+    costs = torch.tensor([float(c) for c in step_macs], dtype=torch.float64, device=table.last_step.device)
+    return [float(costs[table.last_step.clamp(max=t) - 1].mean()) for t in range(1, table.num_steps + 1)]
 
 
 def exit_counts(num_samples: int, p_exit: Sequence[float]) -> list[int]:

@@ -44,7 +44,14 @@ from anchornet.macs import count_macs
 from anchornet.model import AnchorNet
 from anchornet.patches import select_patches
 from anchornet.preprocessing import Preprocessing, to_float
-from anchornet.thresholds import BudgetPoint, StepTable, anytime_accuracy, budgeted_search, save_thresholds
+from anchornet.thresholds import (
+    BudgetPoint,
+    StepTable,
+    anytime_accuracy,
+    anytime_macs,
+    budgeted_search,
+    save_thresholds,
+)
 from pipelines.train_data import HOLDOUT_SPLIT  # the split the training jobs train on and hold images out of
 
 __all__ = [
@@ -291,7 +298,8 @@ def _curves(
         cols = slice(1, None)
     tables = {split: StepTable.from_logits(outputs[split][:, cols], labels[split]) for split in outputs}
     anytime = Curve(name, "anytime")
-    for t, (acc, cost) in enumerate(zip(anytime_accuracy(tables["test"]), step_macs, strict=True), start=1):
+    test = tables["test"]
+    for t, (acc, cost) in enumerate(zip(anytime_accuracy(test), anytime_macs(test, step_macs), strict=True), start=1):
         anytime.points.append((f"t={t}", cost / 1e9, acc))
     budgeted = Curve(name, "budgeted")
     for point in budgeted_search(tables["holdout"], tables["test"], step_macs):

@@ -15,6 +15,7 @@ from anchornet import (
     StepTable,
     anchornet_test,
     anytime_accuracy,
+    anytime_macs,
     budgeted_search,
     collect_step_table,
     evaluate_thresholds,
@@ -112,6 +113,15 @@ def test_from_logits_accumulates() -> None:
 
 def test_anytime_accuracy() -> None:
     assert anytime_accuracy(_hand_table()) == pytest.approx([0.2, 0.2, 0.1])
+
+
+def test_anytime_macs_charge_a_sample_only_up_to_its_last_step() -> None:
+    assert anytime_macs(_hand_table(), STEP_MACS) == [10.0, 30.0, 50.0]
+    last_step = [3] * 10
+    last_step[3], last_step[9] = 2, 1  # no second patch; no patch at all
+    assert anytime_macs(_hand_table(last_step), STEP_MACS) == pytest.approx([10.0, 28.0, 44.0])
+    with pytest.raises(ValueError, match="expected 3 step costs"):
+        anytime_macs(_hand_table(), STEP_MACS[:2])
 
 
 def _random_table(num: int = 400, steps: int = 5) -> StepTable:
