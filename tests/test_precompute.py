@@ -534,3 +534,24 @@ def test_ray_job_submit_end_to_end(tree: Path, checkpoint: Path, reference: Path
         for pid, start in started:  # only what this test's head started, if still alive
             _kill_if_same(pid, start)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_large_jpegs_copies_a_tree_at_photo_size(tmp_path: Path) -> None:
+    """``benchmarks.large_jpegs``: the ImageNet-like tree the throughput benchmark is also run on."""
+    from benchmarks.large_jpegs import main
+
+    source = tmp_path / "small"
+    for i, name in enumerate(("cat/a.jpg", "cat/b.jpg", "dog/c.jpg")):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 30), (40 * i, 80, 120)).save(source / name)
+    out = tmp_path / "big"
+    assert main(["--data", str(source), "--output", str(out), "--count", "2", "--size", "64", "48"]) == 0
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg"))
+    assert written == ["cat/a.jpg", "cat/b.jpg"]  # 2 evenly over the 3 in index order: items 0 and 1
+    for path in out.rglob("*.jpg"):
+        with Image.open(path) as image:
+            assert image.size == (64, 48) and image.format == "JPEG"
+    again = tmp_path / "again"
+    main(["--data", str(source), "--output", str(again), "--count", "2", "--size", "64", "48"])
+    assert all((again / p).read_bytes() == (out / p).read_bytes() for p in written)  # seeded: the same bytes
+    assert main(["--data", str(source), "--output", str(out)]) == 2  # never writes into an existing tree
