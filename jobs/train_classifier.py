@@ -5,7 +5,8 @@
 
 ``--role glance``: the augmented image resized to K. ``--role patch``: the top AnchorNet patches of the
 augmented image, cropped on the fly by the frozen ``--anchornet`` (eval mode), or the precomputed crops in
-``PARQUET_DIR/train`` (and ``PARQUET_DIR/val``). Final checkpoint: OUT/glance.pt or OUT/patch.pt.
+``PARQUET_DIR/train`` (and ``PARQUET_DIR/val``), shuffled ``--shuffle-window`` shards at a time. Final checkpoint:
+OUT/glance.pt or OUT/patch.pt.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pipelines.train import OneLineParser, add_common_arguments, config_from_args, run_job
+from pipelines.train_data import DEFAULT_SHUFFLE_WINDOW
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,7 +38,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "AnchorNet receptive field or the precomputed patches' side)",
     )
     parser.add_argument("--num-patches", type=int, default=4, help="patches per image for --role patch")
+    parser.add_argument(
+        "--shuffle-window",
+        type=int,
+        default=None,
+        metavar="W",
+        help=f"with --patches: shuffle W Parquet shards together at a time (default: {DEFAULT_SHUFFLE_WINDOW}); each "
+        "DataLoader process holds W + 1 shards' encoded patches (~18 MB per 1000-image shard at 4 patches): a larger "
+        "W mixes more shards (each holds one or two classes) into each stretch of the epoch, at that memory per "
+        "process; W >= the number of shards shuffles the whole set at once",
+    )
     args = parser.parse_args(argv)
+    if args.shuffle_window is not None and not (args.role == "patch" and args.patches):
+        parser.error("--shuffle-window is for --role patch --patches")
     try:
         config = config_from_args(
             args,
@@ -47,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             patches=args.patches,
             patch_size=args.patch_size,
             num_patches=args.num_patches,
+            **({} if args.shuffle_window is None else {"shuffle_window": args.shuffle_window}),
         )
     except ValueError as err:
         parser.error(str(err))

@@ -6,8 +6,9 @@ column of every shard). Pixels are read lazily, one shard at a time and only the
 is decoded in ``__getitem__``. With the default ``max_cached_shards=None`` the cache grows up to the encoded
 size of that column over the whole dataset (imagenette train, ~9.5 k images: ~40 MB of glances,
 ~160 MB of patches). For larger datasets pass ``max_cached_shards`` (an LRU bound, about
-``shard_size x 4 KiB x patches`` each) and visit samples shard by shard (``shard_of`` tells the shard of a
-sample), or stream the shards with Ray Data (``ray.data.read_parquet(uri + "/shards")``).
+``shard_size x 4 KiB x patches`` each) and visit samples shard by shard (``shard_of`` / ``sample_shards`` tell
+the shard of a sample; ``pipelines.train_data.ShardWindowSampler`` shuffles a few shards at a time, as the training
+job does), or stream the shards with Ray Data (``ray.data.read_parquet(uri + "/shards")``).
 
 Each ``DataLoader`` worker process builds its own cache and its own filesystem client (S3 clients are not
 shared across a fork).
@@ -140,6 +141,11 @@ class PatchDataset(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         return bisect.bisect_right(self._starts, i) - 1
+
+    def sample_shards(self) -> np.ndarray:
+        """The shard of every sample, in the dataset's order (``int64``, ``len(self)``): ``shard_of`` for all
+        samples at once, without reading any shard (``pipelines.train_data.ShardWindowSampler`` groups by it)."""
+        return np.repeat(np.arange(len(self._files), dtype=np.int64), np.diff(self._starts))
 
     def image_samples(self) -> list[tuple[str, range]]:
         """``(image_id, samples)`` of every image, in the dataset's order: the positions of its glance (one) or of

@@ -75,7 +75,9 @@ ANCHORNET_ARCHS = ("anchornet", "anchornet_test")
 STATE_FILE = "train_state.pt"
 BASE_LR = {"anchornet": 0.1, "glance": 0.01, "patch": 0.01}  # per 256 images (REFERENCE.md section 6)
 # What a re-run into the same OUT must keep (it resumes the same run): the optimizer, the global batch and the
-# held-out images. ``epochs`` may change (the schedule is rebuilt for it), and so may the resources.
+# held-out images. ``epochs`` may change (the schedule is rebuilt for it), and so may the resources, and
+# ``shuffle_window``: it bounds each loader process's memory, so a run that ran out of memory must be resumable with
+# a smaller one (its remaining epochs then draw another order than an unbroken run's, as another seed would).
 RESUME_FIXED = (
     "lr",
     "batch_size",
@@ -109,7 +111,9 @@ class TrainConfig:
     (fractions of ``epochs``); cosine decays it to 0 over ``epochs``. ``holdout_size`` images of ``train/``,
     drawn with ``holdout_seed`` (``anchornet.image_folder.holdout_indices``), are left out of training so that
     ``jobs/evaluate.py`` can fit the early-exit thresholds on images the models have not seen (0: train on all
-    of ``train/``).
+    of ``train/``). ``shuffle_window`` (patch role from ``patches`` only): shards of precomputed patches shuffled
+    together (``train_data.ShardWindowSampler``); each loader process caches that many shards' encoded patches
+    plus one (``train_data.shard_cache_size``), so it trades memory against how well an epoch is mixed.
 
     Test-only fields (no CLI help): ``limit`` keeps that many images per split (evenly spaced),
     ``crash_at_epoch=k`` makes the last worker raise at the start of epoch ``k`` (k >= 1) of an attempt that
@@ -137,6 +141,7 @@ class TrainConfig:
     min_scale: float = 0.08
     patch_size: int | None = None
     num_patches: int = 4
+    shuffle_window: int = train_data.DEFAULT_SHUFFLE_WINDOW
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float | None = None
@@ -167,7 +172,8 @@ class TrainConfig:
             problems.append("--patches is for --role patch")
         if self.stage == "patch" and not (self.patches or self.anchornet):
             problems.append("--role patch needs --patches PARQUET_DIR or --anchornet CKPT")
-        for name in ("epochs", "batch_size", "num_workers", "image_size", "num_patches", "keep_checkpoints"):
+        at_least_one = ("epochs", "batch_size", "num_workers", "image_size", "num_patches", "shuffle_window")
+        for name in (*at_least_one, "keep_checkpoints"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
@@ -325,7 +331,11 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
     if config.stage == "patch" and config.patches:
         from pipelines.patch_dataset import PatchDataset  # the precompute job's reader
 
-        train_set = PatchDataset(storage.join(config.patches, "train"), role="patch", num_patches=config.num_patches)
+        # Bounded caches: train is read a window of shards at a time (epoch_loader's ShardWindowSampler), val in
+        # shard order; unbounded, every loader process would end up holding all the encoded patches.
+        cached = train_data.shard_cache_size(config.shuffle_window)
+        train_uri = storage.join(config.patches, "train")
+        train_set = PatchDataset(train_uri, role="patch", num_patches=config.num_patches, max_cached_shards=cached)
         classes = list(train_set.classes)
         window = int(train_set.patch_size)
         splits = _splits(config, classes=classes, limit=None)
@@ -334,7 +344,9 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
         frozen = None
         val_per_image = config.num_patches
         if storage.exists(val_uri):
-            val_set: Dataset = PatchDataset(val_uri, role="patch", num_patches=config.num_patches)
+            val_set: Dataset = PatchDataset(
+                val_uri, role="patch", num_patches=config.num_patches, max_cached_shards=cached
+            )
         elif config.anchornet:
             val_per_image = 1
             frozen, _ = _load_anchornet(config.anchornet, classes)
@@ -599,6 +611,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         pin_memory=pin,
     )
     validation = ray.train.torch.prepare_data_loader(validation, add_dist_sampler=False)
+    shards = train_data.shards_of(task.train_set)  # precomputed patches: shuffled a window of shards at a time
     for epoch in range(start_epoch, config.epochs):
         if config.crash_at_epoch == epoch and checkpoint is None and rank == world - 1:
             time.sleep(2.0)  # let the controller register the last report first, as a real crash would
@@ -613,6 +626,8 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
             world_size=world,
             num_workers=config.loader_workers,
             pin_memory=pin,
+            shards=shards,
+            shuffle_window=config.shuffle_window,
         )
         loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
         lr = optimizer.param_groups[0]["lr"]
@@ -877,7 +892,8 @@ def _fit(
             f"training {config.stage} ({config.arch}) on {len(classes)} classes from {config.data}: "
             f"{config.epochs} epochs, batch {config.batch_size}, lr {config.learning_rate:g}, "
             f"{config.num_workers} worker(s) x {cpus:g} CPU{' + 1 GPU' if config.use_gpu else ''}, "
-            f"{threads} thread(s), seed {config.seed}, {holdout['images']} train/ images held out; "
+            f"{threads} thread(s), seed {config.seed}, {holdout['images']} train/ images held out"
+            f"{f', shuffled {config.shuffle_window} shards at a time' if config.patches else ''}; "
             f"Ray runs in {storage.join(config.output, config.run_name)}",
             flush=True,
         )

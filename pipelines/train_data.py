@@ -4,7 +4,8 @@ Everything here is plain PyTorch (it runs inside the Ray Train workers, and in t
 
 - stage I and ``--role patch`` (on the fly) read the augmented image at ``image_size``;
 - ``--role glance`` reads the augmented image resized to K;
-- ``--role patch --patches DIR`` reads the precomputed K x K crops from Parquet (``pipelines.patch_dataset``).
+- ``--role patch --patches DIR`` reads the precomputed K x K crops from Parquet (``pipelines.patch_dataset``),
+  shuffled a window of shards at a time (``ShardWindowSampler``) so each loader process caches only that window.
 
 Images stay ``uint8`` until the training step (``anchornet.preprocessing.to_float``): the models normalise.
 """
@@ -12,11 +13,12 @@ Images stay ``uint8`` until the training step (``anchornet.preprocessing.to_floa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision.transforms import v2
 
 from anchornet import storage
@@ -30,18 +32,27 @@ from anchornet.image_folder import (
 from anchornet.preprocessing import Preprocessing
 
 __all__ = [
+    "DEFAULT_SHUFFLE_WINDOW",
     "DataSplits",
+    "ShardWindowSampler",
     "epoch_loader",
     "eval_preprocessing",
     "holdout_record",
     "limit_index",
     "scan_splits",
+    "shard_cache_size",
+    "shards_of",
     "train_transform",
     "val_loader",
+    "window_order",
 ]
 
 
 HOLDOUT_SPLIT = "train"  # the split the held-out images come from: the one both stages train on
+# Shards shuffled together (--shuffle-window): memory per loader process (window + 1 shards' encoded patches, ~18 MB
+# per 1000-image shard) against mixing. Shards follow the sorted index, one or two classes each; 16 keeps a dataset of
+# up to 16 shards (imagenette: 10) fully shuffled, and mixes 16 to 32 of ImageNet's classes at a time.
+DEFAULT_SHUFFLE_WINDOW = 16
 
 
 class DataSplits:
@@ -152,6 +163,84 @@ class FlipDataset(Dataset):
         return self.flip(image), label
 
 
+def shards_of(dataset: Dataset) -> np.ndarray | None:
+    """The shard of every sample of ``dataset`` (``int64``, one per index), through the wrappers the training job
+    puts around a ``PatchDataset`` (``FlipDataset``, ``Subset``); ``None`` for a dataset without shards."""
+    if isinstance(dataset, FlipDataset):
+        return shards_of(dataset.dataset)
+    if isinstance(dataset, Subset):
+        inner = shards_of(dataset.dataset)
+        return None if inner is None else inner[np.asarray(dataset.indices, dtype=np.int64)]
+    sample_shards = getattr(dataset, "sample_shards", None)
+    return np.asarray(sample_shards(), dtype=np.int64) if callable(sample_shards) else None
+
+
+def shard_cache_size(window: int) -> int:
+    """``max_cached_shards`` for a dataset read in ``window_order``: the window, plus one shard of slack.
+
+    A loader process reads its samples in the sampler's order, so once it reaches the next window it never
+    returns to the previous one, and the LRU evicts those shards first: ``window`` shards would do. The slack
+    keeps a reader that gets a little ahead at a window change (one more shard open) from evicting a shard of
+    the window it still reads.
+    """
+    return window + 1
+
+
+def window_order(shards: np.ndarray | Sequence[int], *, window: int, seed: int, epoch: int) -> np.ndarray:
+    """One epoch's sample order, a window of shards at a time; a function of (shards, window, seed, epoch) only.
+
+    The shards that hold samples are permuted and cut, in that order, into ``ceil(S / window)`` windows of
+    consecutive shards, as equal as possible (at most ``window`` each: 10 shards with window 8 make two windows
+    of 5, not 8 + 2, so no stretch of the epoch mixes only a couple of shards). The samples of each window are
+    shuffled together and the windows concatenated. Returns indices into ``shards``, window after window.
+    """
+    if window < 1:
+        raise ValueError(f"shuffle window must be at least 1 shard, got {window}")
+    shards = np.asarray(shards, dtype=np.int64)
+    if len(shards) == 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng([seed % 2**64, epoch])
+    present = rng.permutation(np.unique(shards))
+    groups = math.ceil(len(present) / window)
+    window_of = np.zeros(int(present.max()) + 1, dtype=np.int64)
+    window_of[present] = np.arange(len(present)) * groups // len(present)
+    samples = rng.permutation(len(shards))
+    return samples[np.argsort(window_of[shards[samples]], kind="stable")]
+
+
+class ShardWindowSampler(Sampler[int]):
+    """This rank's share of ``window_order``: every ``world_size``-th sample from ``rank`` on, the order cut to a
+    multiple of ``world_size`` first, so every rank takes the same number of steps (as ``DistributedSampler``
+    with ``drop_last=True``).
+
+    The ranks advance through the one order in lockstep, so at any step every rank, and every loader process of
+    every rank (the ``DataLoader`` hands out the batches in order), reads from the current window of shards: a
+    ``PatchDataset`` with ``max_cached_shards=shard_cache_size(window)`` loads each shard once per process and
+    epoch. Deterministic in (shards, window, seed, epoch): a resumed run draws the same order as an unbroken one.
+    """
+
+    def __init__(
+        self,
+        shards: np.ndarray | Sequence[int],
+        *,
+        window: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        order = window_order(shards, window=window, seed=seed, epoch=epoch)
+        self.indices = order[rank : len(order) // world_size * world_size : world_size]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices.tolist())
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """One seed per (run seed, epoch, rank): a resumed run draws the same augmentations as an unbroken one."""
     return (seed * 1_000_003 + epoch * 1009 + rank) % 2**63
@@ -167,16 +256,30 @@ def epoch_loader(
     world_size: int,
     num_workers: int,
     pin_memory: bool = False,
+    shards: np.ndarray | None = None,
+    shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
 ) -> DataLoader:
     """This rank's shuffled training loader for ``epoch``.
 
     A ``DistributedSampler`` (also for one worker: same code path) shards and shuffles with ``seed`` and the
-    epoch; the loader's generator, which seeds the augmentation RNG of each loader process, is derived from
-    (seed, epoch, rank), so augmentation does not depend on where a run was resumed. The last incomplete
-    batch is dropped (BatchNorm and equal step counts across ranks).
+    epoch; given ``shards`` (``shards_of(dataset)``: precomputed patches), a ``ShardWindowSampler`` does,
+    ``shuffle_window`` shards at a time. The loader's generator, which seeds the augmentation RNG of each loader
+    process, is derived from (seed, epoch, rank), so augmentation does not depend on where a run was resumed.
+    The last incomplete batch is dropped (BatchNorm and equal step counts across ranks).
     """
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
+    sampler: Sampler[int]
+    if shards is None:
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        sampler.set_epoch(epoch)
+    else:
+        samples = len(dataset)  # type: ignore[arg-type]
+        if len(shards) != samples:
+            raise ValueError(f"shards has {len(shards)} entries for a dataset of {samples} samples")
+        sampler = ShardWindowSampler(
+            shards, window=shuffle_window, seed=seed, epoch=epoch, rank=rank, world_size=world_size
+        )
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, rank))
     torch.manual_seed(epoch_seed(seed, epoch, rank))  # augmentation in-process when num_workers == 0
     per_rank = len(sampler)
@@ -195,6 +298,8 @@ def epoch_loader(
 def val_loader(
     dataset: Dataset, *, batch_size: int, rank: int, world_size: int, num_workers: int, pin_memory: bool = False
 ) -> DataLoader:
-    """This rank's share of the validation set: every ``world_size``-th item, no padding, so top-1 is exact."""
+    """This rank's share of the validation set: every ``world_size``-th item, no padding, so top-1 is exact.
+
+    Read in the dataset's order (for precomputed patches: shard by shard, so a bounded cache suffices)."""
     shard = Subset(dataset, range(rank, len(dataset), world_size))  # type: ignore[arg-type]
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)

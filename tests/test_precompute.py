@@ -359,6 +359,26 @@ def test_reader(reference: Path) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_reader_by_shard_windows(reference: Path) -> None:
+    """``sample_shards`` is ``shard_of`` for every sample; read in the training job's window order with its cache
+    bound, every sample comes once, right, and the cache never holds more than the bound."""
+    from pipelines.train_data import ShardWindowSampler, shard_cache_size
+
+    patches = PatchDataset(str(reference), "patch", num_patches=2, max_cached_shards=shard_cache_size(1))
+    shards = patches.sample_shards()
+    assert shards.dtype == np.int64 and shards.tolist() == [patches.shard_of(i) for i in range(len(patches))]
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert len(set(shards.tolist())) == sum(shard["rows"] > 0 for shard in manifest["shards"]) > 1
+    rows = _rows(reference)
+    order = list(ShardWindowSampler(shards, window=1, seed=0, epoch=0))
+    assert sorted(order) == list(range(2 * GOOD))
+    for i in order:
+        _, label = patches[i]
+        assert label == rows[i // 2]["label"] and len(patches._cache) <= shard_cache_size(1)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_s3_to_s3(reference: Path, tree: Path, checkpoint: Path, s3_bucket: str) -> None:
     for path in tree.rglob("*"):
         if path.is_file():

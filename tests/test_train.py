@@ -4,10 +4,12 @@ crash-and-resume, S3 output, and the glance and patch classifiers. Tiny models, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from anchornet.classifiers import classifier_names
 from anchornet.image_folder import holdout_indices, scan_image_folder
 from jobs import train_anchornet, train_classifier
 from pipelines import train, train_data
+from pipelines.patch_dataset import PatchDataset
 from pipelines.train import (
     TrainConfig,
     TrainError,
@@ -67,9 +70,11 @@ def synthetic_tree(root: Path, train: int = 6, val: int = 2, classes: tuple[str,
     return root
 
 
-def fake_patches(out: Path, image_ids: list[tuple[str, int]], classes: list[str], counts: list[int]) -> Path:
-    """A minimal finished precompute output (manifest + one shard) as ``PatchDataset`` reads it: image ``i`` has
-    ``counts[i]`` raw 8 x 8 patches."""
+def fake_patches(
+    out: Path, image_ids: list[tuple[str, int]], classes: list[str], counts: list[int], shard_size: int | None = None
+) -> Path:
+    """A minimal finished precompute output (manifest + shards of ``shard_size`` images, default one shard) as
+    ``PatchDataset`` reads it: image ``i`` has ``counts[i]`` raw 8 x 8 patches."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -84,10 +89,15 @@ def fake_patches(out: Path, image_ids: list[tuple[str, int]], classes: list[str]
             "num_patches": count, "boxes": [[0, 0, 8, 8]] * count, "cells": [0] * count,
             "cam_scores": [0.0] * count, "cam": [0.0], "top1": label, "confidence": 1.0, "checkpoint_id": "x",
         })  # fmt: skip
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema.shard_schema()), out / "shards" / "part-00000.parquet")
+    size = max(1, shard_size or len(rows))
+    shards = []
+    for start in range(0, len(rows), size):
+        file = f"{schema.SHARDS_DIR}/part-{len(shards):05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows[start : start + size], schema=schema.shard_schema()), out / file)
+        shards.append({"file": file, "rows": len(rows[start : start + size]), "errors": 0})
     manifest = {
         "schema_version": schema.SCHEMA_VERSION, "classes": classes, "patch_size": 8, "num_patches": max(counts),
-        "image_encoding": "raw", "shards": [{"file": "shards/part-00000.parquet", "rows": len(rows), "errors": 0}],
+        "image_encoding": "raw", "shards": shards,
     }  # fmt: skip
     (out / schema.MANIFEST_FILE).write_text(json.dumps(manifest))
     return out
@@ -477,6 +487,155 @@ def test_batch_size_counts_images_in_both_patch_paths(tmp_path: Path) -> None:
     assert first_step(precomputed) == (8, 8)  # 4 images' 2 patches each
     samples, crops = first_step(on_the_fly)
     assert samples == 4 and 4 <= crops <= 8  # 4 images, up to 2 patches each (NMS may leave fewer)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Without Ray: precomputed patches shuffled a window of shards at a time, with bounded caches.
+
+
+def max_live_shards(shards_in_order: list[int]) -> int:
+    """The most shards "open" at once in a read order: begun (a sample read) and not yet finished (samples still
+    to come). A reader that caches these loads every shard once."""
+    last = {shard: i for i, shard in enumerate(shards_in_order)}
+    live: set[int] = set()
+    most = 0
+    for i, shard in enumerate(shards_in_order):
+        live.add(shard)
+        most = max(most, len(live))
+        if last[shard] == i:
+            live.discard(shard)
+    return most
+
+
+@pytest.mark.parametrize("window", [1, 3, 8, 20])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shard_window_sampler_shares_and_windows(window: int, world: int) -> None:
+    shards = np.random.default_rng(1).integers(0, 13, size=97)  # a subset's shards: any order, some shards absent
+    present = len(set(shards.tolist()))
+    samplers = [
+        train_data.ShardWindowSampler(shards, window=window, seed=5, epoch=2, rank=rank, world_size=world)
+        for rank in range(world)
+    ]
+    shares = [list(sampler) for sampler in samplers]
+    per_rank = len(shards) // world
+    assert all(len(share) == len(sampler) == per_rank for share, sampler in zip(shares, samplers, strict=True))
+    everything = [i for share in shares for i in share]
+    assert len(set(everything)) == per_rank * world and set(everything) <= set(range(len(shards)))  # disjoint
+    if world == 1:
+        assert sorted(shares[0]) == list(range(len(shards)))  # a permutation of the subset's indices
+    # The ranks step through one order in lockstep (rank r takes every world-th sample from r), ...
+    order = train_data.window_order(shards, window=window, seed=5, epoch=2)
+    assert [i for step in zip(*shares, strict=True) for i in step] == order[: per_rank * world].tolist()
+    # ... in which at most `window` shards are open at any point (windows are split evenly: 13 shards, window 8
+    # -> 7 + 6), so each rank's stream, and each loader process's part of it, needs no more either.
+    bound = math.ceil(present / math.ceil(present / window))
+    assert max_live_shards(shards[order].tolist()) <= bound <= window
+    assert all(max_live_shards(shards[share].tolist()) <= bound for share in shares)
+    if window > 1:
+        assert max_live_shards(shards[order].tolist()) > 1  # the samples of a window's shards are mixed
+
+    # Deterministic in (seed, epoch): the same order again (a resumed run), another one for another epoch or seed.
+    again = train_data.ShardWindowSampler(shards, window=window, seed=5, epoch=2, rank=0, world_size=world)
+    assert list(again) == shares[0]
+    for seed, epoch in ((5, 3), (6, 2)):
+        other = train_data.ShardWindowSampler(shards, window=window, seed=seed, epoch=epoch, rank=0, world_size=world)
+        assert list(other) != shares[0]
+
+
+def test_shard_window_sampler_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="at least 1 shard"):
+        train_data.ShardWindowSampler([0, 1], window=0, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="rank must be in"):
+        train_data.ShardWindowSampler([0, 1], window=1, seed=0, epoch=0, rank=2, world_size=2)
+    assert list(train_data.ShardWindowSampler([], window=2, seed=0, epoch=0)) == []
+
+
+def test_shuffle_window_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--arch", "resnet18", "--data", "x", "--output", "y"]
+    for argv, needle in [
+        (["--role", "patch", "--patches", "p", "--shuffle-window", "0"], "shuffle-window must be at least 1, got 0"),
+        (["--role", "glance", "--shuffle-window", "4"], "--shuffle-window is for --role patch --patches"),
+        (["--role", "patch", "--anchornet", "a.pt", "--shuffle-window", "4"], "--shuffle-window is for --role patch"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            train_classifier.main([*base, *argv])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and needle in err and len(err.splitlines()) == 1, err
+    # Like the resources, the window may change when a run is resumed: it bounds each loader process's memory.
+    earlier = TrainConfig(data="x", output="y", stage="patch", arch="resnet18", patches="p").to_dict()
+    assert earlier["shuffle_window"] == train_data.DEFAULT_SHUFFLE_WINDOW
+    assert changed_on_resume(earlier, TrainConfig(**{**earlier, "shuffle_window": 2})) == []
+
+
+class CacheProbe(torch.utils.data.Dataset):
+    """``dataset``'s samples with the loader process's id and which shards ``patches`` (inside it) then caches."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, patches: PatchDataset) -> None:
+        self.dataset, self.patches = dataset, patches
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, str]:
+        image, label = self.dataset[i]
+        return image, label, os.getpid(), ",".join(map(str, self.patches._cache))
+
+
+def shard_loads(loader: torch.utils.data.DataLoader) -> tuple[dict[int, dict[int, int]], int]:
+    """Per loader process, how often each shard was loaded into its cache (from the cache after every sample, in
+    the order read), and the most shards any cache held."""
+    caches: dict[int, list[set[int]]] = {}
+    for _, _, pids, cached in loader:
+        for pid, shards in zip(pids.tolist(), cached, strict=True):
+            caches.setdefault(pid, []).append({int(s) for s in shards.split(",") if s})
+    loads: dict[int, dict[int, int]] = {}
+    for pid, states in caches.items():
+        counts = loads.setdefault(pid, {})
+        for before, after in zip([set(), *states[:-1]], states, strict=True):
+            for shard in after - before:
+                counts[shard] = counts.get(shard, 0) + 1
+    return loads, max(len(state) for states in caches.values() for state in states)
+
+
+def test_precomputed_patches_are_read_a_window_of_shards_at_a_time(tmp_path: Path) -> None:
+    """The patch role from --patches: the PatchDatasets build_task makes have a bounded cache, and each DataLoader
+    process, reading in the window order, holds at most that many shards and loads each shard once per epoch
+    (a global shuffle with the same bound would load shards again and again)."""
+    data = synthetic_tree(tmp_path / "data", train=12, val=3)
+    index = scan_image_folder(data / "train")
+    fake_patches(tmp_path / "patches" / "train", index.items, index.classes, [2] * len(index), shard_size=2)
+    val = scan_image_folder(data / "val")
+    fake_patches(tmp_path / "patches" / "val", val.items, val.classes, [2] * len(val), shard_size=2)
+    config = TrainConfig(
+        data=str(data), output=str(tmp_path / "out"), stage="patch", arch="resnet18",
+        patches=str(tmp_path / "patches"), num_patches=2, holdout_size=3, shuffle_window=3,
+    )  # fmt: skip
+    task = build_task(config, with_weights=False)
+    subset = task.train_set.dataset  # FlipDataset(Subset(PatchDataset, picks)): the held-out images' patches left out
+    patches = subset.dataset
+    assert isinstance(subset, torch.utils.data.Subset) and isinstance(patches, PatchDataset)
+    bound = train_data.shard_cache_size(3)
+    assert patches.max_cached_shards == task.val_set.max_cached_shards == bound == 4
+    shards = train_data.shards_of(task.train_set)
+    assert shards.tolist() == [patches.shard_of(i) for i in subset.indices] and len(set(shards.tolist())) == 12
+
+    def loader(**kwargs: object) -> torch.utils.data.DataLoader:
+        probe = CacheProbe(task.train_set, patches)
+        return train_data.epoch_loader(probe, batch_size=5, epoch=1, seed=0, rank=0, world_size=1, **kwargs)
+
+    loads, most = shard_loads(loader(num_workers=2, shards=shards, shuffle_window=3))
+    assert len(loads) == 2 and most <= bound  # two loader processes, neither above the bound
+    assert all(count == 1 for counts in loads.values() for count in counts.values()), loads
+    assert set().union(*loads.values()) == set(shards.tolist())
+
+    loads, most = shard_loads(loader(num_workers=0))  # the global shuffle, in process, with the same bound
+    assert most <= bound and max(loads[os.getpid()].values()) > 1  # thrashes
+
+    validation = train_data.val_loader(
+        CacheProbe(task.val_set, task.val_set), batch_size=3, rank=0, world_size=1, num_workers=0
+    )
+    loads, most = shard_loads(validation)  # val in shard order: each shard once
+    assert most <= bound and sorted(loads[os.getpid()].items()) == [(0, 1), (1, 1), (2, 1)]
 
 
 # --------------------------------------------------------------------------------------------------------------
