@@ -1043,23 +1043,30 @@ def _check_ingress_user_config(
         for d in app.get("deployments") or []
         if isinstance(d, dict) and d.get("name") == "Ingress" and "user_config" in d
     ]
+    problems = []
     if overrides:
         user_config, where = overrides[-1]["user_config"], f"{where}: Ingress user_config"
+        path = user_config.get("thresholds_path") if isinstance(user_config, dict) else None
+        if args.thresholds and path and path != args.thresholds:
+            problems.append(
+                f"{where}: thresholds_path {path} replaces args.thresholds {args.thresholds} (the user_config wins): "
+                "point both at the same file"
+            )
     else:
         user_config = {"thresholds_path": args.thresholds, "default_budget": args.default_budget}
         where = f"{where}.args (thresholds, default_budget)"
     if not isinstance(user_config, dict):
-        return [f"{where} must be a mapping"]
+        return [*problems, f"{where} must be a mapping"]
     if local_path is None:
-        return [f"{where}: unknown key {key}" for key in user_config if key not in USER_CONFIG_KEYS]
+        return [*problems, *(f"{where}: unknown key {key}" for key in user_config if key not in USER_CONFIG_KEYS)]
     config = dict(user_config)
     if config.get("thresholds_path"):
         config["thresholds_path"] = local_path(config["thresholds_path"])
     try:
         load_budgets(config, args.num_patches + 1)
     except Exception as err:  # what reconfigure would raise at replica start
-        return [f"{where}: {type(err).__name__}: {' '.join(str(err).split())}"]
-    return []
+        return [*problems, f"{where}: {type(err).__name__}: {' '.join(str(err).split())}"]
+    return problems
 
 
 def check_serve_config(config: dict[str, Any], *, local_path: Callable[[str], str] | None = None) -> list[str]:

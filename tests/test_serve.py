@@ -244,11 +244,35 @@ def test_serve_config_checks_the_ingress_user_config() -> None:
         problems = "\n".join(check_serve_config(config, local_path=_local))
         assert "Ingress user_config" in problems and expected in problems, (user_config, problems)
     assert "thresholds_paths" in "\n".join(check_serve_config(config))  # key typos even without the files
+    # Your models in args, the shipped thresholds still in the user_config: the user_config would win, silently.
+    ingress["user_config"] = {"thresholds_path": app["args"]["thresholds"], "default_budget": "q=0.50"}
+    assert check_serve_config(config) == []
+    app["args"]["thresholds"] = "s3://bucket/report/thresholds.json"
+    problems = "\n".join(check_serve_config(config))
+    assert "replaces args.thresholds s3://bucket/report/thresholds.json" in problems, problems
+    app["args"]["thresholds"] = ingress["user_config"]["thresholds_path"]
     # Without an override the replicas get the builder's user_config, from args.
     app["deployments"] = [d for d in app["deployments"] if d["name"] != "Ingress"]
     assert check_serve_config(config, local_path=_local) == []
     app["args"]["default_budget"] = "q=0.5O"
     assert "q=0.5O" in "\n".join(check_serve_config(config, local_path=_local))
+
+
+def test_serve_config_fits_the_cluster_at_its_largest() -> None:
+    """Every deployment at max_replicas must fit cluster.yaml's workers, or Serve scales into replicas the
+    autoscaler can never place (the head has CPU 0)."""
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    capacity = {"CPU": 0.0, "GPU": 0.0}
+    for node in cluster["available_node_types"].values():
+        for resource in capacity:
+            capacity[resource] += node.get("max_workers", 0) * node["resources"].get(resource, 0)
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    asked = {"CPU": 0.0, "GPU": 0.0}
+    for options in config["applications"][0]["args"]["deployments"].values():
+        replicas = options["autoscaling_config"]["max_replicas"]
+        asked["CPU"] += replicas * options.get("num_cpus", 1)
+        asked["GPU"] += replicas * options.get("num_gpus", 0)
+    assert asked["CPU"] <= capacity["CPU"] and asked["GPU"] <= capacity["GPU"], (asked, capacity)
 
 
 def test_the_default_budget_is_the_middle_of_the_file_only(tmp_path) -> None:
