@@ -11,6 +11,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageFile
 from torchvision.transforms.v2 import functional as TF
@@ -27,9 +28,12 @@ class ImageDecodeError(ValueError):
 def decode_image(
     data: bytes, *, min_size: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float | None = None
 ) -> Image.Image:
-    """Decode ``data`` to an RGB PIL image, whatever its mode (grey, CMYK, palette, alpha).
+    """Decode ``data`` to an RGB PIL image, whatever its mode (grey, CMYK, palette, alpha, 16-bit grey).
 
-    Transparent pixels are composited on white. Raises ``ImageDecodeError`` for empty or non-image bytes, a
+    Transparent pixels are composited on white. 16-bit grey (PIL modes ``I;16*``: 16-bit PNGs and TIFFs, and
+    ``I`` holding values in 0..65535) is scaled to 8 bits (value / 257, rounded). Raises ``ImageDecodeError`` for
+    32-bit floating-point images (mode ``F``) and ``I`` images with values outside 0..65535, which have no
+    scale to 8 bits that is right for every file, and for empty or non-image bytes, a
     truncated file, more than ``max_pixels`` pixels (a decompression bomb), a longer side more than
     ``max_aspect_ratio`` times the shorter (``None``: no limit; resizing the shorter side of a long thin image
     makes a buffer far larger than the image), both checked before decoding, or a side shorter than ``min_size``.
@@ -69,9 +73,17 @@ def decode_image(
     return _to_rgb(image)
 
 
+#: 16-bit grey in any byte order; ``convert("RGB")`` clips these (and ``I``) to 0..255 instead of scaling them.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
+    if image.mode == "F":  # float TIFFs: [0, 1], [0, 255] or physical units; no one scale is right for all
+        raise ImageDecodeError("unsupported image mode F (32-bit floating point): convert it to 8 or 16 bits")
+    if image.mode == "I" or image.mode in _SIXTEEN_BIT_MODES:
+        image = _sixteen_bit_to_grey(image)
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode != "RGBA" and "transparency" in image.info):
@@ -79,6 +91,25 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _sixteen_bit_to_grey(image: Image.Image) -> Image.Image:
+    """16-bit grey (``I;16*``, or ``I`` with values in 0..65535) to 8-bit ``L`` by value / 257, rounded (0 -> 0,
+    65535 -> 255); ``LA`` when a ``transparency`` value marks transparent pixels (matched before scaling)."""
+    pixels = np.asarray(image)  # uint16 in the mode's byte order, or int32 for I
+    if image.mode == "I":
+        low, high = int(pixels.min()), int(pixels.max())
+        if low < 0 or high > 65535:
+            raise ImageDecodeError(
+                f"unsupported 32-bit integer image (mode I) with values {low}..{high}: "
+                "only 0..65535 is scaled to 8 bits"
+            )
+    grey = Image.fromarray(((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8))
+    transparency = image.info.get("transparency")
+    if isinstance(transparency, int):
+        alpha = Image.fromarray(np.where(pixels == transparency, 0, 255).astype(np.uint8))
+        return Image.merge("LA", (grey, alpha))
+    return grey
 
 
 @dataclass(frozen=True)

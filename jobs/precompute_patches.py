@@ -20,7 +20,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pipelines.precompute import PrecomputeConfig, PrecomputeError, run_precompute
+from pipelines.precompute import MAX_ASPECT_RATIO, PrecomputeConfig, PrecomputeError, ShardsFailedError, run_precompute
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -43,6 +43,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     out.add_argument("--image-encoding", choices=("png", "jpeg", "raw"), default="jpeg", help="glance/crop encoding")
     out.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality when --image-encoding jpeg")
     out.add_argument("--min-size", type=int, default=None, help="smallest accepted image side (default: K)")
+    out.add_argument(
+        "--max-aspect-ratio",
+        type=float,
+        default=MAX_ASPECT_RATIO,
+        help="longer side / shorter side beyond which an image goes to the errors table (0: no limit)",
+    )
     res = parser.add_argument_group("resources")
     res.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local Ray)")
     res.add_argument("--workers", type=int, default=1, help="actors in the pool")
@@ -65,6 +71,7 @@ def build_config(args: argparse.Namespace) -> PrecomputeConfig:
         image_encoding=args.image_encoding,
         jpeg_quality=args.jpeg_quality,
         min_size=args.min_size,
+        max_aspect_ratio=args.max_aspect_ratio or None,  # 0: no limit
         classes_from=args.classes,
         workers=args.workers,
         num_cpus_per_worker=args.num_cpus_per_worker,
@@ -80,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = run_precompute(build_config(args))
+    except ShardsFailedError as err:  # the other shards are written: a re-run redoes these
+        print(f"precompute_patches: error: {err}", file=sys.stderr)
+        return 1
     except PrecomputeError as err:
         print(f"precompute_patches: error: {err}", file=sys.stderr)
         return 2

@@ -29,10 +29,12 @@ import math
 import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,7 +64,16 @@ from anchornet.preprocessing import to_float
 from pipelines import schema
 from pipelines.schema import Encoding
 
-__all__ = ["PrecomputeConfig", "PrecomputeError", "PrecomputeResult", "ShardWriter", "run_precompute"]
+__all__ = [
+    "PrecomputeConfig",
+    "PrecomputeError",
+    "PrecomputeResult",
+    "ShardError",
+    "ShardWriter",
+    "ShardsFailedError",
+    "run_precompute",
+    "shared_storage_warning",
+]
 
 FORMAT = "anchornet-patches"
 
@@ -73,9 +84,35 @@ FORMAT = "anchornet-patches"
 #: resumption. On one CPU thread 16 was also faster than 64 (3.1-3.5 against 4.0-5.0 ms per image).
 FORWARD_BATCH = 16
 
+#: Default ``--max-aspect-ratio``, serving's limit (``pipelines.serve.MAX_ASPECT_RATIO``): resizing the shorter side
+#: of a 96 x 666,000 image to 256 makes a 1.4 GB buffer, and an OOM kill would fail its shard on every run.
+MAX_ASPECT_RATIO = 20.0
+
+#: Pauses between the tries of an input read that failed with an error that may pass (an S3 read pyarrow gave up
+#: on, an NFS I/O error): 3 tries in 0.5 s. A read still failing fails its shard instead of dropping the image.
+READ_RETRY_DELAYS = (0.1, 0.4)
+
+#: The reason of an image that the input listing had but the actor did not find.
+DISAPPEARED = "file disappeared after the input was indexed"
+
+#: Identity keys added after outputs were written, with the value those outputs were written with.
+_LEGACY_IDENTITY = {"max_aspect_ratio": None}
+
 
 class PrecomputeError(RuntimeError):
     """A problem with the job's inputs or output that the user must fix; the message is one line."""
+
+
+class ShardError(RuntimeError):
+    """A shard that must not be committed (an input read that kept failing, every image missing); one line."""
+
+
+class ShardsFailedError(PrecomputeError):
+    """Shards that failed and were not written; the others were. A re-run redoes the failed ones."""
+
+    def __init__(self, message: str, result: PrecomputeResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -97,6 +134,7 @@ class PrecomputeConfig:
     image_encoding: Encoding = "jpeg"
     jpeg_quality: int = 95
     min_size: int | None = None
+    max_aspect_ratio: float | None = MAX_ASPECT_RATIO
     classes_from: Literal["tree", "checkpoint"] = "tree"
     workers: int = 1
     num_cpus_per_worker: float = 1.0
@@ -114,6 +152,10 @@ class PrecomputeConfig:
             (self.image_encoding in ("png", "jpeg", "raw"), f"unknown --image-encoding {self.image_encoding!r}"),
             (1 <= self.jpeg_quality <= 100, f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}"),
             (self.min_size is None or self.min_size >= 1, f"--min-size must be positive, got {self.min_size}"),
+            (
+                self.max_aspect_ratio is None or self.max_aspect_ratio >= 1,
+                f"--max-aspect-ratio must be at least 1 (0: no limit), got {self.max_aspect_ratio}",
+            ),
             (self.classes_from in ("tree", "checkpoint"), f"unknown --classes {self.classes_from!r}"),
             (self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
             (self.num_cpus_per_worker > 0, f"--num-cpus-per-worker must be positive, got {self.num_cpus_per_worker}"),
@@ -165,6 +207,7 @@ class JobPlan:
             "num_patches": c.num_patches,
             "iou_threshold": c.iou_threshold,
             "min_size": self.min_size,
+            "max_aspect_ratio": c.max_aspect_ratio,
             "shard_size": c.shard_size,
             "num_shards": self.num_shards,
             "image_encoding": c.image_encoding,
@@ -183,6 +226,7 @@ class JobPlan:
             "num_patches": c.num_patches,
             "iou_threshold": c.iou_threshold,
             "min_size": self.min_size,
+            "max_aspect_ratio": c.max_aspect_ratio,
             "image_encoding": c.image_encoding,
             "jpeg_quality": c.jpeg_quality,
             "batch_size": c.batch_size,
@@ -201,7 +245,8 @@ class JobPlan:
 
 @dataclass
 class PrecomputeResult:
-    """What a run did. ``complete`` is false only when ``max_shards`` stopped it early."""
+    """What a run did. ``complete`` is false when ``max_shards`` stopped it early (or shards failed: then
+    ``run_precompute`` raises ``ShardsFailedError`` with this result, ``failed_shards`` mapping shard to reason)."""
 
     output: str
     complete: bool
@@ -213,6 +258,7 @@ class PrecomputeResult:
     already_complete: bool = False
     seconds: float = 0.0
     shard_reports: list[dict[str, Any]] = field(default_factory=list)
+    failed_shards: dict[int, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,7 +278,8 @@ def plan_job(config: PrecomputeConfig) -> JobPlan:
         raise PrecomputeError(f"cannot read checkpoint {config.anchornet}: {_one_line(err)}") from err
     if not isinstance(model, AnchorNet):
         raise PrecomputeError(f"bad checkpoint: {config.anchornet} holds a {card.kind} model, not AnchorNet")
-    _probe_output(config.output)  # before listing the input, which takes minutes for ImageNet on S3
+    if not _has_manifest(config.output):  # a finished job's re-run writes nothing, not even a probe
+        _probe_output(config.output)  # before listing the input, which takes minutes for ImageNet on S3
     classes = None
     if config.classes_from == "checkpoint":
         if not card.class_names:
@@ -262,6 +309,14 @@ def plan_job(config: PrecomputeConfig) -> JobPlan:
     )
 
 
+def _has_manifest(out: str) -> bool:
+    """Whether ``out`` holds a ``manifest.json`` (read only; errors say no, and the probe then reports them)."""
+    try:
+        return storage.exists(storage.join(out, schema.MANIFEST_FILE))
+    except (OSError, ValueError):
+        return False
+
+
 def _probe_output(out: str) -> None:
     """``PrecomputeError`` now when ``out`` clearly cannot be written; creates nothing that stays.
 
@@ -282,6 +337,12 @@ def _probe_output(out: str) -> None:
             raise PermissionError(f"{existing} is not writable")
     except (OSError, ValueError) as err:
         raise PrecomputeError(f"cannot write to output {out}: {_one_line(err)}") from err
+
+
+def _is_missing(err: OSError) -> bool:
+    """A missing file or S3 key (pyarrow reports some of the latter as plain ``OSError``)."""
+    text = str(err)
+    return isinstance(err, FileNotFoundError) or "NoSuchKey" in text or "NOT_FOUND" in text.upper()
 
 
 def _one_line(err: BaseException) -> str:
@@ -310,9 +371,18 @@ def _check_or_claim_output(plan: JobPlan) -> bool:
     except (OSError, ValueError) as err:
         raise PrecomputeError(f"cannot access output {out}: {_one_line(err)}") from err
     for name, recorded in ((schema.MANIFEST_FILE, manifest and manifest.get("job")), (schema.JOB_FILE, job)):
-        if recorded is not None and recorded != identity:
-            keys = ", ".join(_differences(recorded, identity))
-            raise PrecomputeError(f"output {out} holds a different job ({name} differs in: {keys}); use a new --output")
+        if recorded is None:
+            continue
+        legacy = {k: v for k, v in _LEGACY_IDENTITY.items() if k not in recorded}  # written before the key existed
+        recorded = {**legacy, **recorded}
+        if recorded != identity:
+            differences = _differences(recorded, identity)
+            hint = "use a new --output"
+            if "max_aspect_ratio" in legacy and "max_aspect_ratio" in differences:
+                before = "it was written before --max-aspect-ratio existed (no limit)"
+                hint = f"{before}: add --max-aspect-ratio 0, or {hint}"
+            keys = ", ".join(differences)
+            raise PrecomputeError(f"output {out} holds a different job ({name} differs in: {keys}); {hint}")
     if manifest is not None:
         return True
     if job is None:
@@ -348,6 +418,28 @@ def _log(config: PrecomputeConfig, message: str) -> None:
         print(f"[precompute] {message}", flush=True)
 
 
+def _warn(message: str) -> None:
+    """One line on stderr, even with ``--quiet``."""
+    print(f"[precompute] warning: {message}", file=sys.stderr, flush=True)
+
+
+def shared_storage_warning(nodes: Sequence[Mapping[str, Any]], input: str, output: str) -> str | None:
+    """The warning for local ``--input``/``--output`` paths on a cluster of more than one alive node (``nodes`` as
+    ``ray.nodes()`` lists them), else ``None``. The driver lists the input on its node and every actor opens the
+    paths on its own: unless they are the same shared storage everywhere, images go missing and shards land on the
+    workers' disks."""
+    alive = sum(1 for node in nodes if node.get("Alive", node.get("alive", False)))
+    local = [f"--{flag} {path}" for flag, path in (("input", input), ("output", output)) if not storage.is_remote(path)]
+    if alive <= 1 or not local:
+        return None
+    verb = "is a local path" if len(local) == 1 else "are local paths"
+    return (
+        f"the Ray cluster has {alive} nodes and {' and '.join(local)} {verb}: "
+        "it must be shared storage (NFS, EFS, FSx) mounted at the same path on every node, else images are missing "
+        "on other nodes and shards land on their disks"
+    )
+
+
 def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
     """Run (or resume, or confirm) the job described by ``config``; see the module docstring."""
     start = time.monotonic()
@@ -368,8 +460,19 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
         pending = pending[: config.max_shards]
     _log(config, f"{len(done)} shards already written, {len(pending)} to do now")
     reports = _run_shards(plan, pending) if pending else []
-    result = PrecomputeResult(config.output, False, n, len(reports), len(done), shard_reports=reports)
+    failed = {r["shard"]: r["failed"] for r in reports if r.get("failed")}
+    written = [r for r in reports if not r.get("failed")]
+    result = PrecomputeResult(config.output, False, n, len(written), len(done), shard_reports=written)
+    result.failed_shards = failed
     missing = sorted(set(range(n)) - list_done_shards(config.output))
+    if failed:
+        first = min(failed)
+        result.seconds = time.monotonic() - start
+        raise ShardsFailedError(
+            f"{len(failed)} of {len(pending)} shards failed and were not written (shard {first}: {failed[first]}); "
+            f"the {len(written)} others were: re-run to redo the failed ones",
+            result,
+        )
     if missing:
         _log(config, f"incomplete: {len(missing)} of {n} shards missing (first: {missing[0]}); re-run to continue")
     else:
@@ -404,6 +507,9 @@ def _run_shards(plan: JobPlan, pending: Sequence[int], writer: type[ShardWriter]
     config = plan.config
     shutdown, embedded = _ray_init(config)
     try:
+        warning = shared_storage_warning(ray.nodes(), config.input, config.output)
+        if warning:
+            _warn(warning)
         resources = ray.cluster_resources()
         for kind, asked in (("GPU", config.num_gpus_per_worker), ("CPU", config.num_cpus_per_worker)):
             have = resources.get(kind, 0)
@@ -431,6 +537,9 @@ def _run_shards(plan: JobPlan, pending: Sequence[int], writer: type[ShardWriter]
         for row in ds.iter_rows():
             report = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
             reports.append(report)
+            if report["failed"]:
+                _warn(f"shard {report['shard']} failed, not written: {report['failed']}")
+                continue
             images += report["images"]
             elapsed = time.monotonic() - start
             rate = images / elapsed if elapsed > 0 else 0.0
@@ -540,37 +649,73 @@ class ShardWriter:
         self.model: AnchorNet = prepare_for_inference(model, self.device)
         self.preprocessing = Preprocessing.from_dict(spec["preprocessing"])
         self.in_fs, self.in_root = storage.resolve(spec["input"])
+        self.remote_input = storage.is_remote(spec["input"])
         self.out_fs, self.out_root = storage.resolve(spec["output"])
         self.remote_output = storage.is_remote(spec["output"])
         self.pool = ThreadPoolExecutor(max(2, threads), thread_name_prefix="decode")
         self.schema = schema.shard_schema(spec["schema_metadata"])
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        keys = ("shard", "rows", "errors", "images", "started", "finished")
+        """One report per shard; ``failed`` is the one-line reason of a shard not written (``ShardError``), else
+        empty. Other exceptions (bugs) propagate and stop the job."""
+        keys = ("shard", "rows", "errors", "images", "started", "finished", "failed")
         out: dict[str, list[Any]] = {key: [] for key in keys}
         for shard, items_json in zip(batch["shard"], batch["items"], strict=True):
             started = time.time()
             items = [(str(rel), int(label)) for rel, label in json.loads(str(items_json))]
-            rows, errors = self.write_shard(int(shard), items)
-            for key, value in zip(keys, (int(shard), rows, errors, len(items), started, time.time()), strict=True):
+            try:
+                rows, errors = self.write_shard(int(shard), items)
+                failed = ""
+            except ShardError as err:
+                rows, errors, failed = 0, 0, _one_line(err)
+            values = (int(shard), rows, errors, len(items), started, time.time(), failed)
+            for key, value in zip(keys, values, strict=True):
                 out[key].append(value)
         return out
 
     # -- reading -----------------------------------------------------------------------------------------
 
     def _load(self, item: tuple[str, int]) -> _Decoded:
+        """Read, decode and preprocess one image; a bad image comes back with its reason. ``ShardError`` when the
+        read kept failing with an error that may pass: the image is not bad, the shard must be redone."""
         rel, label = item
+        path = f"{self.in_root}/{rel}"
         try:
-            with self.in_fs.open_input_stream(f"{self.in_root}/{rel}") as stream:
-                data = stream.read()
-            image = decode_image(data, min_size=self.spec["min_size"])
-            return _Decoded(rel, label, image=self.preprocessing(image, channels_last=True))
+            data = self._read(path)
+        except FileNotFoundError:
+            return _Decoded(rel, label, reason=DISAPPEARED)
+        except OSError as err:
+            if self._is_permanent(path, err):
+                return _Decoded(rel, label, reason=f"unreadable: {_one_line(err)}")
+            uri = storage.join(self.spec["input"], *rel.split("/"))
+            raise ShardError(f"cannot read {uri} ({len(READ_RETRY_DELAYS) + 1} tries): {_one_line(err)}") from err
+        try:
+            image = decode_image(data, min_size=self.spec["min_size"], max_aspect_ratio=self.spec["max_aspect_ratio"])
         except ImageDecodeError as err:
             return _Decoded(rel, label, reason=_one_line(err))
-        except FileNotFoundError:
-            return _Decoded(rel, label, reason="file disappeared after the input was indexed")
-        except OSError as err:
-            return _Decoded(rel, label, reason=f"unreadable: {_one_line(err)}")
+        return _Decoded(rel, label, image=self.preprocessing(image, channels_last=True))
+
+    def _read(self, path: str) -> bytes:
+        """The bytes of input file ``path``, tried again after ``READ_RETRY_DELAYS`` unless the error is permanent.
+        ``FileNotFoundError`` for a missing file (also S3's missing keys), else the last try's ``OSError``."""
+        for delay in (*READ_RETRY_DELAYS, None):
+            try:
+                with self.in_fs.open_input_stream(path) as stream:
+                    return stream.read()
+            except OSError as err:
+                if _is_missing(err):
+                    raise FileNotFoundError(str(err)) from err
+                if delay is None or self._is_permanent(path, err):
+                    raise
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _is_permanent(self, path: str, err: OSError) -> bool:
+        """Whether a failed read fails again on every run: on a local filesystem, permission denied or a directory
+        where a file was listed. Anything else (I/O errors, every S3 error but a missing key) may pass."""
+        if self.remote_input:
+            return False
+        return isinstance(err, (PermissionError, IsADirectoryError, NotADirectoryError)) or os.path.isdir(path)
 
     def decoded_batches(self, items: Sequence[tuple[str, int]]) -> Iterator[list[_Decoded]]:
         """Mini-batches of decoded images, the next one decoding on the pool while the caller works."""
@@ -654,6 +799,13 @@ class ShardWriter:
                     if good:
                         writer.write_table(self.process(good))
                         rows += len(good)
+            if items and len(errors) == len(items) and all(e.reason == DISAPPEARED for e in errors):
+                # the typical symptom of a local --input on a cluster: the files are on the driver's node only
+                raise ShardError(
+                    f"all {len(items)} images of shard {shard} are missing on {socket.gethostname()} "
+                    f"(first: {storage.join(self.spec['input'], *items[0][0].split('/'))}); a local --input must be "
+                    "shared storage mounted at the same path on every node"
+                )
             error_table = pa.Table.from_pydict(
                 {
                     "image_id": [e.image_id for e in errors],

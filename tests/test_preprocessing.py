@@ -6,6 +6,7 @@ import io
 import struct
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,9 +14,9 @@ from PIL import Image
 from anchornet.preprocessing import ImageDecodeError, Preprocessing, decode_image, to_float
 
 
-def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+def _encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 
@@ -24,6 +25,94 @@ def test_every_mode_decodes_to_rgb(mode: str) -> None:
     fmt = "JPEG" if mode == "CMYK" else "PNG"
     image = Image.new(mode, (120, 80))
     assert decode_image(_encode(image, fmt)).mode == "RGB"
+
+
+#: 16-bit values and the 8-bit value each must become (value / 257, rounded): the ends, both sides of a rounding
+#: boundary (128.5 * 257 = 33024.5) and values that ``convert("RGB")`` clipped to white
+SIXTEEN_BIT = {0: 0, 128: 0, 129: 1, 1000: 4, 33024: 128, 33025: 129, 40000: 156, 65535: 255}
+
+
+def _sixteen_bit_pixels() -> np.ndarray:
+    return np.tile(np.array(list(SIXTEEN_BIT), dtype=np.uint16), (100, 12))  # 96 x 100
+
+
+def _first_row(data: bytes) -> list[int]:
+    image = decode_image(data)
+    assert image.mode == "RGB"
+    rgb = np.asarray(image)
+    assert (rgb == rgb[..., :1]).all()  # grey
+    return rgb[0, : len(SIXTEEN_BIT), 0].tolist()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_sixteen_bit_grey_is_scaled_not_clipped(fmt: str) -> None:
+    """A real 16-bit PNG or TIFF file: each value becomes value / 257, rounded (not clipped to 0 or 255)."""
+    data = _encode(Image.fromarray(_sixteen_bit_pixels()), fmt)
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    assert _first_row(data) == list(SIXTEEN_BIT.values())
+
+
+def test_big_endian_and_32_bit_integer_tiffs_holding_16_bit_values_are_scaled() -> None:
+    pixels = _sixteen_bit_pixels()
+    big_endian = _encode(Image.frombytes("I;16B", pixels.shape[::-1], pixels.astype(">u2").tobytes()), "TIFF")
+    as_int32 = _encode(Image.fromarray(pixels.astype(np.int32)), "TIFF")
+    for data, mode in ((big_endian, "I;16B"), (as_int32, "I")):
+        assert Image.open(io.BytesIO(data)).mode == mode
+        assert _first_row(data) == list(SIXTEEN_BIT.values())
+
+
+def test_sixteen_bit_transparency_is_matched_before_scaling() -> None:
+    """A 16-bit PNG's tRNS value marks only the pixels of exactly that value (1000, not 999 though both scale to 4)."""
+    pixels = _sixteen_bit_pixels()
+    pixels[0, :2] = (1000, 999)
+    image = np.asarray(decode_image(_encode(Image.fromarray(pixels), "PNG", transparency=1000)))
+    assert image[0, 0].tolist() == [255, 255, 255] and image[0, 1].tolist() == [4, 4, 4]
+
+
+def test_float_and_wide_integer_images_are_refused_in_one_line() -> None:
+    """No scale to 8 bits is right for every float TIFF, nor for integers beyond 16 bits: refused, saying why."""
+    pixels = _sixteen_bit_pixels()
+    cases = {
+        r"unsupported image mode F \(32-bit floating point\)": Image.fromarray(pixels.astype(np.float32) / 65535),
+        r"32-bit integer image \(mode I\) with values 0..131070": Image.fromarray(pixels.astype(np.int32) * 2),
+        r"mode I\) with values -1..65535": Image.fromarray(np.where(pixels == 0, -1, pixels.astype(np.int32))),
+    }
+    for message, image in cases.items():
+        with pytest.raises(ImageDecodeError, match=message) as err:
+            decode_image(_encode(image, "TIFF"))
+        assert "\n" not in str(err.value) and "exceeds" not in str(err.value)  # serving: 400, not 413
+
+
+def test_serving_ingress_scales_sixteen_bit_and_refuses_float_with_400() -> None:
+    """``decode_request`` (the Serve ingress): a 16-bit PNG is classified, a float TIFF is a 400 with the reason."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from pipelines.serve import decode_request
+    from pipelines.serve_http import ApiError
+
+    spec = {
+        "max_body_bytes": 1 << 20,
+        "preprocessing": Preprocessing().to_dict(),
+        "min_side": 95,
+        "max_pixels": 1 << 24,
+        "max_aspect_ratio": 20.0,
+    }
+
+    def request(data: bytes) -> Request:
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        headers = [(b"content-type", b"application/octet-stream"), (b"content-length", str(len(data)).encode())]
+        return Request({"type": "http", "method": "POST", "path": "/classify", "headers": headers}, receive)
+
+    pixels = np.full((120, 100), 40000, dtype=np.uint16)
+    image, size, _ = asyncio.run(decode_request(request(_encode(Image.fromarray(pixels))), spec))
+    assert size == [100, 120] and image.shape == (3, 224, 224) and set(image.unique().tolist()) == {156}
+    with pytest.raises(ApiError) as err:
+        asyncio.run(decode_request(request(_encode(Image.fromarray(pixels.astype(np.float32)), "TIFF")), spec))
+    assert (err.value.status, err.value.code) == (400, "bad_image") and "mode F" in err.value.message
 
 
 def test_transparency_is_composited_on_white() -> None:
