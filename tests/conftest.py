@@ -42,6 +42,17 @@ def imagenette() -> Path:
 
 
 @pytest.fixture(scope="session")
+def cat_dog_anchornet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded tiny AnchorNet checkpoint (``anchornet_test``) for the classes cat and dog: the precompute tests'."""
+    from anchornet import anchornet_test, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cat_dog_ckpt") / "anchornet.pt"
+    save_checkpoint(anchornet_test(num_classes=2), path, class_names=["cat", "dog"])
+    return path
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A real S3 server (SeaweedFS) on 127.0.0.1 for the whole session; the AWS variables point at it."""
     server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"), port=_S3_PORT)

@@ -82,11 +82,8 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "anchornet.pt"
-    anchornet.save_checkpoint(anchornet.anchornet_test(num_classes=2), path, class_names=["cat", "dog"])
-    return path
+def checkpoint(cat_dog_anchornet: Path) -> Path:
+    return cat_dog_anchornet
 
 
 def _config(tree: Path | str, out: Path | str, ckpt: Path | str, **kwargs: object) -> PrecomputeConfig:

@@ -14,10 +14,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
-import anchornet
 from anchornet import storage
 from jobs.precompute_patches import build_config, main, parse_args
 from pipelines import precompute, schema
@@ -49,11 +47,8 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("robust_ckpt") / "anchornet.pt"
-    anchornet.save_checkpoint(anchornet.anchornet_test(num_classes=2), path, class_names=["cat", "dog"])
-    return path
+def checkpoint(cat_dog_anchornet: Path) -> Path:
+    return cat_dog_anchornet
 
 
 def _config(tree: Path, out: Path, ckpt: Path, **kwargs: Any) -> PrecomputeConfig:
