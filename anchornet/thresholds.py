@@ -143,7 +143,7 @@ class StepTable:
             correct=torch.cat([t.correct for t in tables]),
             prediction=None if any(p is None for p in predictions) else torch.cat(predictions),
             last_step=torch.cat([t.last_step for t in tables]),
-            log_odds=torch.cat([t.log_odds.double() for t in tables]),
+            log_odds=torch.cat([t.log_odds for t in tables]),
         )
 
     def exit_steps(self, thresholds: Sequence[float] | ExitThresholds) -> torch.Tensor:
@@ -151,8 +151,9 @@ class StepTable:
         compared as log-odds)."""
         rho = check_thresholds(thresholds, self.num_steps).log_odds
         steps = torch.arange(1, self.num_steps + 1, device=self.confidence.device)
-        rho = torch.tensor([*rho, -math.inf], dtype=torch.float64, device=self.confidence.device)
-        exits = (self.log_odds.double() >= rho) | (steps >= self.last_step[:, None])
+        # in the scores' own dtype, as the engine and Serve compare a float32 score with a threshold
+        rho = torch.tensor([*rho, -math.inf], dtype=self.log_odds.dtype, device=self.confidence.device)
+        exits = (self.log_odds >= rho) | (steps >= self.last_step[:, None])
         exits[:, -1] = True
         return exits.long().argmax(dim=1) + 1
 
@@ -251,7 +252,7 @@ def fit_thresholds(table: StepTable, p_exit: Sequence[float]) -> ExitThresholds:
     remaining = torch.ones(table.num_samples, dtype=torch.bool, device=table.confidence.device)
     thresholds: list[float] = []
     for k in range(1, steps):
-        score = table.log_odds[:, k - 1].double()
+        score = table.log_odds[:, k - 1]
         forced = table.last_step == k
         ranked = torch.where(forced, math.inf, score)[remaining].sort(descending=True).values
         wanted = counts[k - 1]
@@ -351,8 +352,12 @@ def save_thresholds(
 
 
 def load_thresholds(path: str | os.PathLike[str]) -> dict[str, BudgetPoint]:
-    """Read what ``save_thresholds`` wrote: ``name -> BudgetPoint``, in file order. Version 1 files (thresholds as
-    confidences only, before 2026-11-27) are read as those confidences."""
+    """Read what ``save_thresholds`` wrote: ``name -> BudgetPoint``, in file order.
+
+    A budget's ``log_odds`` are what it applies; a budget with ``thresholds`` only (version 1 files, before
+    2026-11-27, or a hand-written one) is read as those confidences. A version 1 threshold of exactly 1.0 is
+    refused (``ValueError``): it relied on float32 rounding to 1.0, and means "no one exits" now.
+    """
     document = json.loads(_read_text(path))
     if not isinstance(document, dict) or document.get("format") != _FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not an {_FORMAT} file")
@@ -362,8 +367,15 @@ def load_thresholds(path: str | os.PathLike[str]) -> dict[str, BudgetPoint]:
     budgets: dict[str, BudgetPoint] = {}
     for entry in document["budgets"]:
         fractions = entry.get("exit_fractions")
-        if version == 1:
-            thresholds = ExitThresholds.from_confidences([_decode(r) for r in entry["thresholds"]])
+        if version == 1 or "log_odds" not in entry:  # confidences (a hand-written version 2 budget may give them)
+            rho = [_decode(r) for r in entry["thresholds"]]
+            if version == 1 and 1.0 in rho:
+                raise ValueError(
+                    f"{os.fspath(path)!r}: budget {entry['name']!r} of this version 1 file has a threshold of 1.0, "
+                    "which let out whatever float32 rounded to a confidence of 1.0 and now lets out no one: "
+                    "re-run jobs/evaluate.py to fit it again"
+                )
+            thresholds = ExitThresholds.from_confidences(rho)
         else:
             thresholds = ExitThresholds(tuple(_decode(r) for r in entry["log_odds"]))
         budgets[entry["name"]] = BudgetPoint(

@@ -296,10 +296,10 @@ def load_budgets(config: dict[str, Any], num_steps: int) -> tuple[dict[str, dict
     """Named budgets and the default one from an ingress ``user_config``.
 
     ``config`` keys: ``thresholds_path`` (a saved thresholds JSON), ``budgets`` (``name -> [rho...]``, confidences,
-    added after the file's), ``default_budget`` (else the middle budget of the file, else ``all-steps``). Two
-    budgets are always there: ``all-steps`` (every ``rho = inf``) and ``glance-only`` (every ``rho = 0``). Each
-    budget's ``thresholds`` are ``ExitThresholds``. Raises ``ValueError`` for unknown keys, a wrong number of
-    thresholds or an unknown default.
+    or ``name -> {log_odds: [...]}``, added after the file's), ``default_budget`` (else the middle budget of the
+    file, else ``all-steps``). Two budgets are always there: ``all-steps`` (every ``rho = inf``) and
+    ``glance-only`` (every ``rho = 0``). Each budget's ``thresholds`` are ``ExitThresholds``. Raises
+    ``ValueError`` for unknown keys, a wrong number of thresholds or an unknown default.
     """
     unknown = set(config) - set(USER_CONFIG_KEYS)
     if unknown:
@@ -312,7 +312,7 @@ def load_budgets(config: dict[str, Any], num_steps: int) -> tuple[dict[str, dict
             budgets[name] = {k: v for k, v in fields.items() if v is not None and k != "name"}
     from_file = list(budgets)
     for name, rho in (config.get("budgets") or {}).items():
-        budgets[name] = {"thresholds": ExitThresholds.from_confidences([float(r) for r in rho])}
+        budgets[name] = {"thresholds": _inline_thresholds(name, rho)}
     budgets.setdefault("all-steps", {"thresholds": ExitThresholds.from_confidences([math.inf] * count)})
     budgets.setdefault("glance-only", {"thresholds": ExitThresholds.from_confidences([0.0] * count)})
     for name, budget in budgets.items():
@@ -326,6 +326,15 @@ def load_budgets(config: dict[str, Any], num_steps: int) -> tuple[dict[str, dict
     if default not in budgets:
         raise ValueError(f"default_budget {default!r} is not one of {list(budgets)}")
     return budgets, default
+
+
+def _inline_thresholds(name: str, rho: Any) -> ExitThresholds:
+    """An inline ``user_config`` budget: a list of confidences, or ``{log_odds: [...]}`` (``inf`` allowed)."""
+    if isinstance(rho, Mapping):
+        if set(rho) != {"log_odds"}:
+            raise ValueError(f"budget {name!r}: a mapping must be {{log_odds: [...]}}, got keys {sorted(rho)}")
+        return ExitThresholds(tuple(float(v) for v in rho["log_odds"]))
+    return ExitThresholds.from_confidences([float(r) for r in rho])
 
 
 def _budget_info(budget: Mapping[str, Any]) -> dict[str, Any]:
@@ -677,7 +686,8 @@ class Classification(BaseModel):
     macs: int = Field(description="multiply-accumulates spent on this image")
     gmacs: float
     budget: str | None
-    thresholds: list[float | str]
+    thresholds: list[float | str] = Field(description="rho_1..rho_{T-1} as confidences, for reading")
+    log_odds: list[float | str] = Field(description="the same as log-odds: what the exits were decided on")
     patches: list[PatchInfo]
     patches_available: int | None = Field(description="patches AnchorNet proposed; null when it did not run")
     image_size: list[int] = Field(description="(width, height) as received")
@@ -832,12 +842,17 @@ class Ingress:
         request: Request,
         budget: str | None = Query(None, description="a named budget, e.g. q=0.50 (see /info)"),
         thresholds: str | None = Query(None, description="rho_1..rho_{T-1}, comma-separated, e.g. 0.9,0.8,0.7,0.6"),
+        log_odds: str | None = Query(
+            None, description="rho_1..rho_{T-1} as log-odds, comma-separated (exact where confidences round to 1)"
+        ),
         top_k: int | None = Query(None, ge=1, description="classes to return"),
     ) -> Response:
         timing = ServerTiming()
         spec, live = self.spec, self.budgets  # read once: reconfigure may replace it meanwhile
         thresholds_of = {name: b["thresholds"] for name, b in live.named.items()}
-        budget_name, rho = resolve_thresholds(thresholds_of, live.default, spec.num_patches, budget, thresholds)
+        budget_name, rho = resolve_thresholds(
+            thresholds_of, live.default, spec.num_patches, budget, thresholds, log_odds
+        )
         image, image_size, decode_ms = await decode_request(request, spec)
         timing.add("decode", decode_ms)
 
@@ -871,6 +886,7 @@ class Ingress:
             gmacs=macs / 1e9,
             budget=budget_name,
             thresholds=jsonable(list(rho.confidences)),
+            log_odds=jsonable(list(rho.log_odds)),
             patches=patches,
             patches_available=available,
             image_size=image_size,
@@ -1047,9 +1063,10 @@ def _check_ingress_user_config(
     if overrides:
         user_config, where = overrides[-1]["user_config"], f"{where}: Ingress user_config"
         path = user_config.get("thresholds_path") if isinstance(user_config, dict) else None
-        if args.thresholds and path and path != args.thresholds:
+        if args.thresholds and path != args.thresholds:
+            instead = f"thresholds_path {path}" if path else "no thresholds_path (only the built-in budgets)"
             problems.append(
-                f"{where}: thresholds_path {path} replaces args.thresholds {args.thresholds} (the user_config wins): "
+                f"{where}: {instead} replaces args.thresholds {args.thresholds} (the user_config wins): "
                 "point both at the same file"
             )
     else:

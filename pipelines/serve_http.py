@@ -231,14 +231,18 @@ def resolve_thresholds(
     count: int,
     budget: str | None = None,
     thresholds: str | None = None,
+    log_odds: str | None = None,
 ) -> tuple[str | None, ExitThresholds]:
     """``(budget name or None, rho_1..rho_count)`` a request asks for: ``?budget=NAME``, ``?thresholds=...``
-    (confidences), or the default budget; both at once, an unknown name or malformed thresholds give
-    ``ApiError`` 400."""
-    if budget is not None and thresholds is not None:
-        raise ApiError(400, "bad_budget", "pass either budget or thresholds, not both")
+    (confidences), ``?log_odds=...`` (the same as log-odds, exact where confidences round to 1: what ``/info``
+    and the response show), or the default budget; more than one of them, an unknown name or malformed
+    thresholds give ``ApiError`` 400."""
+    if sum(value is not None for value in (budget, thresholds, log_odds)) > 1:
+        raise ApiError(400, "bad_budget", "pass one of budget, thresholds or log_odds, not several")
     if thresholds is not None:
         return None, ExitThresholds.from_confidences(parse_thresholds(thresholds, count))
+    if log_odds is not None:
+        return None, ExitThresholds(parse_thresholds(log_odds, count))
     name = default_budget if budget is None else budget
     if name not in budgets:
         known = ", ".join(budgets) or "none"

@@ -42,6 +42,7 @@ from pipelines.serve_http import (
     parse_server_timing,
     parse_thresholds,
     read_image_bytes,
+    resolve_thresholds,
 )
 
 requests = pytest.importorskip("requests")
@@ -88,6 +89,19 @@ def test_parse_thresholds() -> None:
         with pytest.raises(ApiError) as err:
             parse_thresholds(bad, 3)
         assert err.value.status == 400
+
+
+def test_a_request_picks_a_budget_confidences_or_log_odds() -> None:
+    fitted = ExitThresholds((17.25, 36.5))  # what a fitted budget holds: both would print as confidence 1.0
+    budgets = {"q=1.95": fitted}
+    assert resolve_thresholds(budgets, "q=1.95", 2) == ("q=1.95", fitted)
+    assert resolve_thresholds(budgets, "q=1.95", 2, log_odds="17.25,36.5") == (None, fitted)  # exact, as /info shows
+    assert resolve_thresholds(budgets, "q=1.95", 2, thresholds="0.5,inf") == (None, ExitThresholds((0.0, math.inf)))
+    for asked in ({"budget": "q=1.95", "log_odds": "1,2"}, {"thresholds": "0.5,0.5", "log_odds": "1,2"}):
+        with pytest.raises(ApiError, match="not several"):
+            resolve_thresholds(budgets, "q=1.95", 2, **asked)
+    with pytest.raises(ApiError, match="expected 2 thresholds"):
+        resolve_thresholds(budgets, "q=1.95", 2, log_odds="17.25")
 
 
 def test_parse_server_timing() -> None:
@@ -250,7 +264,9 @@ def test_serve_config_checks_the_ingress_user_config() -> None:
     app["args"]["thresholds"] = "s3://bucket/report/thresholds.json"
     problems = "\n".join(check_serve_config(config))
     assert "replaces args.thresholds s3://bucket/report/thresholds.json" in problems, problems
-    app["args"]["thresholds"] = ingress["user_config"]["thresholds_path"]
+    ingress["user_config"] = {"default_budget": "glance-only"}  # the file's budgets gone with it
+    assert "no thresholds_path" in "\n".join(check_serve_config(config))
+    app["args"]["thresholds"] = MOUNT + "checkpoints/thresholds.json"
     # Without an override the replicas get the builder's user_config, from args.
     app["deployments"] = [d for d in app["deployments"] if d["name"] != "Ingress"]
     assert check_serve_config(config, local_path=_local) == []
@@ -278,8 +294,12 @@ def test_serve_config_fits_the_cluster_at_its_largest() -> None:
 def test_the_default_budget_is_the_middle_of_the_file_only(tmp_path) -> None:
     from pipelines.serve import load_budgets
 
-    inline = {"fast": [0.5, 0.5], "slow": [0.9, 0.9]}
-    assert load_budgets({"budgets": inline}, 3)[1] == "all-steps"  # no file: inline budgets do not pick it
+    inline = {"fast": [0.5, 0.5], "slow": [0.9, 0.9], "exact": {"log_odds": [17.25, "inf"]}}
+    budgets, default = load_budgets({"budgets": inline}, 3)
+    assert default == "all-steps"  # no file: inline budgets do not pick it
+    assert budgets["exact"]["thresholds"] == ExitThresholds((17.25, math.inf))
+    with pytest.raises(ValueError, match="log_odds"):
+        load_budgets({"budgets": {"typo": {"logodds": [1.0, 2.0]}}}, 3)
     path = tmp_path / "t.json"
     save_thresholds({f"q={q}": [q, q] for q in (0.1, 0.2, 0.3)}, path)
     many = {f"z{i}": [0.5, 0.5] for i in range(40)}
@@ -522,6 +542,16 @@ def test_http_equals_engine(server: str, engine: EarlyExitClassifier) -> None:
         x0, y0, x1, y1 = patch["box"]
         assert x1 - x0 == y1 - y0 == 95 and math.isfinite(patch["cam_score"])
     assert _classify(server, data).json()["budget"] == "q=0.50"
+    # A budget's log-odds, as /info and the response show them, sent back decide exactly as the budget does.
+    by_name = _classify(server, data, budget="q=0.50").json()
+    log_odds = requests.get(f"{server}/info", timeout=30).json()["budgets"]["q=0.50"]["log_odds"]
+    assert by_name["log_odds"] == log_odds
+    by_log_odds = _classify(server, data, log_odds=",".join(str(v) for v in log_odds)).json()
+    assert (by_log_odds["exit_step"], by_log_odds["log_odds"], by_log_odds["budget"]) == (
+        by_name["exit_step"],
+        log_odds,
+        None,
+    )
 
 
 @pytest.mark.ray

@@ -12,12 +12,14 @@ from torch import nn
 from anchornet import (
     BudgetPoint,
     EarlyExitClassifier,
+    ExitThresholds,
     StepTable,
     anchornet_test,
     anytime_accuracy,
     anytime_macs,
     budgeted_search,
     collect_step_table,
+    confidence_log_odds,
     evaluate_thresholds,
     fit_thresholds,
     load_thresholds,
@@ -176,11 +178,19 @@ def test_json_round_trip_with_infinities(tmp_path) -> None:
 
 def test_version_1_files_hold_confidences(tmp_path) -> None:
     path = tmp_path / "v1.json"
-    budgets = [{"name": "old", "thresholds": [0.9, 0.0, 1.0, "inf"], "q": 0.5}]
+    budgets = [{"name": "old", "thresholds": [0.9, 0.0, 0.99, "inf"], "q": 0.5}]
     path.write_text(json.dumps({"format": "anchornet.thresholds", "version": 1, "budgets": budgets}))
     (point,) = load_thresholds(path).values()
-    assert point.thresholds.log_odds == (pytest.approx(math.log(9)), -math.inf, math.inf, math.inf)
+    assert point.thresholds.log_odds == (pytest.approx(math.log(9)), -math.inf, pytest.approx(math.log(99)), math.inf)
     assert point.q == 0.5
+    # A threshold of 1.0 relied on float32 confidences rounding to 1.0: read now, it would let no one out.
+    budgets.append({"name": "q=1.95", "thresholds": [1.0, 1.0, 1.0, 0.965]})
+    path.write_text(json.dumps({"format": "anchornet.thresholds", "version": 1, "budgets": budgets}))
+    with pytest.raises(ValueError, match=r"budget 'q=1\.95' .*threshold of 1\.0,.*re-run jobs/evaluate\.py"):
+        load_thresholds(path)
+    # A hand-written version 2 budget may give confidences instead of log-odds.
+    path.write_text(json.dumps({"format": "anchornet.thresholds", "version": 2, "budgets": budgets}))
+    assert load_thresholds(path)["q=1.95"].thresholds.log_odds[:3] == (math.inf,) * 3
 
 
 def _saturated_table(num: int = 100) -> StepTable:
@@ -202,6 +212,17 @@ def test_confidences_that_round_to_one_stay_apart() -> None:
         assert fractions == pytest.approx([wanted / 100, 1 - wanted / 100])  # as asked, not all at once
     # what the same fit gave before: ranking confidences, a threshold of 1.0 let all 100 samples exit at step 1
     assert (table.confidence[:, 0] >= 1.0).float().mean() == 1.0
+
+
+def test_tables_decide_in_the_scores_dtype_as_the_engine_does() -> None:
+    """log(0.7 / 0.3) is not a float32; a float32 score equal to its float32 rounding (just below it) exits in the
+    engine and in Serve (a float32 tensor against a Python float), so it must exit in the table too."""
+    rho = ExitThresholds.from_confidences([0.7])
+    score = torch.tensor(rho.log_odds[0], dtype=torch.float32)
+    assert float(score) < rho.log_odds[0]
+    logits = torch.stack([torch.stack([score, torch.tensor(0.0)]), torch.zeros(2)])[None]  # (1, 2 steps, 2 classes)
+    assert bool(confidence_log_odds(logits[0, :1], 1) >= rho.log_odds[0])  # the engine's comparison
+    assert StepTable.from_logits(logits, torch.zeros(1, dtype=torch.long)).exit_steps(rho).tolist() == [1]
 
 
 def test_a_threshold_of_one_exits_no_one() -> None:
