@@ -741,7 +741,7 @@ def _preflight(config: TrainConfig) -> tuple[list[str], dict[str, Any]]:
     if config.weights is not None:
         _check_weights(config, classes)
     manifest_uri = storage.join(config.output, f"{config.run_name}.json")
-    manifest = {"stage": config.stage, "arch": config.arch, "classes": classes}
+    manifest = {"stage": config.stage, "arch": config.arch, "classes": classes, "batch_unit": "images"}
     if storage.exists(manifest_uri):
         earlier = json.loads(storage.read_bytes(manifest_uri))
         for key in ("stage", "arch", "classes"):
@@ -750,11 +750,17 @@ def _preflight(config: TrainConfig) -> tuple[list[str], dict[str, Any]]:
                 raise TrainError(
                     f"{config.output} holds a run with different {what}: use a new --output to start afresh"
                 )
-        changed = changed_on_resume(earlier.get("config", {}), config)
+        earlier_config, hint = _in_images(earlier), ""
+        changed = changed_on_resume(earlier_config, config)
+        if earlier_config is not earlier.get("config"):
+            hint = (
+                f"; it was started when --batch-size counted precomputed patches: resume it with --batch-size "
+                f"{earlier_config['batch_size']:g} --lr {earlier_config['lr']:g}"
+            )
         if changed and _has_checkpoints(config):
             raise TrainError(
                 f"{config.output} holds a run with other {', '.join(changed)} (a re-run resumes it and may change "
-                "only --epochs and the resources): use the same values or a new --output"
+                f"only --epochs and the resources): use the same values or a new --output{hint}"
             )
         record = bool(changed)  # nothing to resume (no checkpoint yet): this run starts afresh with its own recipe
     else:
@@ -763,6 +769,21 @@ def _preflight(config: TrainConfig) -> tuple[list[str], dict[str, Any]]:
     if record:
         storage.write_bytes(manifest_uri, json.dumps({**manifest, "config": config.to_dict()}, indent=1).encode())
     return classes, train_data.holdout_record(splits, config.holdout_size, config.holdout_seed)
+
+
+def _in_images(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The earlier run's config with ``batch_size`` in images and its effective lr, for ``changed_on_resume``.
+
+    Manifests without ``batch_unit`` predate 2026-11-27, when a patch-role run from ``--patches`` counted
+    ``--batch-size`` in patches: its step took ``batch_size / num_patches`` images at the lr of ``batch_size``
+    patches. Others come back as they are (the same object)."""
+    earlier = manifest.get("config", {})
+    if manifest.get("batch_unit") or manifest.get("stage") != "patch" or not earlier.get("patches"):
+        return earlier
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    patches = earlier.get("batch_size", defaults["batch_size"])
+    lr = earlier.get("lr") or BASE_LR["patch"] * patches / 256
+    return {**earlier, "batch_size": patches / earlier.get("num_patches", defaults["num_patches"]), "lr": lr}
 
 
 def _has_checkpoints(config: TrainConfig) -> bool:

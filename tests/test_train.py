@@ -336,6 +336,43 @@ def test_rerun_may_change_epochs_but_not_the_optimizer(
         assert needle in err and "--output" in err and len(err.splitlines()) == 1, err
 
 
+def test_runs_from_when_batch_size_counted_patches_resume_with_their_step(tmp_path: Path) -> None:
+    """Before 2026-11-27 a patch-role run from --patches took --batch-size patches per step (64 patches = 16
+    images). Its OUT resumes only with the same step in images and the same lr; the refusal says which."""
+    data = synthetic_tree(tmp_path / "data", train=2, val=1)
+    for split in ("train", "val"):
+        index = scan_image_folder(data / split)
+        fake_patches(tmp_path / "patches" / split, index.items, index.classes, [2] * len(index))
+    config = TrainConfig(
+        data=str(data), output=str(tmp_path / "out"), stage="patch", arch="resnet18",
+        patches=str(tmp_path / "patches"), num_patches=2, batch_size=64,
+    )  # fmt: skip
+    train._preflight(config)
+    manifest_uri = tmp_path / "out" / f"{config.run_name}.json"
+    manifest = json.loads(manifest_uri.read_text())
+    assert manifest["batch_unit"] == "images"
+    del manifest["batch_unit"]  # as a run started before then wrote it, with a checkpoint to resume
+    manifest_uri.write_text(json.dumps(manifest))
+    snapshot = tmp_path / "out" / config.run_name / "checkpoint_manager_snapshot.json"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.write_text("{}")
+    with pytest.raises(
+        train.TrainError, match=r"counted precomputed patches: resume it with --batch-size 32 --lr 0\.0025"
+    ):
+        train._preflight(config)
+    train._preflight(TrainConfig(**{**config.to_dict(), "batch_size": 32, "lr": 0.0025}))  # the same step
+
+    old = TrainConfig(data="x", output="y", stage="patch", arch="resnet18", patches="p", batch_size=64).to_dict()
+    legacy = {"stage": "patch", "arch": "resnet18", "classes": ["a", "b"], "config": old}  # no batch_unit
+    translated = train._in_images(legacy)
+    assert (translated["batch_size"], translated["lr"]) == (16, pytest.approx(0.01 * 64 / 256))
+    same_step = TrainConfig(**{**old, "batch_size": 16, "lr": 0.0025})
+    assert changed_on_resume(translated, same_step) == []
+    assert changed_on_resume(translated, TrainConfig(**old)) == ["batch-size"]  # 64 images now: 4x the step
+    current = {**legacy, "batch_unit": "images"}
+    assert train._in_images(current) is old and train._in_images({**legacy, "stage": "glance"}) is old
+
+
 def test_bad_stage2_inputs_fail_before_ray(
     tmp_path: Path, no_ray: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
