@@ -42,8 +42,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     @serve.deployment(ray_actor_options={"num_cpus": 0.25})
     class Echo:
         def __call__(self, image: Any) -> Any:
-            logits = torch.zeros(10)
-            return to_wire(logits) if not isinstance(image, torch.Tensor) else logits
+            as_array = not isinstance(image, torch.Tensor)
+            image = from_wire(image)  # what a model deployment does with what it gets (a copy of an array's buffer)
+            logits = torch.zeros(10) + float(image.shape[0])
+            return to_wire(logits) if as_array else logits
 
     @serve.deployment(ray_actor_options={"num_cpus": 0.25})
     class Caller:

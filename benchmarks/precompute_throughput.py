@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import platform
 import tempfile
@@ -151,7 +152,8 @@ def compare_encodings(tree: Path, output: Path, max_images: int, quality: Sequen
         if len(rows) >= max_images:
             break
     rows = rows[:max_images]
-    pre = Preprocessing()
+    manifest = json.loads((output / schema.MANIFEST_FILE).read_text())
+    pre = Preprocessing.from_dict(manifest["job"]["preprocessing"])  # the pixels the job cut its boxes from
     images = [pre(decode_image((tree / r["image_id"]).read_bytes())) for r in rows]
     # one image at a time: an image can have fewer patches than asked (NMS), so the box lists are uneven
     crops = torch.cat(

@@ -32,6 +32,9 @@ from typing import Any
 IMAGENETTE_INDICES = "0,217,482,491,497,566,569,571,574,701"
 
 
+BASELINE = "full224"  # the one-deployment full-224 classifier's name in the results
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="ImageFolder (class folders) of test images")
@@ -240,7 +243,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         given = {"anchornet": args.anchornet, "glance": args.glance, "patch": args.patch, "full": args.full}
         paths = checkpoints(given, classes, Path(tmp), args.head_from)
-        params = {"budget": args.budget} if args.budget else {"thresholds": ",".join([str(args.rho)] * 4)}
+        if args.budget:
+            params = {"budget": args.budget}
+        elif args.thresholds:
+            params = {}  # the file's default budget, as the app picks it
+        else:
+            params = {"thresholds": ",".join([str(args.rho)] * 4)}
         if args.high_throughput:  # before ray.init: Serve's processes read it when they start
             try:
                 enable_high_throughput(draining_period_s=0)
@@ -270,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name = "early_exit_colocated" if colocated else "early_exit"
                 results[name] = _run_phase(name.replace("_", ""), early, args, images, params)
             baseline = build_baseline_app({"classifier": paths["full"], "deployment": _deployment(args, 4)})
-            results["full224"] = _run_phase("full224", baseline, args, images, {})
+            results[BASELINE] = _run_phase(BASELINE, baseline, args, images, {})
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -305,9 +313,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 peak[k] = max(peak.get(k, 0), v)
         print(f"  replicas (peak {peak}; last {result['replicas'][-1][1] if result['replicas'] else {}}):")
         print(_timeline(result["replicas"]))
+    print(_ratios(results))
     if args.json:
         args.json.write_text(json.dumps({"conditions": conditions, "results": results}, indent=1, default=str))
     return 0
+
+
+def _ratios(results: dict[str, dict[str, Any]]) -> str:
+    """Loaded throughput of each early-exit layout over the full-224 baseline's, with both accuracies."""
+    base = results.get(BASELINE, {}).get("loaded")
+    if not base or not base["throughput_rps"]:
+        return "ratio: no full-224 baseline in this run"
+    lines = []
+    for name, result in results.items():
+        if name == BASELINE:
+            continue
+        r = result["loaded"]
+        lines.append(
+            f"ratio {name} / {BASELINE}, loaded: {r['throughput_rps'] / base['throughput_rps']:.2f}x req/s "
+            f"(top-1 {r['accuracy'] or 0:.3f} against {base['accuracy'] or 0:.3f})"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

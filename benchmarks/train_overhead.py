@@ -4,7 +4,8 @@ Both train the same model on the same images with the same batch, loader process
 the same per-epoch code (``pipelines.train.build_task`` / ``train_epoch`` / ``train_data.epoch_loader``); the
 Ray path adds the TorchTrainer worker, ``prepare_model``/``prepare_data_loader`` and a checkpoint report per
 epoch. Prints steady-state images/s (epochs after the first, training only), the end-to-end wall time
-(Ray start-up and checkpoints included) and their ratios, with the conditions.
+(the worker group's start-up and the checkpoints included; ``ray.init`` itself, before both, is not) and their
+ratios, with the conditions.
 
     python -m benchmarks.train_overhead --data ../shared/data/imagenette --limit 1024 --epochs 3 --threads 2
 """
@@ -125,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plain_wall, ray_wall = min(w for _, w in plain_runs), min(w for _, w in ray_runs)
     print(
         f"end to end   : plain {plain_wall:.0f} s, ray {ray_wall:.0f} s for {images} training images "
-        f"(+ val each epoch); ratio {plain_wall / ray_wall:.3f} (Ray start-up and checkpoints included)"
+        f"(+ val each epoch); ratio {plain_wall / ray_wall:.3f} "
+        "(worker start-up and checkpoints included, ray.init not)"
     )
     return 0
 

@@ -380,6 +380,20 @@ def test_serve_benchmarks_refuse_a_budget_they_cannot_find(tmp_path: Path, scrip
     assert "--thresholds" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_serve_load_prints_the_ratio_to_the_baseline() -> None:
+    from benchmarks.serve_load import BASELINE, _ratios
+
+    def loaded(rps: float, accuracy: float) -> dict[str, dict[str, float]]:
+        return {"loaded": {"throughput_rps": rps, "accuracy": accuracy}}
+
+    results = {"colocated": loaded(45.0, 0.95), "separate": loaded(15.0, 0.95), BASELINE: loaded(30.0, 0.98)}
+    assert _ratios(results).splitlines() == [
+        "ratio colocated / full224, loaded: 1.50x req/s (top-1 0.950 against 0.980)",
+        "ratio separate / full224, loaded: 0.50x req/s (top-1 0.950 against 0.980)",
+    ]
+    assert _ratios({"colocated": loaded(45.0, 0.95)}) == "ratio: no full-224 baseline in this run"
+
+
 def test_serve_config_deploys_the_shipped_checkpoints() -> None:
     """The YAML's paths are the shipped imagenette models where cluster.yaml mounts the repository; they fit
     together (classes, K, MACs) and the default budget is in the thresholds file."""
