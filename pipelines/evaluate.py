@@ -100,7 +100,7 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if (self.full is None) == (self.full_arch is None):
             raise ValueError("give exactly one full-224 baseline: --full CKPT or --full-arch NAME (ImageNet weights)")
-        for name in ("holdout_size", "batch_size", "num_patches", "timing_batch", "timing_repeats"):
+        for name in ("holdout_size", "batch_size", "num_patches", "timing_batch", "timing_repeats", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.limit is not None and self.limit < 1:
@@ -215,9 +215,17 @@ def resolve_holdout(
 
 def evaluation_indices(num_images: int, holdout: Holdout, limit: int | None = None) -> list[int]:
     """The test split's images to evaluate: all of them, less the held-out ones when they come from the test
-    split (disjoint by construction), then the first ``limit``."""
+    split (disjoint by construction), then ``limit`` of those evenly spaced (the index is sorted by class: the
+    first ``limit`` would be one or two classes)."""
     held = set(holdout.indices) if holdout.from_test_split else set()
-    return [i for i in range(num_images) if i not in held][:limit]
+    kept = [i for i in range(num_images) if i not in held]
+    return kept if limit is None else _evenly(kept, limit)
+
+
+def _evenly(items: Sequence[int], count: int) -> list[int]:
+    """``count`` of ``items`` evenly spaced over them (all of them when there are fewer), in order."""
+    count = min(count, len(items))
+    return [items[k * len(items) // count] for k in range(count)]
 
 
 @dataclass
@@ -335,6 +343,11 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
     classes = test_index.classes
     for card, flag in ((glance_card, "--glance"), (patch_card, "--patch")):
         _check_classes(card, classes, flag)
+    if glance_card.input_size != patch_card.input_size:
+        raise ValueError(
+            f"--glance runs at {glance_card.input_size} px and --patch at {patch_card.input_size} px: the engine runs "
+            "both at one side (train them with the same --patch-size)"
+        )
     cards = {"--anchornet": anchornet_card, "--glance": glance_card, "--patch": patch_card}
     holdout, holdout_index = resolve_holdout(config, cards, classes, test_index)
     if holdout.warning:
@@ -360,7 +373,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
         policy: EarlyExitClassifier(
             anchornet, glance, patch, thresholds, config.num_patches, config.iou_threshold,
             patch_policy=policy, generator=torch.Generator().manual_seed(config.seed) if policy == "random" else None,
-            image_size=(image_size, image_size),
+            image_size=(image_size, image_size), patch_size=glance_card.input_size,
         ).eval()
         for policy in ("anchornet", "random")
     }  # fmt: skip
@@ -430,9 +443,10 @@ def _measure_time(
     match: tuple[str, float, float] | None,
     full_macs: int,
 ) -> dict[str, float]:
-    """ms/image of the batched early-exit engine against the full-224 network on the same batch and cores."""
+    """ms/image of the batched early-exit engine against the full-224 network on the same batch and cores: a batch
+    of test images evenly spaced over the (class-sorted) test set, so the budget's exits are those of all classes."""
     count = min(config.timing_batch, len(test_set))
-    images = torch.stack([test_set[i][0] for i in range(count)])
+    images = torch.stack([test_set[i][0] for i in _evenly(range(len(test_set)), count)])
     images = to_float(images)
     chosen = next((b for b in budgets if match and b.name == match[0]), None) or max(budgets, key=lambda b: b.accuracy)
     engine.thresholds = chosen.thresholds

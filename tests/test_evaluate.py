@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anchornet import anchornet_test, build_classifier, load_thresholds, save_checkpoint
+from anchornet import anchornet_test, build_classifier, count_macs, load_thresholds, save_checkpoint
 from anchornet.checkpoint import ModelCard
 from anchornet.image_folder import holdout_digest, holdout_indices, scan_image_folder
 from anchornet.preprocessing import Preprocessing
@@ -109,6 +109,20 @@ def test_report_end_to_end(setup: dict[str, Path], capsys: pytest.CaptureFixture
     assert "**Warning:**" in (out / "results.md").read_text()
 
 
+def test_the_downstream_networks_run_at_their_cards_input_size(setup: dict[str, Path], tmp_path: Path) -> None:
+    """Glance and patch trained at --patch-size 64 are evaluated (and costed) at 64, as Serve runs them."""
+    paths = dict(setup)
+    for role in ("glance", "patch"):
+        paths[role] = tmp_path / f"{role}64.pt"
+        model = build_classifier("mobilenet_v3_small", 2).eval()
+        save_checkpoint(model, paths[role], input_size=64, class_names=CLASSES)
+    paths["out"] = tmp_path / "report64"
+    assert evaluate.main([*_argv(paths), "--gallery", "0"]) == 0
+    rows = list(csv.DictReader((paths["out"] / "results.csv").open()))
+    glance_only = next(r for r in rows if r["curve"] == "AnchorNet patches + glance" and r["point"] == "t=1")
+    assert float(glance_only["gmacs"]) == pytest.approx(count_macs(model, 64) / 1e9, rel=1e-3)
+
+
 def test_bad_inputs_fail_in_one_line(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert evaluate.main(_argv(setup, **{"--data": str(setup["data"] / "nope")})) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
@@ -118,6 +132,14 @@ def test_bad_inputs_fail_in_one_line(setup: dict[str, Path], capsys: pytest.Capt
     assert "classes differ" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         evaluate.main(_argv(setup, **{"--batch-size": "0"}))
+    with pytest.raises(SystemExit):
+        evaluate.main(_argv(setup, **{"--threads": "0"}))  # a flag error, not torch's RuntimeError
+    assert "--threads must be at least 1" in capsys.readouterr().err
+    smaller = setup["data"].parent / "patch64.pt"
+    save_checkpoint(build_classifier("mobilenet_v3_small", 2).eval(), smaller, input_size=64, class_names=CLASSES)
+    assert evaluate.main(_argv(setup, **{"--patch": str(smaller)})) == 2  # the engine runs both at one side
+    err = capsys.readouterr().err
+    assert "--glance runs at 95 px and --patch at 64 px" in err and err.strip().count("\n") == 0
 
 
 def _card(holdout: dict | None) -> ModelCard:
@@ -167,9 +189,11 @@ def test_holdout_from_the_test_split_is_left_out_of_the_test(setup: dict[str, Pa
     assert holdout.to_dict()["from_test_split"] is True
     rest = evaluation_indices(len(index), holdout)
     assert sorted(rest + holdout.indices) == list(range(10)) and not set(rest) & set(holdout.indices)
-    assert evaluation_indices(len(index), holdout, limit=2) == rest[:2]
+    assert evaluation_indices(len(index), holdout, limit=2) == [rest[0], rest[3]]  # spread, not the first class
     from_train, _ = resolve_holdout(EvaluateConfig(**{**config.__dict__, "holdout_split": "train"}), all_train, CLASSES)
     assert not from_train.from_test_split and evaluation_indices(10, from_train) == list(range(10))
+    assert evaluation_indices(10, from_train, limit=5) == [0, 2, 4, 6, 8]
+    assert evaluation_indices(10, from_train, limit=50) == list(range(10))
     with pytest.raises(ValueError, match="leaves no test images"):
         resolve_holdout(EvaluateConfig(**{**config.__dict__, "holdout_size": 10}), all_train, CLASSES)
 
