@@ -145,7 +145,9 @@ def load_checkpoint(path: str | os.PathLike[str], data: bytes | None = None) -> 
     hashed, whatever happens to the file since); ``path`` only names it in errors.
 
     Raises ``FileNotFoundError`` when the file is missing and ``CheckpointError`` (one line, naming ``path``) for
-    one that cannot be read (a directory, no permission on S3) or is not one of ours (or a newer format version).
+    one that cannot be read (a directory, no permission on S3), is not one of ours (or a newer format version),
+    is malformed (a key missing, an arch that does not build) or does not match its own card (kind, arch, the
+    number of class names against the model's outputs).
     """
     if data is None:
         try:
@@ -161,29 +163,75 @@ def load_checkpoint(path: str | os.PathLike[str], data: bytes | None = None) -> 
         raise CheckpointError(f"{path} is not an AnchorNet checkpoint ({type(err).__name__})") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an AnchorNet checkpoint (no '{FORMAT}' header)")
-    if payload.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {payload['version']}; this package reads <= {VERSION}")
+    version = payload.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path} is a malformed checkpoint: version {version!r} is not an integer")
+    if version > VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {version}; this package reads <= {VERSION}")
+    for key, kind_of in (("kind", str), ("arch", dict), ("state_dict", dict), ("card", dict)):
+        if key not in payload:
+            raise CheckpointError(f"{path} is a malformed checkpoint: it has no {key!r}")
+        if not isinstance(payload[key], kind_of):
+            raise CheckpointError(f"{path} is a malformed checkpoint: {key!r} is a {type(payload[key]).__name__}")
     kind, arch = payload["kind"], payload["arch"]
     if kind not in ("anchornet", "classifier"):
         raise CheckpointError(f"{path} holds an unknown model kind {kind!r}")
-    model = _build(kind, arch)
+    try:
+        model = _build(kind, arch)
+    except Exception as err:  # a missing, unknown or ill-typed constructor argument: whatever it raises
+        raise CheckpointError(f"{path}: the {kind} arch on its card does not build ({_one_line(err)})") from err
     try:
         model.load_state_dict(payload["state_dict"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not match the architecture on its card: {err}") from err
-    card_dict = dict(payload["card"])
-    known = {
-        k: card_dict.pop(k)
-        for k in ("kind", "arch", "input_size", "macs", "class_names", "preprocessing", "provenance")
-    }
-    return model.eval(), ModelCard(**known, extra=card_dict)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: weights do not match the architecture on its card: {_one_line(err)}") from err
+    return model.eval(), _read_card(path, payload["card"], kind, arch, model)
+
+
+_CARD_FIELDS = ("kind", "arch", "input_size", "macs", "class_names", "preprocessing", "provenance")
+
+
+def _read_card(
+    path: str | os.PathLike[str], card: dict[str, Any], kind: str, arch: dict[str, Any], model: nn.Module
+) -> ModelCard:
+    """The card of a checkpoint whose ``kind`` and ``arch`` built ``model``; ``CheckpointError`` unless it fits."""
+    missing = [key for key in ("kind", "arch", "input_size", "macs") if key not in card]
+    if missing:
+        raise CheckpointError(f"{path} is a malformed checkpoint: its card has no {missing[0]!r}")
+    if card["kind"] != _kind_and_arch(model)[0]:
+        raise CheckpointError(f"{path}: the card says kind {card['kind']!r} but the checkpoint holds a {kind}")
+    if card["arch"] != arch:
+        raise CheckpointError(f"{path}: the arch on the card differs from the one the weights were built with")
+    for key in ("input_size", "macs"):
+        value = card[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < (key == "input_size"):
+            raise CheckpointError(f"{path} is a malformed checkpoint: card {key} {value!r} is not a count")
+    names = card.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise CheckpointError(f"{path} is a malformed checkpoint: card class_names is not a list of strings")
+        num_classes = _kind_and_arch(model)[1].get("num_classes")
+        if num_classes is not None and len(names) != num_classes:
+            raise CheckpointError(f"{path}: the card names {len(names)} classes for a model with {num_classes} outputs")
+    for key in ("preprocessing", "provenance"):
+        if not isinstance(card.get(key, {}), dict):
+            raise CheckpointError(f"{path} is a malformed checkpoint: card {key} is a {type(card[key]).__name__}")
+    known = {key: card[key] for key in _CARD_FIELDS if key in card}
+    return ModelCard(**known, extra={key: value for key, value in card.items() if key not in _CARD_FIELDS})
 
 
 def _build(kind: str, arch: dict[str, Any]) -> nn.Module:
     """The empty architecture a checkpoint of ``kind`` with ``arch`` on its card loads into."""
     if kind == "anchornet":
         return AnchorNet(**arch)
+    if set(arch) != {"name", "num_classes"}:
+        raise TypeError(f"a classifier arch holds name and num_classes, got {sorted(arch)}")
     return build_classifier(arch["name"], arch["num_classes"])
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: message`` with the message's lines joined (load_state_dict lists one mismatch per line)."""
+    message = " ".join(str(err).split())
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
 def _check_rebuildable(kind: str, arch: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:

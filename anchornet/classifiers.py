@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import urllib.error
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,12 +116,42 @@ register_classifier("efficientnet_lite0", _lite0_entry())
 
 
 def download_state_dict(url: str, what: str) -> dict[str, torch.Tensor]:
-    """Fetch a state dict through torch.hub's cache; offline, a ``WeightsUnavailableError`` in one line."""
+    """Fetch a state dict through torch.hub's cache; offline, a ``WeightsUnavailableError`` in one line.
+
+    A file name that carries a SHA-256 prefix (``resnet18-f37072fd.pth``, as torchvision's do) is checked
+    against it, so a truncated download is never cached. A cached file that cannot be loaded (written by a
+    download that was not checked) is deleted and fetched once more.
+    """
+    cached = Path(torch.hub.get_dir(), "checkpoints", Path(urllib.parse.urlparse(url).path).name)
+    if cached.is_file():
+        try:
+            return _load_hub_file(url)
+        except Exception as err:  # unpickling, zip and weights_only errors: a corrupt file, not a missing one
+            try:
+                cached.unlink()
+            except OSError:
+                raise WeightsUnavailableError(
+                    f"cached {what} {cached} cannot be loaded ({_first_line(err)}); delete that file"
+                ) from err
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, weights_only=True)
+        return _load_hub_file(url)
     except (urllib.error.URLError, OSError, ConnectionError) as err:
         reason = getattr(err, "reason", err)
-        raise WeightsUnavailableError(f"could not download {what} from {url} ({reason})") from err
+        raise WeightsUnavailableError(f"could not download {what} from {url} ({_first_line(reason)})") from err
+    except Exception as err:  # a hash mismatch (nothing cached), or a fresh file that does not load
+        if cached.is_file():
+            cached.unlink(missing_ok=True)
+            raise WeightsUnavailableError(
+                f"downloaded {what} from {url} but cannot load it ({_first_line(err)}); the download was deleted"
+            ) from err
+        raise WeightsUnavailableError(f"could not download {what} from {url} ({_first_line(err)})") from err
+
+
+def _load_hub_file(url: str) -> dict[str, torch.Tensor]:
+    """torch.hub's cached copy of ``url`` (downloaded first when absent), its SHA-256 prefix checked on download."""
+    return torch.hub.load_state_dict_from_url(
+        url, map_location="cpu", progress=True, check_hash=True, weights_only=True
+    )
 
 
 class Classifier(nn.Module):
@@ -156,9 +188,10 @@ def build_classifier(
             or the packaged offline weights for ``efficientnet_lite0``); or a local path / ``s3://`` URI of a
             checkpoint of this package or a plain state dict of the same architecture; ``ValueError`` (one line,
             naming the file) when it cannot be read or holds no state dict.
-        head_from: with ImageNet weights and ``num_classes != 1000``, initialise the new classifier rows from
-            these ImageNet classes (one index per class) instead of at random, so a pretrained network is
-            usable on a subset of ImageNet classes before any fine-tuning.
+        head_from: with ImageNet weights, the ImageNet class behind each output (one index per class): the
+            classifier rows are taken from these classes instead of at random, so a pretrained network is usable
+            on a subset of ImageNet classes before any fine-tuning. With 1000 classes it reorders the head
+            (the identity keeps it as it is), for ImageNet-1k classes listed in another order.
     """
     if not is_classifier_name(name):
         raise ValueError(
@@ -177,10 +210,8 @@ def build_classifier(
             raise WeightsUnavailableError(f"no ImageNet weights are known for {name!r}", hint=None)
         net = entry.builder(1000)
         net.load_state_dict(entry.imagenet_weights())
-        if num_classes != 1000:
+        if num_classes != 1000 or head_from is not None:
             _replace_head(net, num_classes, head_from)
-        elif head_from is not None:
-            raise ValueError("head_from needs num_classes != 1000")
         return Classifier(name, num_classes, net, entry.mean, entry.std)
     model = Classifier(name, num_classes, entry.builder(num_classes), entry.mean, entry.std)
     state = _load_state_dict(weights)
@@ -210,18 +241,20 @@ def _load_state_dict(uri: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _first_line(err: BaseException) -> str:
+def _first_line(err: object) -> str:
     return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def _replace_head(net: nn.Module, num_classes: int, head_from: Sequence[int] | None) -> None:
-    """Swap the last ``nn.Linear`` of ``net`` for one with ``num_classes`` outputs."""
+    """Swap the last ``nn.Linear`` of ``net`` for one with ``num_classes`` outputs, its rows ``head_from``'s."""
     name, old = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+    rows = list(head_from) if head_from is not None else None
+    if rows is not None and (len(rows) != num_classes or not all(0 <= r < old.out_features for r in rows)):
+        raise ValueError(f"head_from needs {num_classes} class indices in [0, {old.out_features})")
+    if rows == list(range(old.out_features)):
+        return  # the head as it is
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-    if head_from is not None:
-        rows = list(head_from)
-        if len(rows) != num_classes or not all(0 <= r < old.out_features for r in rows):
-            raise ValueError(f"head_from needs {num_classes} class indices in [0, {old.out_features})")
+    if rows is not None:
         with torch.no_grad():
             new.weight.copy_(old.weight[rows])
             if old.bias is not None:

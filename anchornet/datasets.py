@@ -7,7 +7,9 @@ deterministic per-class subset of such a tree out of symlinks. Standard library 
 
 Verification. The authors publish no SHA-256, and none is invented here: the archive's MD5 as recorded by
 torchvision (``torchvision.datasets.Imagenette``) checks the first download, whose SHA-256 is then recorded
-beside the archive (``<archive>.sha256``) and checked on every later use. Pass ``sha256=`` to pin it instead.
+beside the archive (``<archive>.sha256``) once it has extracted, and checked on every later use. Pass
+``sha256=`` to pin it instead. A download shorter than its ``Content-Length`` is refused, and an archive that
+does not extract is deleted, so a broken transfer never stays in the cache.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class ChecksumError(DatasetError):
 
 
 class UnsafeArchiveError(DatasetError):
-    """The archive holds a member that would land outside the extraction directory (or a device, ...)."""
+    """The archive holds a member that would land outside the extraction directory, a link or a device."""
 
 
 def default_cache_dir() -> Path:
@@ -84,7 +86,9 @@ def download_imagenette(
     Idempotent: a tree already extracted from an archive with the expected SHA-256 is returned at once; an
     archive already in the cache is verified and extracted without downloading. ``sha256=None`` trusts the
     first download that passes ``md5`` (by default the published MD5 of ``IMAGENETTE_160_URL``; nothing for
-    another URL), records its SHA-256 in ``<archive>.sha256`` and holds every later use to it.
+    another URL) and extracts, records its SHA-256 in ``<archive>.sha256`` and holds every later use to it. A
+    short download (fewer bytes than its ``Content-Length``) leaves no file; an archive that fails to extract
+    is deleted (with an unpinned record of it), so the next run downloads it again.
 
     Raises ``DatasetUnavailableError`` when the download fails, ``ChecksumError`` and ``UnsafeArchiveError``;
     every message is one line.
@@ -119,10 +123,15 @@ def download_imagenette(
             hint = f"; delete {record} to accept a new archive" if sha256 is None and expected else ""
             raise ChecksumError(f"{url}: {problem}; the download was deleted{hint}")
         digest = digests["sha256"]
-    if expected is None:
+    try:
+        _extract(archive, tree)
+    except DatasetError as err:  # kept, the same bytes would fail on every run: fetch them again next time
+        archive.unlink(missing_ok=True)
+        if sha256 is None:
+            record.unlink(missing_ok=True)  # it trusted an archive that does not extract (a truncated first download)
+        raise type(err)(f"{err}; the archive was deleted") from err
+    if expected is None:  # trust on first use, but only an archive that extracted
         record.write_text(digest + "\n")
-
-    _extract(archive, tree)
     marker.write_text(json.dumps({"url": url, "sha256": digest, "root": str(tree)}) + "\n")
     return tree
 
@@ -155,15 +164,22 @@ def _download(url: str, archive: Path, *, progress: bool, timeout: float) -> dic
         part = Path(f.name)
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
-                report = _Progress(archive.name, int(response.headers.get("Content-Length") or 0), sys.stderr)
+                length = _content_length(response.headers.get("Content-Length"))
+                report, received = _Progress(archive.name, length or 0, sys.stderr), 0
                 while chunk := response.read(_CHUNK):
                     f.write(chunk)
                     sha.update(chunk)
                     md.update(chunk)
+                    received += len(chunk)
                     if progress:
                         report.update(len(chunk))
                 if progress:
                     report.close()
+                if length is not None and received != length:
+                    raise DatasetUnavailableError(
+                        f"cannot download {url} (the connection closed after {received} of {length} bytes); "
+                        f"try again, or {DATA_HINT}"
+                    )
         except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as err:
             part.unlink()
             reason = f"HTTP {err.code}" if isinstance(err, urllib.error.HTTPError) else getattr(err, "reason", err)
@@ -173,6 +189,14 @@ def _download(url: str, archive: Path, *, progress: bool, timeout: float) -> dic
             raise
     os.replace(part, archive)
     return {"sha256": sha.hexdigest(), "md5": md.hexdigest()}
+
+
+def _content_length(value: str | None) -> int | None:
+    """The ``Content-Length`` header as a byte count; ``None`` when absent or not a number."""
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 class _Progress:
@@ -207,7 +231,9 @@ class _Progress:
 
 
 def _extract(archive: Path, tree: Path) -> None:
-    """Extract into ``tree``; no absolute names or ``..``, and tarfile's ``data`` filter (no links out, devices)."""
+    """Extract into ``tree``: regular files and directories only, no absolute names or ``..``, through tarfile's
+    ``data`` filter as well. Links are refused outright (an image dataset has none): the filter alone can be
+    walked out of with chains of symlinks on Pythons without the CVE-2025-4517 fix (3.11.7, say)."""
     if not hasattr(tarfile, "data_filter"):  # Python < 3.10.12 / 3.11.4
         raise DatasetError(f"extracting {archive.name} safely needs Python >= 3.10.12 (tarfile filters)")
     staging = Path(tempfile.mkdtemp(dir=archive.parent, prefix=f".{tree.name}.extracting-"))
@@ -217,6 +243,9 @@ def _extract(archive: Path, tree: Path) -> None:
                 for member in tar.getmembers():  # stricter than the filter, which makes absolute names relative
                     if member.name.startswith(("/", "\\")) or ".." in PurePosixPath(member.name).parts:
                         raise tarfile.FilterError(f"{member.name!r} points outside the archive")
+                    if not (member.isreg() or member.isdir()):
+                        what = "a symlink" if member.issym() else "a hard link" if member.islnk() else "a device"
+                        raise tarfile.FilterError(f"{member.name!r} is {what}; only files and directories are allowed")
                 tar.extractall(staging, filter="data")
         except tarfile.FilterError as err:
             raise UnsafeArchiveError(f"{archive.name}: refused unsafe member ({_one_line(err)})") from err

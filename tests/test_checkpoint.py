@@ -125,6 +125,91 @@ def test_newer_version_and_mismatched_weights_are_refused(tmp_path: Path) -> Non
         load_checkpoint(tmp_path / "bad.pt")
 
 
+def _tamper(tmp_path: Path, name: str, source: Path, change: Callable[[dict], dict]) -> Path:
+    """A copy of the checkpoint ``source`` as ``name``, its payload passed through ``change``."""
+    path = tmp_path / name
+    torch.save(change(torch.load(source, weights_only=True)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 3-class AnchorNet and a 3-class classifier checkpoint, both with class names (shared: read only)."""
+    directory = tmp_path_factory.mktemp("checkpoints")
+    paths = {"anchornet": directory / "anchornet.pt", "classifier": directory / "classifier.pt"}
+    save_checkpoint(anchornet_test(3), paths["anchornet"], class_names=["a", "b", "c"])
+    save_checkpoint(build_classifier("resnet18", 3), paths["classifier"], input_size=32, class_names=["a", "b", "c"])
+    return paths
+
+
+def _card(change: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    return lambda payload: {**payload, "card": change(dict(payload["card"]))}
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "needle"),
+    [
+        ("anchornet", _card(lambda c: {**c, "class_names": ["a", "b"]}), "names 2 classes for a model with 3 outputs"),
+        ("classifier", _card(lambda c: {**c, "class_names": ["a", "b"]}), "names 2 classes for a model with 3 outputs"),
+        ("classifier", _card(lambda c: {**c, "class_names": "abc"}), "class_names is not a list of strings"),
+        ("anchornet", _card(lambda c: {**c, "kind": "classifier"}), "card says kind 'classifier' but .* anchornet"),
+        ("classifier", _card(lambda c: {**c, "kind": "anchornet"}), "card says kind 'anchornet' but .* classifier"),
+        ("anchornet", _card(lambda c: {**c, "arch": {**c["arch"], "num_classes": 4}}), "arch on the card differs"),
+        ("anchornet", _card(lambda c: {k: v for k, v in c.items() if k != "macs"}), "card has no 'macs'"),
+        ("anchornet", _card(lambda c: {**c, "input_size": "224"}), "card input_size '224' is not a count"),
+        ("anchornet", _card(lambda c: {**c, "provenance": None}), "card provenance is a NoneType"),
+        ("anchornet", lambda p: {k: v for k, v in p.items() if k != "card"}, "malformed checkpoint: it has no 'card'"),
+        ("anchornet", lambda p: {k: v for k, v in p.items() if k != "state_dict"}, "it has no 'state_dict'"),
+        ("anchornet", lambda p: {**p, "arch": ["num_classes", 3]}, "'arch' is a list"),
+        ("anchornet", lambda p: {**p, "version": "1"}, "version '1' is not an integer"),
+        (
+            "anchornet",
+            lambda p: {**p, "arch": {**p["arch"], "colour": "red"}},
+            "anchornet arch on its card does not build .*TypeError: .*'colour'",
+        ),
+        (
+            "anchornet",
+            lambda p: {**p, "arch": {**p["arch"], "num_classes": 0}},
+            "does not build .*ValueError: num_classes must be at least 1",
+        ),
+        (
+            "classifier",
+            lambda p: {**p, "arch": {"name": "resnet18"}},
+            r"classifier arch on its card does not build .*holds name and num_classes, got \['name'\]",
+        ),
+        (
+            "classifier",
+            lambda p: {**p, "arch": {"name": "resnet9000", "num_classes": 3}},
+            "does not build .*unknown classifier 'resnet9000'",
+        ),
+    ],
+)
+def test_malformed_or_inconsistent_checkpoints_fail_in_one_line(
+    tmp_path: Path, checkpoints: dict[str, Path], kind: str, change: Callable[[dict], dict], needle: str
+) -> None:
+    path = _tamper(tmp_path, "tampered.pt", checkpoints[kind], change)
+    with pytest.raises(CheckpointError, match=needle) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_mismatched_weights_are_reported_in_one_line(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    path = _tamper(
+        tmp_path, "w.pt", checkpoints["classifier"], lambda p: {**p, "arch": {**p["arch"], "num_classes": 4}}
+    )
+    with pytest.raises(CheckpointError, match=r"do not match .*size mismatch for net\.fc\.weight") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+
+
+def test_cards_without_optional_fields_load(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    optional = ("class_names", "preprocessing", "provenance")
+    bare = _card(lambda c: {k: v for k, v in c.items() if k not in optional})
+    path = _tamper(tmp_path, "bare.pt", checkpoints["anchornet"], bare)
+    _, card = load_checkpoint(path)
+    assert card.class_names is None and card.preprocessing == {} and card.provenance == {} and card.extra == {}
+
+
 @pytest.mark.slow
 def test_s3_round_trip(s3_bucket: str) -> None:
     model = anchornet_test(10).eval()

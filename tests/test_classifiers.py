@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.server
+import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,9 @@ import torch
 
 from anchornet import storage
 from anchornet.classifiers import (
+    _REGISTRY,
     Classifier,
+    ClassifierEntry,
     WeightsUnavailableError,
     build_classifier,
     classifier_names,
@@ -90,26 +95,118 @@ def test_imagenet_weights_with_a_head_for_a_class_subset() -> None:
         build_classifier("efficientnet_lite0", 3, weights="imagenet", head_from=[0, 1])
 
 
+def _tiny_net(num_classes: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, num_classes))
+
+
+def _tiny_imagenet_weights() -> dict[str, torch.Tensor]:
+    return _tiny_net(1000).state_dict()  # the same "ImageNet" weights after the same torch.manual_seed
+
+
+@pytest.fixture
+def tiny_imagenet(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A registered architecture whose "ImageNet" weights are made up here: head_from without a download."""
+    monkeypatch.setitem(_REGISTRY, "tiny_imagenet", ClassifierEntry(_tiny_net, _tiny_imagenet_weights))
+    return "tiny_imagenet"
+
+
+def test_head_from_on_imagenet_itself_keeps_or_reorders_the_head(tiny_imagenet: str) -> None:
+    torch.manual_seed(0)
+    full = build_classifier(tiny_imagenet, 1000, weights="imagenet").eval()
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = full(x)
+        torch.manual_seed(0)
+        same = build_classifier(tiny_imagenet, 1000, weights="imagenet", head_from=range(1000)).eval()
+        assert torch.equal(same.net[2].weight, full.net[2].weight)
+        torch.testing.assert_close(same(x), expected)
+        order = torch.randperm(1000).tolist()
+        torch.manual_seed(0)
+        reordered = build_classifier(tiny_imagenet, 1000, weights="imagenet", head_from=order).eval()
+        torch.testing.assert_close(reordered(x), expected[:, order])
+    for bad in (list(range(999)), [*range(999), 1000]):
+        with pytest.raises(ValueError, match=r"head_from needs 1000 class indices in \[0, 1000\)"):
+            build_classifier(tiny_imagenet, 1000, weights="imagenet", head_from=bad)
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
 
-def test_download_from_a_local_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def www(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, str]]:
+    """A directory served on 127.0.0.1 and its base URL; torch.hub's cache under tmp_path/hub."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
     serve_dir = tmp_path / "www"
     serve_dir.mkdir()
-    state = {"w": torch.arange(4.0)}
-    torch.save(state, serve_dir / "tiny-0123abcd.pth")
     handler = lambda *a, **k: _Handler(*a, directory=str(serve_dir), **k)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/tiny-0123abcd.pth"
-        assert torch.equal(download_state_dict(url, "tiny weights")["w"], state["w"])
+        yield serve_dir, f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+        server.server_close()
+
+
+def _hub_files(tmp_path: Path) -> list[str]:
+    checkpoints = tmp_path / "hub" / "hub" / "checkpoints"
+    return sorted(p.name for p in checkpoints.iterdir()) if checkpoints.is_dir() else []
+
+
+def _weights_file(directory: Path, stem: str, state: dict[str, torch.Tensor]) -> tuple[str, bytes]:
+    """Save ``state`` as ``STEM-<sha256 prefix>.pth`` (torchvision's naming) in ``directory``; name and bytes."""
+    torch.save(state, directory / "tmp.pth")
+    data = (directory / "tmp.pth").read_bytes()
+    (directory / "tmp.pth").unlink()
+    name = f"{stem}-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    (directory / name).write_bytes(data)
+    return name, data
+
+
+def test_download_from_a_local_server(www: tuple[Path, str], tmp_path: Path) -> None:
+    serve_dir, base = www
+    state = {"w": torch.arange(4.0)}
+    name, _ = _weights_file(serve_dir, "tiny", state)
+    assert torch.equal(download_state_dict(f"{base}/{name}", "tiny weights")["w"], state["w"])
+    assert _hub_files(tmp_path) == [name]
+
+
+def test_truncated_download_is_refused_and_not_cached(www: tuple[Path, str], tmp_path: Path) -> None:
+    serve_dir, base = www
+    name, data = _weights_file(serve_dir, "tiny", {"w": torch.arange(1000.0)})
+    (serve_dir / name).write_bytes(data[: len(data) // 2])  # the connection dropped half way
+    with pytest.raises(WeightsUnavailableError, match=r"could not download tiny weights .*invalid hash value") as info:
+        download_state_dict(f"{base}/{name}", "tiny weights")
+    assert "\n" not in str(info.value) and _hub_files(tmp_path) == []
+    # No hash in the name: the file that does not load is deleted, not left to fail every later run.
+    (serve_dir / "nohash.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsUnavailableError, match=r"cannot load it .*the download was deleted") as info:
+        download_state_dict(f"{base}/nohash.pth", "tiny weights")
+    assert "\n" not in str(info.value) and _hub_files(tmp_path) == []
+
+
+def test_a_corrupt_cached_file_is_fetched_again(www: tuple[Path, str], tmp_path: Path) -> None:
+    serve_dir, base = www
+    state = {"w": torch.arange(1000.0)}
+    name, data = _weights_file(serve_dir, "tiny", state)
+    cached = tmp_path / "hub" / "hub" / "checkpoints" / name
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(data[: len(data) // 2])  # left by an earlier download that was not checked
+    assert torch.equal(download_state_dict(f"{base}/{name}", "tiny weights")["w"], state["w"])
+    assert cached.read_bytes() == data
+    # Offline, a corrupt cached file is removed, so the next run online downloads it again.
+    cached.write_bytes(b"\x80\x02garbage")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once closed
+    with pytest.raises(WeightsUnavailableError, match="could not download") as info:
+        download_state_dict(f"http://127.0.0.1:{port}/{name}", "tiny weights")
+    assert "\n" not in str(info.value) and not cached.exists()
 
 
 def test_offline_download_fails_in_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

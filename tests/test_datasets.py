@@ -51,23 +51,32 @@ def _tree(train: int = 3, val: int = 2) -> dict[str, bytes]:
 
 
 class _Server:
-    """Serves ``files`` (name -> bytes) on 127.0.0.1 from a thread and counts the requests."""
+    """Serves ``files`` (name -> bytes) on 127.0.0.1 from a thread and counts the requests.
+
+    ``cut[name] = n`` sends only the first n bytes and closes the connection (announcing the full length unless
+    ``name`` is in ``no_length``, which sends no ``Content-Length``): a transfer broken half way.
+    """
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files, self.requests = files, 0
+        self.cut: dict[str, int] = {}
+        self.no_length: set[str] = set()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 server.requests += 1
-                data = server.files.get(self.path.lstrip("/"))
+                name = self.path.lstrip("/")
+                data = server.files.get(name)
                 if data is None:
                     self.send_error(404)
                     return
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
+                if name not in server.no_length:
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                self.wfile.write(data[: server.cut.get(name, len(data))])
+                self.close_connection = True
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -156,6 +165,46 @@ def test_offline_is_one_line_naming_data(tmp_path: Path, monkeypatch: pytest.Mon
     assert not list(tmp_path.iterdir())  # no partial download left
 
 
+def test_short_download_leaves_nothing(server: _Server, tmp_path: Path) -> None:
+    url, data = server.url("imagenette2-160.tgz"), server.files["imagenette2-160.tgz"]
+    server.cut["imagenette2-160.tgz"] = half = len(data) // 2
+    with pytest.raises(DatasetUnavailableError, match=rf"after {half} of {len(data)} bytes.*--data DIR") as err:
+        download_imagenette(tmp_path, url=url, progress=False)
+    assert "\n" not in str(err.value)
+    assert not list(tmp_path.iterdir())  # no archive, no temporary file, no .sha256 record
+    server.cut.clear()  # the network recovers: the next run downloads and records the right archive
+    assert (download_imagenette(tmp_path, url=url, progress=False) / "val").is_dir()
+    assert (tmp_path / "imagenette2-160.tgz.sha256").read_text().strip() == _sha256(data)
+
+
+def test_archive_that_does_not_extract_is_not_trusted(server: _Server, tmp_path: Path) -> None:
+    """No Content-Length to check, no pinned hash: a truncated first download must not jam the cache."""
+    url, data = server.url("imagenette2-160.tgz"), server.files["imagenette2-160.tgz"]
+    server.no_length.add("imagenette2-160.tgz")
+    server.cut["imagenette2-160.tgz"] = len(data) // 2
+    with pytest.raises(DatasetError, match=r"cannot extract .*the archive was deleted") as err:
+        download_imagenette(tmp_path, url=url, progress=False)
+    assert "\n" not in str(err.value)
+    assert not list(tmp_path.iterdir())  # no archive and no .sha256 record of it
+    server.cut.clear()
+    assert (download_imagenette(tmp_path, url=url, progress=False) / "val").is_dir()
+    assert (tmp_path / "imagenette2-160.tgz.sha256").read_text().strip() == _sha256(data)
+    assert server.requests == 2
+
+
+def test_cache_jammed_by_a_recorded_broken_archive_recovers(server: _Server, tmp_path: Path) -> None:
+    """A cache left by an earlier version: a truncated archive with its SHA-256 recorded as trusted."""
+    url, data = server.url("imagenette2-160.tgz"), server.files["imagenette2-160.tgz"]
+    broken = data[: len(data) // 2]
+    (tmp_path / "imagenette2-160.tgz").write_bytes(broken)
+    (tmp_path / "imagenette2-160.tgz.sha256").write_text(_sha256(broken) + "\n")
+    with pytest.raises(DatasetError, match=r"cannot extract .*the archive was deleted"):
+        download_imagenette(tmp_path, url=url, progress=False)
+    assert not list(tmp_path.iterdir()) and server.requests == 0
+    assert (download_imagenette(tmp_path, url=url, progress=False) / "val").is_dir()
+    assert (tmp_path / "imagenette2-160.tgz.sha256").read_text().strip() == _sha256(data)
+
+
 def test_http_error_is_unavailable(server: _Server, tmp_path: Path) -> None:
     with pytest.raises(DatasetUnavailableError, match=r"HTTP 404.*--data DIR"):
         download_imagenette(tmp_path, url=server.url("missing.tgz"), progress=False)
@@ -187,6 +236,61 @@ def test_symlink_out_of_the_archive_is_refused(server: _Server, tmp_path: Path) 
     server.files["link.tgz"] = buffer.getvalue()
     with pytest.raises(UnsafeArchiveError):
         download_imagenette(tmp_path, url=server.url("link.tgz"), progress=False)
+
+
+def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+@pytest.mark.parametrize(
+    "links",
+    [
+        # A symlink to a directory inside the tree, then a file written through it (CVE-2025-4517 chains these).
+        [_link("imagenette2-160/train/up", ".."), ("imagenette2-160/train/up/escaped.txt", b"gotcha")],
+        # Chained symlinks, each one resolving inside the destination on its own.
+        [
+            _link("imagenette2-160/a", "train"),
+            _link("imagenette2-160/a/b", "../val"),
+            _link("imagenette2-160/c", "a/b"),
+        ],
+        # A hard link to a file of the archive.
+        [
+            _link(
+                "imagenette2-160/train/copy.JPEG",
+                f"imagenette2-160/train/{CLASSES[0]}/{CLASSES[0]}_0.JPEG",
+                tarfile.LNKTYPE,
+            )
+        ],
+    ],
+    ids=["symlink-then-file", "symlink-chain", "hard-link"],
+)
+def test_links_in_the_archive_are_refused(
+    server: _Server, tmp_path: Path, links: list[tarfile.TarInfo | tuple[str, bytes]]
+) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in _tree().items():
+            info = tarfile.TarInfo(f"imagenette2-160/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for item in links:
+            if isinstance(item, tarfile.TarInfo):
+                tar.addfile(item)
+            else:
+                info = tarfile.TarInfo(item[0])
+                info.size = len(item[1])
+                tar.addfile(info, io.BytesIO(item[1]))
+    server.files["links.tgz"] = data = buffer.getvalue()
+    cache = tmp_path / "cache"
+    with pytest.raises(
+        UnsafeArchiveError, match=r"refused unsafe member \('imagenette2-160/.*' is a (symlink|hard link);"
+    ) as err:
+        download_imagenette(cache, url=server.url("links.tgz"), sha256=_sha256(data), progress=False)
+    assert "\n" not in str(err.value)
+    assert not (cache / "links").exists() and not (tmp_path / "escaped.txt").exists()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # nothing extracted, even to staging
 
 
 def test_archive_without_splits(server: _Server, tmp_path: Path) -> None:
