@@ -184,20 +184,21 @@ def load_checkpoint(path: str | os.PathLike[str], data: bytes | None = None) -> 
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{path}: weights do not match the architecture on its card: {_one_line(err)}") from err
-    return model.eval(), _read_card(path, payload["card"], kind, arch, model)
+    return model.eval(), _read_card(path, payload["card"], kind, arch, model.config.get("num_classes"))
 
 
 _CARD_FIELDS = ("kind", "arch", "input_size", "macs", "class_names", "preprocessing", "provenance")
 
 
 def _read_card(
-    path: str | os.PathLike[str], card: dict[str, Any], kind: str, arch: dict[str, Any], model: nn.Module
+    path: str | os.PathLike[str], card: dict[str, Any], kind: str, arch: dict[str, Any], num_classes: int | None
 ) -> ModelCard:
-    """The card of a checkpoint whose ``kind`` and ``arch`` built ``model``; ``CheckpointError`` unless it fits."""
+    """The card of a checkpoint whose ``kind`` and ``arch`` built a model of ``num_classes`` outputs;
+    ``CheckpointError`` unless it fits."""
     missing = [key for key in ("kind", "arch", "input_size", "macs") if key not in card]
     if missing:
         raise CheckpointError(f"{path} is a malformed checkpoint: its card has no {missing[0]!r}")
-    if card["kind"] != _kind_and_arch(model)[0]:
+    if card["kind"] != kind:
         raise CheckpointError(f"{path}: the card says kind {card['kind']!r} but the checkpoint holds a {kind}")
     if card["arch"] != arch:
         raise CheckpointError(f"{path}: the arch on the card differs from the one the weights were built with")
@@ -209,7 +210,6 @@ def _read_card(
     if names is not None:
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise CheckpointError(f"{path} is a malformed checkpoint: card class_names is not a list of strings")
-        num_classes = _kind_and_arch(model)[1].get("num_classes")
         if num_classes is not None and len(names) != num_classes:
             raise CheckpointError(f"{path}: the card names {len(names)} classes for a model with {num_classes} outputs")
     for key in ("preprocessing", "provenance"):

@@ -19,6 +19,10 @@ from torchvision.transforms.v2 import functional as TF
 __all__ = ["ImageDecodeError", "Preprocessing", "decode_image", "to_float"]
 
 DEFAULT_MAX_PIXELS = 64_000_000
+#: Longest side over the shortest that serving and the precompute job accept by default (``max_aspect_ratio``):
+#: resizing the shorter side of a 96 x 666,000 image to 256 makes a 1.4 GB buffer. ``decode_image`` itself has
+#: no limit unless asked.
+DEFAULT_MAX_ASPECT_RATIO = 20.0
 
 
 class ImageDecodeError(ValueError):

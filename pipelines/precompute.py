@@ -60,7 +60,7 @@ from anchornet import (
     storage,
 )
 from anchornet.image_folder import ImageFolderIndex, scan_image_folder
-from anchornet.preprocessing import to_float
+from anchornet.preprocessing import DEFAULT_MAX_ASPECT_RATIO, to_float
 from pipelines import schema
 from pipelines.schema import Encoding
 
@@ -84,9 +84,8 @@ FORMAT = "anchornet-patches"
 #: resumption. On one CPU thread 16 was also faster than 64 (3.1-3.5 against 4.0-5.0 ms per image).
 FORWARD_BATCH = 16
 
-#: Default ``--max-aspect-ratio``, serving's limit (``pipelines.serve.MAX_ASPECT_RATIO``): resizing the shorter side
-#: of a 96 x 666,000 image to 256 makes a 1.4 GB buffer, and an OOM kill would fail its shard on every run.
-MAX_ASPECT_RATIO = 20.0
+#: Default ``--max-aspect-ratio``, serving's limit: an OOM kill on a long thin image would fail its shard on every run.
+MAX_ASPECT_RATIO = DEFAULT_MAX_ASPECT_RATIO
 
 #: Pauses between the tries of an input read that failed with an error that may pass (an S3 read pyarrow gave up
 #: on, an NFS I/O error): 3 tries in 0.5 s. A read still failing fails its shard instead of dropping the image.
@@ -462,8 +461,9 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
     reports = _run_shards(plan, pending) if pending else []
     failed = {r["shard"]: r["failed"] for r in reports if r.get("failed")}
     written = [r for r in reports if not r.get("failed")]
-    result = PrecomputeResult(config.output, False, n, len(written), len(done), shard_reports=written)
-    result.failed_shards = failed
+    result = PrecomputeResult(
+        config.output, False, n, len(written), len(done), shard_reports=written, failed_shards=failed
+    )
     missing = sorted(set(range(n)) - list_done_shards(config.output))
     if failed:
         first = min(failed)

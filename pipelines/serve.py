@@ -73,7 +73,7 @@ from anchornet.early_exit import (
     step_contribution,
 )
 from anchornet.model import AnchorNet
-from anchornet.preprocessing import to_float
+from anchornet.preprocessing import DEFAULT_MAX_ASPECT_RATIO, to_float
 from pipelines.serve_http import (
     ApiError,
     install_error_handlers,
@@ -109,7 +109,7 @@ BUILTIN_BUDGETS: dict[str, tuple[float, ...] | None] = {"all-steps": None, "glan
 #: Keys of the ingress ``user_config`` (``load_budgets``).
 USER_CONFIG_KEYS = ("thresholds_path", "budgets", "default_budget")
 #: Longest image side over the shortest that serving accepts by default (checked before decoding).
-MAX_ASPECT_RATIO = 20.0
+MAX_ASPECT_RATIO = DEFAULT_MAX_ASPECT_RATIO
 
 
 # --------------------------------------------------------------------------------------------------------------

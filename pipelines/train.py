@@ -771,6 +771,11 @@ def _preflight(config: TrainConfig) -> tuple[list[str], dict[str, Any]]:
     return classes, train_data.holdout_record(splits, config.holdout_size, config.holdout_seed)
 
 
+def _config_defaults() -> dict[str, Any]:
+    """``TrainConfig``'s default of every field: what a run manifest that does not record a setting ran with."""
+    return {f.name: f.default for f in fields(TrainConfig)}
+
+
 def _in_images(manifest: dict[str, Any]) -> dict[str, Any]:
     """The earlier run's config with ``batch_size`` in images and its effective lr, for ``changed_on_resume``.
 
@@ -780,7 +785,7 @@ def _in_images(manifest: dict[str, Any]) -> dict[str, Any]:
     earlier = manifest.get("config", {})
     if manifest.get("batch_unit") or manifest.get("stage") != "patch" or not earlier.get("patches"):
         return earlier
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    defaults = _config_defaults()
     patches = earlier.get("batch_size", defaults["batch_size"])
     lr = earlier.get("lr") or BASE_LR["patch"] * patches / 256
     return {**earlier, "batch_size": patches / earlier.get("num_patches", defaults["num_patches"]), "lr": lr}
@@ -799,7 +804,7 @@ def changed_on_resume(earlier: dict[str, Any], config: TrainConfig) -> list[str]
     """
     if not earlier:
         return []
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    defaults = _config_defaults()
     now = config.to_dict()
     changed = []
     for key in RESUME_FIXED:
