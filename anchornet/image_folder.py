@@ -6,6 +6,7 @@ import hashlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pyarrow.fs as pafs
 import torch
@@ -18,10 +19,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
     "ImageFolderIndex",
+    "evenly_spaced",
     "holdout_digest",
     "holdout_indices",
     "scan_image_folder",
 ]
+
+T = TypeVar("T")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -90,6 +94,15 @@ def scan_image_folder(
     if not items:
         raise ValueError(f"no images under {root} (extensions: {', '.join(extensions)})")
     return ImageFolderIndex(root=str(root), classes=list(classes), items=items)
+
+
+def evenly_spaced(items: Sequence[T], count: int) -> list[T]:
+    """``count`` of ``items`` evenly spaced over them, in order (all of them when there are fewer): item
+    ``floor(i * n / count)`` for ``i < count``. An index is sorted by class, so its first ``count`` would be one
+    or two classes."""
+    n = len(items)
+    count = min(count, n)
+    return [items[i * n // count] for i in range(count)]
 
 
 def holdout_indices(index: ImageFolderIndex, size: int, seed: int) -> list[int]:

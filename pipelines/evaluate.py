@@ -36,6 +36,7 @@ from anchornet.early_exit import EarlyExitClassifier, cumulative_step_macs
 from anchornet.image_folder import (
     ImageFolderDataset,
     ImageFolderIndex,
+    evenly_spaced,
     holdout_digest,
     holdout_indices,
     scan_image_folder,
@@ -219,13 +220,7 @@ def evaluation_indices(num_images: int, holdout: Holdout, limit: int | None = No
     first ``limit`` would be one or two classes)."""
     held = set(holdout.indices) if holdout.from_test_split else set()
     kept = [i for i in range(num_images) if i not in held]
-    return kept if limit is None else _evenly(kept, limit)
-
-
-def _evenly(items: Sequence[int], count: int) -> list[int]:
-    """``count`` of ``items`` evenly spaced over them (all of them when there are fewer), in order."""
-    count = min(count, len(items))
-    return [items[k * len(items) // count] for k in range(count)]
+    return kept if limit is None else evenly_spaced(kept, limit)
 
 
 @dataclass
@@ -446,7 +441,7 @@ def _measure_time(
     """ms/image of the batched early-exit engine against the full-224 network on the same batch and cores: a batch
     of test images evenly spaced over the (class-sorted) test set, so the budget's exits are those of all classes."""
     count = min(config.timing_batch, len(test_set))
-    images = torch.stack([test_set[i][0] for i in _evenly(range(len(test_set)), count)])
+    images = torch.stack([test_set[i][0] for i in evenly_spaced(range(len(test_set)), count)])
     images = to_float(images)
     chosen = next((b for b in budgets if match and b.name == match[0]), None) or max(budgets, key=lambda b: b.accuracy)
     engine.thresholds = chosen.thresholds

@@ -25,6 +25,7 @@ from anchornet import storage
 from anchornet.image_folder import (
     ImageFolderDataset,
     ImageFolderIndex,
+    evenly_spaced,
     holdout_digest,
     holdout_indices,
     scan_image_folder,
@@ -113,11 +114,9 @@ def limit_index(index: ImageFolderIndex, limit: int) -> ImageFolderIndex:
     """``limit`` items evenly spaced over ``index`` (all of it when it is smaller)."""
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
-    n = len(index)
-    if n <= limit:
+    if len(index) <= limit:
         return index
-    picks = [index.items[math.floor(i * n / limit)] for i in range(limit)]
-    return ImageFolderIndex(root=index.root, classes=index.classes, items=picks)
+    return ImageFolderIndex(root=index.root, classes=index.classes, items=evenly_spaced(index.items, limit))
 
 
 def train_transform(

@@ -13,6 +13,7 @@ from anchornet import storage
 from anchornet.image_folder import (
     ImageFolderDataset,
     ImageFolderIndex,
+    evenly_spaced,
     holdout_digest,
     holdout_indices,
     scan_image_folder,
@@ -101,3 +102,10 @@ def test_s3_tree(s3_bucket: str) -> None:
     assert ImageFolderDataset(index)[0][0].shape == (3, 224, 224)
     with pytest.raises(FileNotFoundError, match="input not found"):
         scan_image_folder(storage.join(s3_bucket, "nothing-here"))
+
+
+def test_evenly_spaced_spreads_over_the_items_in_order() -> None:
+    assert evenly_spaced(range(10), 5) == [0, 2, 4, 6, 8]
+    assert evenly_spaced(range(6), 2) == [0, 3]
+    assert evenly_spaced(list("abc"), 7) == ["a", "b", "c"]  # all of them when there are fewer
+    assert evenly_spaced([], 3) == []
