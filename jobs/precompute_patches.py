@@ -40,6 +40,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     out.add_argument("--num-patches", type=int, default=4, help="patches per image (T - 1)")
     out.add_argument("--iou-threshold", type=float, default=0.3, help="NMS threshold of the patch selection")
     out.add_argument("--shard-size", type=int, default=1000, help="images per Parquet shard")
+    out.add_argument(
+        "--shard-order",
+        choices=("mixed", "sorted"),
+        default="mixed",
+        help="mixed: images spread over the shards by a hash of their paths, every shard a sample of all classes; "
+        "sorted: consecutive images of the sorted tree (outputs written before this flag existed)",
+    )
     out.add_argument("--image-encoding", choices=("png", "jpeg", "raw"), default="jpeg", help="glance/crop encoding")
     out.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality when --image-encoding jpeg")
     out.add_argument("--min-size", type=int, default=None, help="smallest accepted image side (default: K)")
@@ -68,6 +75,7 @@ def build_config(args: argparse.Namespace) -> PrecomputeConfig:
         num_patches=args.num_patches,
         iou_threshold=args.iou_threshold,
         shard_size=args.shard_size,
+        shard_order=args.shard_order,
         image_encoding=args.image_encoding,
         jpeg_quality=args.jpeg_quality,
         min_size=args.min_size,

@@ -4,8 +4,10 @@ The job, end to end (layout and schema in ``pipelines.schema``):
 
 1. The driver indexes the tree (sorted: ``anchornet.image_folder.scan_image_folder``), loads the checkpoint
    once to validate it and hashes its bytes (the checkpoint id), and cuts the index into shards of
-   ``shard_size`` consecutive images: shard ``i`` is ``items[i * N:(i + 1) * N]``, written to
-   ``shards/part-{i:05d}.parquet``. Same tree and options, same shards, same names.
+   ``shard_size`` images (``JobPlan.shard_items``): with ``shard_order="mixed"`` (default) the images ordered by
+   the SHA-256 of their relative paths, so that every shard holds a sample of all classes (training shuffles a
+   window of shards at a time); with ``"sorted"`` consecutive images of the index. Shard ``i`` is written to
+   ``shards/part-{i:05d}.parquet``, its rows in path order. Same tree and options, same shards, same names.
 2. It writes ``_job.json`` (which doubles as the writability probe) and skips every shard whose file is
    already there: a shard file only appears once complete, so a re-run after a kill finishes the rest.
 3. A Ray Dataset of the pending shards (one row each: index and image list) flows through an actor pool
@@ -37,6 +39,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,6 +65,7 @@ from anchornet import (
 from anchornet.image_folder import ImageFolderIndex, scan_image_folder
 from anchornet.preprocessing import DEFAULT_MAX_ASPECT_RATIO, to_float
 from pipelines import schema
+from pipelines.cluster import local_paths_warning
 from pipelines.schema import Encoding
 
 __all__ = [
@@ -95,7 +99,15 @@ READ_RETRY_DELAYS = (0.1, 0.4)
 DISAPPEARED = "file disappeared after the input was indexed"
 
 #: Identity keys added after outputs were written, with the value those outputs were written with.
-_LEGACY_IDENTITY = {"max_aspect_ratio": None}
+_LEGACY_IDENTITY: dict[str, Any] = {"max_aspect_ratio": None, "shard_order": "sorted"}
+#: For each such key: what the refusal says of those outputs, and the flag that resumes them.
+_LEGACY_FLAGS = {
+    "max_aspect_ratio": ("--max-aspect-ratio existed (no limit)", "--max-aspect-ratio 0"),
+    "shard_order": ("--shard-order existed (sorted shards)", "--shard-order sorted"),
+}
+
+#: ``--shard-order``: how the sorted index is cut into shards (``JobPlan.shard_items``).
+ShardOrder = Literal["mixed", "sorted"]
 
 
 class PrecomputeError(RuntimeError):
@@ -130,6 +142,7 @@ class PrecomputeConfig:
     num_patches: int = 4
     iou_threshold: float = 0.3
     shard_size: int = 1000
+    shard_order: ShardOrder = "mixed"
     image_encoding: Encoding = "jpeg"
     jpeg_quality: int = 95
     min_size: int | None = None
@@ -148,6 +161,7 @@ class PrecomputeConfig:
             (self.num_patches >= 1, f"--num-patches must be at least 1, got {self.num_patches}"),
             (0.0 <= self.iou_threshold <= 1.0, f"--iou-threshold must be in [0, 1], got {self.iou_threshold}"),
             (self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}"),
+            (self.shard_order in ("mixed", "sorted"), f"unknown --shard-order {self.shard_order!r}"),
             (self.image_encoding in ("png", "jpeg", "raw"), f"unknown --image-encoding {self.image_encoding!r}"),
             (1 <= self.jpeg_quality <= 100, f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}"),
             (self.min_size is None or self.min_size >= 1, f"--min-size must be positive, got {self.min_size}"),
@@ -184,9 +198,23 @@ class JobPlan:
     def num_shards(self) -> int:
         return math.ceil(len(self.index.items) / self.config.shard_size)
 
+    @cached_property
+    def _shard_sequence(self) -> list[tuple[str, int]]:
+        """The index in the order it is cut into shards: by SHA-256 of the relative path ("mixed"), or as sorted."""
+        items = self.index.items
+        if self.config.shard_order == "sorted":
+            return items
+        return sorted(items, key=lambda item: hashlib.sha256(item[0].encode()).digest())
+
     def shard_items(self, shard: int) -> list[tuple[str, int]]:
+        """The images of ``shard`` in path order: ``shard_size`` consecutive images of the shard order.
+
+        "mixed" orders by a hash of each path, stable across runs, machines and library versions, so every shard
+        is a uniform sample of the tree: one 1000-image ImageNet shard holds images of about 630 classes, where
+        "sorted" puts one or two classes in each (and a training window of 16 shards would mix only ~16-32).
+        """
         size = self.config.shard_size
-        return self.index.items[shard * size : (shard + 1) * size]
+        return sorted(self._shard_sequence[shard * size : (shard + 1) * size])
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -208,6 +236,7 @@ class JobPlan:
             "min_size": self.min_size,
             "max_aspect_ratio": c.max_aspect_ratio,
             "shard_size": c.shard_size,
+            "shard_order": c.shard_order,
             "num_shards": self.num_shards,
             "image_encoding": c.image_encoding,
             "jpeg_quality": c.jpeg_quality if c.image_encoding == "jpeg" else None,
@@ -377,9 +406,10 @@ def _check_or_claim_output(plan: JobPlan) -> bool:
         if recorded != identity:
             differences = _differences(recorded, identity)
             hint = "use a new --output"
-            if "max_aspect_ratio" in legacy and "max_aspect_ratio" in differences:
-                before = "it was written before --max-aspect-ratio existed (no limit)"
-                hint = f"{before}: add --max-aspect-ratio 0, or {hint}"
+            older = [_LEGACY_FLAGS[k] for k in differences if k in legacy]
+            if older:
+                before, flags = " and ".join(o[0] for o in older), " ".join(o[1] for o in older)
+                hint = f"it was written before {before}: add {flags}, or {hint}"
             keys = ", ".join(differences)
             raise PrecomputeError(f"output {out} holds a different job ({name} differs in: {keys}); {hint}")
     if manifest is not None:
@@ -427,15 +457,8 @@ def shared_storage_warning(nodes: Sequence[Mapping[str, Any]], input: str, outpu
     ``ray.nodes()`` lists them), else ``None``. The driver lists the input on its node and every actor opens the
     paths on its own: unless they are the same shared storage everywhere, images go missing and shards land on the
     workers' disks."""
-    alive = sum(1 for node in nodes if node.get("Alive", node.get("alive", False)))
-    local = [f"--{flag} {path}" for flag, path in (("input", input), ("output", output)) if not storage.is_remote(path)]
-    if alive <= 1 or not local:
-        return None
-    verb = "is a local path" if len(local) == 1 else "are local paths"
-    return (
-        f"the Ray cluster has {alive} nodes and {' and '.join(local)} {verb}: "
-        "it must be shared storage (NFS, EFS, FSx) mounted at the same path on every node, else images are missing "
-        "on other nodes and shards land on their disks"
+    return local_paths_warning(
+        nodes, {"input": input, "output": output}, "images are missing on other nodes and shards land on their disks"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -23,11 +24,13 @@ from PIL import Image
 
 import anchornet
 from anchornet import Preprocessing, class_activation_map, crop_patches, decode_image, select_patches, storage
+from anchornet.image_folder import ImageFolderIndex
 from anchornet.preprocessing import to_float
 from pipelines import schema
 from pipelines.patch_dataset import PatchDataset
 from pipelines.precompute import (
     FORWARD_BATCH,
+    JobPlan,
     PrecomputeConfig,
     PrecomputeError,
     ShardWriter,
@@ -37,6 +40,8 @@ from pipelines.precompute import (
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 5
+#: The first shard of the test tree in the default "mixed" order (the 5 paths first by SHA-256).
+PINNED_FIRST_SHARD = ["cat/cmyk.jpg", "cat/grey.png", "cat/rgb_wide.jpg", "dog/rgb_0.jpg", "dog/truncated.jpg"]
 GOOD = 12
 BAD = {
     "dog/empty.jpg": "empty image",
@@ -122,7 +127,7 @@ def test_shard_content_matches_the_library(tree: Path, checkpoint: Path, tmp_pat
     """Crops, glance, CAM and selection of a written shard equal a direct library computation (raw pixels)."""
     plan = plan_job(_config(tree, tmp_path / "out", checkpoint, image_encoding="raw"))
     writer = ShardWriter(plan.worker_spec())
-    items = plan.shard_items(0)
+    items = [item for item in plan.shard_items(0) if item[0] not in BAD]  # cats and dogs
     assert writer.write_shard(0, items) == (len(items), 0)
     table = pq.read_table(tmp_path / "out/shards/part-00000.parquet")
     assert table.schema.equals(schema.shard_schema(plan.worker_spec()["schema_metadata"]), check_metadata=False)
@@ -136,7 +141,8 @@ def test_shard_content_matches_the_library(tree: Path, checkpoint: Path, tmp_pat
     crops = crop_patches(images, selection.boxes)
     k = model.receptive_field.size
     for b, row in enumerate(table.to_pylist()):
-        assert row["label"] == 0 and row["class_name"] == "cat"
+        label = items[b][1]
+        assert row["label"] == label and row["class_name"] == plan.index.classes[label]
         assert row["num_patches"] == 4 == len(row["patches"])
         assert row["boxes"] == selection.boxes[b].long().tolist()
         assert row["cells"] == selection.cells[b].tolist()
@@ -164,6 +170,31 @@ def test_rows_do_not_depend_on_the_batch_size(tree: Path, checkpoint: Path, tmp_
     for size in (1, 5):
         parts = [writer.process(decoded[i : i + size]).to_pylist() for i in range(0, len(decoded), size)]
         assert [row for part in parts for row in part] == whole
+
+
+def test_mixed_shards_hold_every_class(tree: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """ImageNet-like: 50 classes of 40 images, shards of 200. Training shuffles a window of shards at a time, so a
+    shard must be a sample of the classes, not one or two of them as consecutive images of the sorted tree."""
+    classes = [f"n{c:08d}" for c in range(50)]
+    index = ImageFolderIndex(
+        "/data", classes, [(f"{name}/{i:04d}.JPEG", c) for c, name in enumerate(classes) for i in range(40)]
+    )
+    real = plan_job(_config(tree, tmp_path, checkpoint))
+
+    def plan(order: str) -> JobPlan:
+        config = _config(tree, tmp_path, checkpoint, shard_size=200, shard_order=order)
+        return dataclasses.replace(real, config=config, index=index)
+
+    def classes_per_shard(order: str) -> list[int]:
+        p = plan(order)
+        shards = [p.shard_items(i) for i in range(p.num_shards)]
+        assert sorted(item for shard in shards for item in shard) == index.items  # every image once
+        return [len({label for _, label in shard}) for shard in shards]
+
+    assert classes_per_shard("sorted") == [5] * 10
+    mixed = classes_per_shard("mixed")
+    assert len(mixed) == 10 and min(mixed) >= 40, mixed  # expected ~49 of 50 (1 - (1 - 1/50)^200)
+    assert [plan("mixed").shard_items(i) for i in range(10)] == [plan("mixed").shard_items(i) for i in range(10)]
 
 
 @pytest.mark.parametrize("encoding", ["png", "jpeg", "raw"])
@@ -197,7 +228,14 @@ def test_plan_is_deterministic_and_rejects_bad_input(
     plan = plan_job(_config(tree, tmp_path, checkpoint))
     assert plan.num_shards == 4 and plan.patch_size == 95 and plan.cam_grid == (17, 17)
     assert plan.identity == plan_job(_config(tree, tmp_path, checkpoint)).identity
-    assert [rel for i in range(4) for rel, _ in plan.shard_items(i)] == [rel for rel, _ in plan.index.items]
+    shards = [plan.shard_items(i) for i in range(4)]
+    assert sorted(item for shard in shards for item in shard) == plan.index.items  # every image once
+    assert all(shard == sorted(shard) for shard in shards)  # rows in path order
+    # "mixed": cut in the order of the paths' SHA-256, pinned here (stable across runs, machines and versions)
+    assert [rel for rel, _ in shards[0]] == PINNED_FIRST_SHARD
+    in_order = plan_job(_config(tree, tmp_path, checkpoint, shard_order="sorted"))
+    assert [item for i in range(4) for item in in_order.shard_items(i)] == plan.index.items
+    assert in_order.identity == {**plan.identity, "shard_order": "sorted"}
     with pytest.raises(PrecomputeError, match="input not found"):
         plan_job(_config(tmp_path / "missing", tmp_path, checkpoint))
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
@@ -219,12 +257,13 @@ def test_plan_is_deterministic_and_rejects_bad_input(
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_run_writes_every_good_image_once_and_an_errors_table(reference: Path, tree: Path) -> None:
+def test_run_writes_every_good_image_once_and_an_errors_table(reference: Path, tree: Path, checkpoint: Path) -> None:
     assert sorted(p.name for p in (reference / "shards").iterdir()) == [f"part-0000{i}.parquet" for i in range(4)]
     rows = _rows(reference)
     good = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*.*") if p.suffix != ".txt")
     assert sorted(r["image_id"] for r in rows) == sorted(set(good) - set(BAD))
-    assert [r["image_id"] for r in rows] == sorted((r["image_id"] for r in rows), key=lambda s: (s[:3] != "cat", s))
+    plan = plan_job(_config(tree, reference, checkpoint))
+    assert [r["image_id"] for r in rows] == [rel for i in range(4) for rel, _ in plan.shard_items(i) if rel not in BAD]
     errors = pq.read_table(reference / "errors.parquet").to_pylist()
     assert {e["image_id"]: e["reason"] for e in errors}.keys() == BAD.keys()
     for e in errors:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -52,7 +53,13 @@ def checkpoint(cat_dog_anchornet: Path) -> Path:
 
 
 def _config(tree: Path, out: Path, ckpt: Path, **kwargs: Any) -> PrecomputeConfig:
-    defaults: dict[str, Any] = {"shard_size": SHARD_SIZE, "num_cpus_per_worker": 0.5, "batch_size": 2}
+    # These tests place failures by shard: consecutive images of the sorted tree (test_precompute tests "mixed").
+    defaults: dict[str, Any] = {
+        "shard_size": SHARD_SIZE,
+        "shard_order": "sorted",
+        "num_cpus_per_worker": 0.5,
+        "batch_size": 2,
+    }
     return PrecomputeConfig(input=str(tree), output=str(out), anchornet=str(ckpt), **{**defaults, **kwargs})
 
 
@@ -233,26 +240,45 @@ def _fake_output(out: Path, identity: dict[str, Any], *, complete: bool) -> None
         (out / schema.MANIFEST_FILE).write_text(json.dumps({"job": identity}))
 
 
+#: Outputs written before a key of the job's identity existed: the key, the value they were written with, the
+#: flag that resumes them and what the refusal says.
+LEGACY = {
+    "max_aspect_ratio": (None, ["--max-aspect-ratio", "0"], "--max-aspect-ratio existed (no limit)"),
+    "shard_order": ("sorted", ["--shard-order", "sorted"], "--shard-order existed (sorted shards)"),
+}
+
+
 @pytest.mark.parametrize("complete", [False, True])
-def test_output_written_before_max_aspect_ratio_resumes_with_no_limit(tree, checkpoint, tmp_path, complete) -> None:
-    """Such an output had no limit: resumed (or confirmed) with ``--max-aspect-ratio 0``, refused with that hint
-    under the new default."""
+@pytest.mark.parametrize("missing", [("shard_order",), ("max_aspect_ratio", "shard_order")])  # in order of age
+def test_output_written_before_a_flag_resumes_with_its_old_value(tree, checkpoint, tmp_path, complete, missing) -> None:
+    """Such an output had no aspect limit and / or sorted shards: resumed (or confirmed) with ``--max-aspect-ratio
+    0`` / ``--shard-order sorted``, refused with that hint under the new defaults."""
     out = tmp_path / "old"
-    legacy = plan_job(_config(tree, out, checkpoint, max_aspect_ratio=None)).identity
-    del legacy["max_aspect_ratio"]
+    old_values = {key: LEGACY[key][0] for key in missing}
+    legacy = plan_job(_config(tree, out, checkpoint, **old_values)).identity
+    for key in missing:
+        del legacy[key]
     _fake_output(out, legacy, complete=complete)
     before = sorted(p.name for p in out.iterdir())
-    with pytest.raises(PrecomputeError, match=r"differs in: max_aspect_ratio\); .*add --max-aspect-ratio 0") as err:
-        run_precompute(_config(tree, out, checkpoint))
+    defaults = {"max_aspect_ratio": precompute.MAX_ASPECT_RATIO, "shard_order": "mixed"}
+    flags = " ".join(" ".join(LEGACY[key][1]) for key in missing)
+    said = " and ".join(LEGACY[key][2] for key in missing)
+    hint = f"differs in: {', '.join(missing)}); it was written before {said}: add {flags}, or use a new --output"
+    with pytest.raises(PrecomputeError, match=re.escape(hint)) as err:
+        run_precompute(_config(tree, out, checkpoint, **defaults))
     assert "\n" not in str(err.value)
     if complete:
-        assert run_precompute(_config(tree, out, checkpoint, max_aspect_ratio=None)).already_complete
+        assert run_precompute(_config(tree, out, checkpoint, **old_values)).already_complete
     else:
-        assert not precompute._check_or_claim_output(plan_job(_config(tree, out, checkpoint, max_aspect_ratio=None)))
+        assert not precompute._check_or_claim_output(plan_job(_config(tree, out, checkpoint, **old_values)))
+    args = ["--input", str(tree), "--output", str(out), "--anchornet", str(checkpoint)]
+    resumed = build_config(parse_args([*args, *(flag for key in missing for flag in LEGACY[key][1])]))
+    assert {key: getattr(resumed, key) for key in missing} == old_values  # the hint's flags give the old values
     assert sorted(p.name for p in out.iterdir()) == before
     assert json.loads((out / schema.JOB_FILE).read_text()) == legacy  # untouched
-    with pytest.raises(PrecomputeError, match=r"no limit\): add --max-aspect-ratio 0, or use a new --output"):
-        run_precompute(_config(tree, out, checkpoint, max_aspect_ratio=30))
+    if "max_aspect_ratio" in missing:
+        with pytest.raises(PrecomputeError, match=r"\(no limit\).*: add --max-aspect-ratio 0"):
+            run_precompute(_config(tree, out, checkpoint, max_aspect_ratio=30))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,7 +392,7 @@ def test_failed_shard_is_reported_and_redone_on_rerun(
     for path in hidden.rglob("*.jpg"):
         path.rename(data / path.relative_to(hidden))
     before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
-    result = run_precompute(_config(data, out, checkpoint, verbose=False))
+    result = run_precompute(_config(data, out, checkpoint, verbose=False, shard_order="mixed"))  # the CLI default
     assert result.complete and [r["shard"] for r in result.shard_reports] == [1] and result.rows == 6
     assert {
         k: v for k, v in ((p.name, p.stat().st_mtime_ns) for p in (out / "shards").iterdir()) if k in before
