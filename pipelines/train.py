@@ -4,7 +4,8 @@ One code path from one CPU worker to many GPU nodes: a ``TorchTrainer`` runs ``t
 ``num_workers`` workers (DDP through ``ray.train.torch.prepare_model``; torch ``DataLoader``s over
 ``ImageFolderDataset`` with a ``DistributedSampler``, moved to the device by ``prepare_data_loader``).
 Each epoch every worker reports train loss/accuracy and val top-1 (summed over workers), and rank 0 attaches
-a checkpoint with the model, optimizer and schedule. Ray keeps them under ``OUT/ray_<stage>``.
+a checkpoint with the model, optimizer, epoch and history (the lr schedule is rebuilt from the epoch and the
+current flags). Ray keeps them under ``OUT/ray_<stage>``.
 
 Fault tolerance: ``FailureConfig(max_failures)`` restarts a crashed worker group from the last checkpoint,
 and re-running the same command with the same ``OUT`` resumes a killed run (Train V2 finds the run by
@@ -25,6 +26,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +50,7 @@ from anchornet.model import AnchorNet, anchornet_test
 from anchornet.patches import crop_patches, select_patches
 from anchornet.preprocessing import Preprocessing, to_float
 from pipelines import train_data
+from pipelines.cluster import local_paths_warning
 
 if TYPE_CHECKING:
     from pipelines.patch_dataset import PatchDataset
@@ -740,8 +743,16 @@ def _preflight(config: TrainConfig) -> tuple[list[str], dict[str, Any]]:
             )
     if config.weights is not None:
         _check_weights(config, classes)
+    holdout = train_data.holdout_record(splits, config.holdout_size, config.holdout_seed)
+    resuming = _has_checkpoints(config)
     manifest_uri = storage.join(config.output, f"{config.run_name}.json")
-    manifest = {"stage": config.stage, "arch": config.arch, "classes": classes, "batch_unit": "images"}
+    manifest = {
+        "stage": config.stage,
+        "arch": config.arch,
+        "classes": classes,
+        "batch_unit": "images",
+        "holdout": holdout,
+    }
     if storage.exists(manifest_uri):
         earlier = json.loads(storage.read_bytes(manifest_uri))
         for key in ("stage", "arch", "classes"):
@@ -757,18 +768,32 @@ def _preflight(config: TrainConfig) -> tuple[list[str], dict[str, Any]]:
                 f"; it was started when --batch-size counted precomputed patches: resume it with --batch-size "
                 f"{earlier_config['batch_size']:g} --lr {earlier_config['lr']:g}"
             )
-        if changed and _has_checkpoints(config):
+        if changed and resuming:
             raise TrainError(
                 f"{config.output} holds a run with other {', '.join(changed)} (a re-run resumes it and may change "
                 f"only --epochs and the resources): use the same values or a new --output{hint}"
+            )
+        held_before = earlier.get("holdout")  # runs started before 2026-11-27 did not record it
+        if resuming and holdout["images"] and held_before and held_before.get("sha256") != holdout["sha256"]:
+            raise TrainError(
+                f"{config.output} holds a run that held out other images of train/ ({held_before.get('images')} "
+                f"images, sha256 {str(held_before.get('sha256'))[:12]}; now {holdout['images']}, "
+                f"{holdout['sha256'][:12]}): train/ changed since it started, and the held-out draw depends on every "
+                "file of it; restore train/ as it was, or use a new --output"
             )
         record = bool(changed)  # nothing to resume (no checkpoint yet): this run starts afresh with its own recipe
     else:
         storage.makedirs(config.output)
         record = True
+    trained = _trained_epochs(config) if resuming else None
+    if trained is not None and trained > config.epochs:
+        raise FlagError(
+            f"{config.output} holds a run that has trained {trained} epochs already: --epochs {config.epochs} "
+            "cannot undo that (raise it, or use a new --output)"
+        )
     if record:
         storage.write_bytes(manifest_uri, json.dumps({**manifest, "config": config.to_dict()}, indent=1).encode())
-    return classes, train_data.holdout_record(splits, config.holdout_size, config.holdout_seed)
+    return classes, holdout
 
 
 def _config_defaults() -> dict[str, Any]:
@@ -795,6 +820,16 @@ def _has_checkpoints(config: TrainConfig) -> bool:
     """Whether Ray Train will resume the run in OUT: it restores from its checkpoint manager's snapshot, written
     with the first reported checkpoint (``ray.train.v2``'s ``checkpoint_manager_snapshot.json``)."""
     return storage.exists(storage.join(config.output, config.run_name, "checkpoint_manager_snapshot.json"))
+
+
+def _trained_epochs(config: TrainConfig) -> int | None:
+    """Epochs the run in OUT has trained, from its latest checkpoint's metrics in Ray's snapshot (None: unknown)."""
+    uri = storage.join(config.output, config.run_name, "checkpoint_manager_snapshot.json")
+    try:
+        latest = json.loads(storage.read_bytes(uri)).get("latest_checkpoint_result") or {}
+        return int(latest["metrics"]["epoch"]) + 1
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # the workers check it again when they load the checkpoint
 
 
 def changed_on_resume(earlier: dict[str, Any], config: TrainConfig) -> list[str]:
@@ -856,9 +891,20 @@ def _resources(config: TrainConfig) -> tuple[float, int]:
 
     cpus = config.cpus_per_worker
     if cpus is None:
-        total = float(ray.cluster_resources().get("CPU", 1))
-        cpus = 1.0 if config.use_gpu else max(total // config.num_workers, 0.0) or total / config.num_workers
+        cpus = default_cpus_per_worker(ray.nodes(), config.num_workers, use_gpu=config.use_gpu)
     return cpus, config.threads or max(1, round(cpus))
+
+
+def default_cpus_per_worker(nodes: Sequence[Mapping[str, Any]], num_workers: int, *, use_gpu: bool) -> float:
+    """``--cpus-per-worker``'s default: 1 with GPUs; else the alive nodes' CPUs shared evenly (whole CPUs when
+    there are enough), but never more than the largest node has: a worker's bundle must fit on one node, or the
+    run waits for it forever (``nodes`` as ``ray.nodes()`` lists them)."""
+    if use_gpu:
+        return 1.0
+    per_node = [float(n.get("Resources", {}).get("CPU", 0)) for n in nodes if n.get("Alive", n.get("alive", False))]
+    total = sum(per_node) or 1.0  # none yet (an autoscaling cluster's CPU-less head): 1, which any node fits
+    share = max(total // num_workers, 0.0) or total / num_workers
+    return min(share, max(per_node, default=0.0) or share)
 
 
 def _storage(output: str) -> tuple[str, Any]:
@@ -912,6 +958,13 @@ def _fit(
 
     cpus, threads = _resources(config)
     config = TrainConfig.from_dict({**config.to_dict(), "cpus_per_worker": cpus, "threads": threads})
+    paths = {key: getattr(config, key) for key in ("data", "output", "patches", "anchornet", "weights")}
+    paths["weights"] = None if config.weights == "imagenet" else config.weights
+    warning = local_paths_warning(
+        ray.nodes(), paths, "the workers on other nodes do not find their inputs, and checkpoints land on their disks"
+    )
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     storage_path, filesystem = _storage(config.output)
     if verbose:
         print(

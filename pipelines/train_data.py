@@ -13,6 +13,7 @@ Images stay ``uint8`` until the training step (``anchornet.preprocessing.to_floa
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -30,12 +31,13 @@ from anchornet.image_folder import (
     holdout_indices,
     scan_image_folder,
 )
-from anchornet.preprocessing import Preprocessing
+from anchornet.preprocessing import ImageDecodeError, Preprocessing
 
 __all__ = [
     "DEFAULT_SHUFFLE_WINDOW",
     "DataSplits",
     "ShardWindowSampler",
+    "TrainingImages",
     "epoch_loader",
     "eval_preprocessing",
     "holdout_record",
@@ -51,8 +53,9 @@ __all__ = [
 
 HOLDOUT_SPLIT = "train"  # the split the held-out images come from: the one both stages train on
 # Shards shuffled together (--shuffle-window): memory per loader process (window + 1 shards' encoded patches, ~18 MB
-# per 1000-image shard) against mixing. Shards follow the sorted index, one or two classes each; 16 keeps a dataset of
-# up to 16 shards (imagenette: 10) fully shuffled, and mixes 16 to 32 of ImageNet's classes at a time.
+# per 1000-image shard) against mixing. Shards of the default --shard-order mixed each hold a sample of all classes,
+# so any window mixes them; 16 keeps a dataset of up to 16 shards (imagenette: 10) fully shuffled. On shards of
+# --shard-order sorted (one or two classes each) it mixes 16 to 32 of ImageNet's classes at a time.
 DEFAULT_SHUFFLE_WINDOW = 16
 
 
@@ -143,8 +146,52 @@ def eval_preprocessing(preprocessing: Preprocessing, output_size: int | None = N
     return v2.Compose([preprocessing, v2.Resize([output_size, output_size], antialias=True)])
 
 
+#: Consecutive undecodable images after which ``TrainingImages`` gives up: a broken tree, not a bad file.
+MAX_CONSECUTIVE_UNDECODABLE = 16
+
+
+class TrainingImages(ImageFolderDataset):
+    """An ``ImageFolderDataset`` that one bad file cannot stop: an image that does not decode (corrupt, truncated,
+    not an image, over the pixel limit: ``ImageDecodeError``) is replaced by the next one of the index that does,
+    with one warning per file and process (on stderr, which Ray forwards to the driver).
+
+    Without this, such a file, read in every epoch, fails its worker on every restart of the run at the same
+    place. The substitution keeps every rank's step count. Read errors (``OSError``: S3, NFS) still fail the
+    worker: they may pass, and the restart retries them. More than ``MAX_CONSECUTIVE_UNDECODABLE`` bad files in
+    a row raise ``ImageDecodeError`` naming the first.
+    """
+
+    def __init__(self, index: ImageFolderIndex, transform: Callable[..., torch.Tensor]) -> None:
+        super().__init__(index, transform=transform)
+        self._warned: set[int] = set()
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")  # ends iteration over the dataset
+        i %= len(self)
+        first: ImageDecodeError | None = None
+        for k in range(min(len(self), MAX_CONSECUTIVE_UNDECODABLE)):
+            j = (i + k) % len(self)
+            try:
+                return super().__getitem__(j)
+            except ImageDecodeError as err:
+                first = first or err
+                if j not in self._warned:
+                    self._warned.add(j)
+                    print(
+                        f"warning: skipping {self.index.uri(j)}: {err} (the next image of the index takes its place)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        raise ImageDecodeError(
+            f"{min(len(self), MAX_CONSECUTIVE_UNDECODABLE)} consecutive images from {self.index.uri(i)} on cannot "
+            f"be decoded (first: {first})"
+        )
+
+
 def image_dataset(index: ImageFolderIndex, transform: Callable[..., torch.Tensor]) -> Dataset:
-    return ImageFolderDataset(index, transform=transform)
+    """The training job's images of ``index``: ``TrainingImages`` (undecodable files skipped with a warning)."""
+    return TrainingImages(index, transform)
 
 
 class FlipDataset(Dataset):
