@@ -34,8 +34,44 @@ def is_remote(uri: str | os.PathLike[str]) -> bool:
     return str(uri).startswith("s3://")
 
 
+#: The environment an S3 client is configured from (directly, or by the AWS SDK's credential chain): a process
+#: whose environment changes gets a new client.
+_S3_ENVIRONMENT = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
+_s3_clients: dict[tuple[str | None, ...], pafs.S3FileSystem] = {}
+_s3_clients_pid: int | None = None
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem on the default credential chain, honouring ``AWS_ENDPOINT_URL``."""
+    """A pyarrow S3 filesystem on the default credential chain, honouring ``AWS_ENDPOINT_URL``.
+
+    One per process and configuration (``_S3_ENVIRONMENT``), made on first use: each is an AWS SDK client with its
+    own connection pool and credential lookup, and a new one for every read (``read_bytes`` of each training or
+    evaluation image) opened a new connection per image, a TLS handshake each on AWS. A forked process (a
+    DataLoader worker) makes its own rather than share its parent's sockets.
+    """
+    global _s3_clients_pid
+    if _s3_clients_pid != os.getpid():
+        _s3_clients.clear()
+        _s3_clients_pid = os.getpid()
+    key = tuple(os.environ.get(name) for name in _S3_ENVIRONMENT)
+    client = _s3_clients.get(key)
+    if client is None:
+        client = _s3_clients[key] = _new_s3_filesystem()
+    return client
+
+
+def _new_s3_filesystem() -> pafs.S3FileSystem:
     kwargs: dict[str, object] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:

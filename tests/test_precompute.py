@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -391,6 +392,29 @@ def test_reader(reference: Path) -> None:
         PatchDataset(str(reference), "patch", num_patches=5)
     with pytest.raises(ValueError, match="max_cached_shards"):
         PatchDataset(str(reference), "glance", max_cached_shards=0)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_reader_opens_its_shards_concurrently(reference: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening reads a small column of every shard (patch counts; image ids for the held-out check): on S3, one
+    after another, that is minutes per process at ImageNet's 1,281 shards. They overlap, and keep shard order."""
+    real_read, lock = PatchDataset._read, threading.Lock()
+    in_flight, most = [0], [0]
+
+    def slow_read(self: PatchDataset, shard: int, columns: list[str]) -> pa.Table:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.2)  # a request's latency
+        with lock:
+            in_flight[0] -= 1
+        return real_read(self, shard, columns)
+
+    monkeypatch.setattr(PatchDataset, "_read", slow_read)
+    patches = PatchDataset(str(reference), "patch", num_patches=3)
+    assert most[0] == 4  # the 4 shards at once
+    assert patches.image_samples() == [(r["image_id"], range(3 * i, 3 * i + 3)) for i, r in enumerate(_rows(reference))]
 
 
 @pytest.mark.ray

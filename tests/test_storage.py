@@ -52,3 +52,24 @@ def test_s3_roundtrip(s3_bucket: str) -> None:
     assert storage.read_bytes(uri) == b"\x00payload"
     with pytest.raises(FileNotFoundError, match=r"missing\.bin"):
         storage.read_bytes(storage.join(s3_bucket, "missing.bin"))
+
+
+def test_one_s3_client_per_process_and_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new client per read opened a new connection per image; the same process and environment share one."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    first = storage.s3_filesystem()
+    assert storage.s3_filesystem() is first and storage.resolve("s3://b/k")[0] is first
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-key")  # other credentials: another client
+    other = storage.s3_filesystem()
+    assert other is not first and _endpoint(other) == _endpoint(first) == "127.0.0.1:9"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:10")
+    assert _endpoint(storage.s3_filesystem()) == "127.0.0.1:10"
+    parent = storage.s3_filesystem()
+    monkeypatch.setattr(storage.os, "getpid", lambda: -1)  # a forked child: its own client
+    child = storage.s3_filesystem()
+    assert child is not parent and storage.s3_filesystem() is child
+
+
+def _endpoint(fs: object) -> str:
+    return fs.__reduce__()[1][0]["endpoint_override"]  # type: ignore[attr-defined]  # pyarrow keeps it there only
