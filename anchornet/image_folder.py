@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from anchornet import storage
-from anchornet.preprocessing import Preprocessing, decode_image
+from anchornet.preprocessing import ImageDecodeError, Preprocessing, decode_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -163,5 +163,10 @@ class ImageFolderDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = decode_image(storage.read_bytes(self.index.uri(i)))
+        """Raises ``ImageDecodeError`` naming the file when it does not decode."""
+        uri = self.index.uri(i)
+        try:
+            image = decode_image(storage.read_bytes(uri))
+        except ImageDecodeError as err:
+            raise ImageDecodeError(f"{uri}: {err}") from err
         return self.transform(image), self.index.items[i][1]

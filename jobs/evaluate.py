@@ -49,6 +49,13 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
     parser.add_argument("--timing-batch", type=int, default=64, help="batch size of the real-time measurement")
     parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        default=0,
+        help="processes that read and decode images ahead of the models (default 0: in this process); 4-8 on a GPU "
+        "machine or with s3:// data",
+    )
     args = parser.parse_args(argv)
     try:
         return EvaluateConfig(**vars(args))

@@ -97,6 +97,7 @@ class EvaluateConfig:
     timing_batch: int = 64
     timing_repeats: int = 3
     threads: int | None = None
+    loader_workers: int = 0
 
     def __post_init__(self) -> None:
         if (self.full is None) == (self.full_arch is None):
@@ -106,6 +107,8 @@ class EvaluateConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.limit is not None and self.limit < 1:
             raise ValueError("--limit must be at least 1")
+        if self.loader_workers < 0:
+            raise ValueError("--loader-workers must be at least 0")
 
 
 @dataclass
@@ -242,9 +245,11 @@ def _log(message: str) -> None:
 
 
 def _batches(
-    dataset: ImageFolderDataset | Subset, batch_size: int, what: str
+    dataset: ImageFolderDataset | Subset, batch_size: int, what: str, loader_workers: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    """``dataset`` in order, in batches, as floats; ``loader_workers`` processes read and decode ahead (0: this
+    one, image after image: on S3 each image's request latency then adds up)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers)
     done, total, last = 0, len(dataset), time.monotonic()
     for images, labels in loader:
         yield to_float(images), labels
@@ -381,7 +386,9 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
                 engine.generator.manual_seed(config.seed)
             want_full = split == "test" and policy == "anchornet"
             out, y, logits = _tables(
-                engine, _batches(dataset, config.batch_size, f"{split}/{policy}"), full if want_full else None
+                engine,
+                _batches(dataset, config.batch_size, f"{split}/{policy}", config.loader_workers),
+                full if want_full else None,
             )
             outputs[policy][split] = out
             labels[split] = y

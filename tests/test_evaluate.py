@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -248,3 +249,26 @@ def test_job_errors_are_one_line(setup: dict[str, Path], tmp_path: Path) -> None
     assert done.returncode == 2 and len(err) == 1, done.stderr
     assert err[0].startswith("evaluate: error: --full-arch resnet18: could not download") and "--full CKPT" in err[0]
     assert "weights=PATH" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_loader_workers_change_nothing_but_speed(setup: dict[str, Path], tmp_path: Path) -> None:
+    reports = {}
+    for workers in ("0", "2"):
+        paths = {**setup, "out": tmp_path / f"report{workers}"}
+        assert evaluate.main([*_argv(paths), "--gallery", "0", "--loader-workers", workers]) == 0
+        reports[workers] = (paths["out"] / "results.csv").read_text()
+    assert reports["0"] == reports["2"]
+
+
+def test_an_undecodable_test_image_is_named_in_one_line(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    (data / "val/cls_b/3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    paths = {**setup, "data": data, "out": tmp_path / "report"}
+    assert evaluate.main([*_argv(paths), "--gallery", "0"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if not line.startswith("[evaluate] warning")]
+    assert len(errors) == 1 and errors[0].startswith("evaluate: error: "), err
+    assert str(data / "val/cls_b/3.png") in errors[0] and "Traceback" not in err
