@@ -7,8 +7,11 @@ import errno
 import json
 import re
 import shutil
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +170,34 @@ def test_permanent_local_errors_go_to_the_errors_table_at_once(tree, checkpoint,
     assert reasons["cat/a.jpg"].startswith("unreadable: ") and "directory" in reasons["cat/a.jpg"]
     assert reasons["cat/b.jpg"] == "unreadable: [Errno 13] Permission denied"
     assert set(flaky.opens.values()) == {1}  # not retried
+
+
+def test_remote_reads_are_in_flight_together_and_change_no_row(tree, checkpoint, tmp_path, monkeypatch) -> None:
+    """On S3 an actor's reads run on their own pool, a mini-batch and the next one at once (with the reads inside
+    the 2 decode threads, a 1-CPU GPU actor had 2 GETs in flight); the rows are those of the local path."""
+    lock, in_flight, most = threading.Lock(), [0], [0]
+
+    def slow(path: str, attempt: int) -> None:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.1)  # a GET's latency
+        with lock:
+            in_flight[0] -= 1
+        return None
+
+    items = [item for i in range(3) for item in plan_job(_config(tree, tmp_path / "x", checkpoint)).shard_items(i)]
+    local = ShardWriter(plan_job(_config(tree, tmp_path / "local", checkpoint, batch_size=3)).worker_spec())
+    assert local.read_pool is None
+    assert local.write_shard(0, items) == (6, 0)
+    _, writer, _ = _writer(tree, tmp_path / "remote", checkpoint, monkeypatch, slow)
+    writer.spec = {**writer.spec, "batch_size": 3}
+    monkeypatch.setattr(writer, "read_pool", ThreadPoolExecutor(precompute.REMOTE_READ_THREADS))
+    assert writer.write_shard(0, items) == (6, 0)
+    assert most[0] == 6  # this mini-batch's 3 reads and the next one's
+    shard = schema.shard_name(0)
+    remote_rows = pq.read_table(tmp_path / "remote" / schema.SHARDS_DIR / shard)
+    assert remote_rows.equals(pq.read_table(tmp_path / "local" / schema.SHARDS_DIR / shard))
 
 
 # ----------------------------------------------------------------------------------------------------------
