@@ -7,8 +7,9 @@ is decoded in ``__getitem__``. With the default ``max_cached_shards=None`` the c
 size of that column over the whole dataset (imagenette train, ~9.5 k images: ~40 MB of glances,
 ~160 MB of patches). For larger datasets pass ``max_cached_shards`` (an LRU bound, about
 ``shard_size x 4 KiB x patches`` each) and visit samples shard by shard (``shard_of`` / ``sample_shards`` tell
-the shard of a sample; ``pipelines.train_data.ShardWindowSampler`` shuffles a few shards at a time, as the training
-job does), or stream the shards with Ray Data (``ray.data.read_parquet(uri + "/shards")``).
+the shard of a sample; ``pipelines.train_data.ShardWindowBatchSampler`` gives each loader process a run of
+shards, a few at a time, as the training job does), or stream the shards with Ray Data
+(``ray.data.read_parquet(uri + "/shards")``).
 
 Each ``DataLoader`` worker process builds its own cache and its own filesystem client (S3 clients are not
 shared across a fork).
@@ -156,7 +157,7 @@ class PatchDataset(Dataset):
 
     def sample_shards(self) -> np.ndarray:
         """The shard of every sample, in the dataset's order (``int64``, ``len(self)``): ``shard_of`` for all
-        samples at once, without reading any shard (``pipelines.train_data.ShardWindowSampler`` groups by it)."""
+        samples at once, without reading any shard (``pipelines.train_data.ShardWindowBatchSampler`` groups by it)."""
         return np.repeat(np.arange(len(self._files), dtype=np.int64), np.diff(self._starts))
 
     def image_samples(self) -> list[tuple[str, range]]:

@@ -115,8 +115,9 @@ class TrainConfig:
     drawn with ``holdout_seed`` (``anchornet.image_folder.holdout_indices``), are left out of training so that
     ``jobs/evaluate.py`` can fit the early-exit thresholds on images the models have not seen (0: train on all
     of ``train/``). ``shuffle_window`` (patch role from ``patches`` only): shards of precomputed patches shuffled
-    together (``train_data.ShardWindowSampler``); each loader process caches that many shards' encoded patches
-    plus one (``train_data.shard_cache_size``), so it trades memory against how well an epoch is mixed.
+    together by each loader process (``train_data.ShardWindowBatchSampler``); each loader process caches that
+    many shards' encoded patches plus one (``train_data.shard_cache_size``), so it trades memory against how well
+    an epoch is mixed.
 
     Test-only fields (no CLI help): ``limit`` keeps that many images per split (evenly spaced),
     ``crash_at_epoch=k`` makes the last worker raise at the start of epoch ``k`` (k >= 1) of an attempt that
@@ -334,7 +335,7 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
     if config.stage == "patch" and config.patches:
         from pipelines.patch_dataset import PatchDataset  # the precompute job's reader
 
-        # Bounded caches: train is read a window of shards at a time (epoch_loader's ShardWindowSampler), val in
+        # Bounded caches: train is read a window of shards at a time (epoch_loader's ShardWindowBatchSampler), val in
         # shard order; unbounded, every loader process would end up holding all the encoded patches.
         cached = train_data.shard_cache_size(config.shuffle_window)
         train_uri = storage.join(config.patches, "train")

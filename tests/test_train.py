@@ -548,43 +548,60 @@ def max_live_shards(shards_in_order: list[int]) -> int:
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_shard_window_sampler_shares_and_windows(window: int, world: int) -> None:
     shards = np.random.default_rng(1).integers(0, 13, size=97)  # a subset's shards: any order, some shards absent
-    present = len(set(shards.tolist()))
-    samplers = [
-        train_data.ShardWindowSampler(shards, window=window, seed=5, epoch=2, rank=rank, world_size=world)
-        for rank in range(world)
-    ]
-    shares = [list(sampler) for sampler in samplers]
-    per_rank = len(shards) // world
-    assert all(len(share) == len(sampler) == per_rank for share, sampler in zip(shares, samplers, strict=True))
+
+    def sampler(rank: int, seed: int = 5, epoch: int = 2, **kwargs: int) -> train_data.ShardWindowBatchSampler:
+        return train_data.ShardWindowBatchSampler(
+            shards, window=window, seed=seed, epoch=epoch, batch_size=1, rank=rank, world_size=world, **kwargs
+        )
+
+    samplers = [sampler(rank) for rank in range(world)]
+    shares = [[i for batch in s for i in batch] for s in samplers]
+    per_rank = len(shares[0])
+    assert all(len(share) == len(s) == per_rank > 0 for share, s in zip(shares, samplers, strict=True))
     everything = [i for share in shares for i in share]
     assert len(set(everything)) == per_rank * world and set(everything) <= set(range(len(shards)))  # disjoint
     if world == 1:
-        assert sorted(shares[0]) == list(range(len(shards)))  # a permutation of the subset's indices
-    # The ranks step through one order in lockstep (rank r takes every world-th sample from r), ...
-    order = train_data.window_order(shards, window=window, seed=5, epoch=2)
-    assert [i for step in zip(*shares, strict=True) for i in step] == order[: per_rank * world].tolist()
-    # ... in which at most `window` shards are open at any point (windows are split evenly: 13 shards, window 8
-    # -> 7 + 6), so each rank's stream, and each loader process's part of it, needs no more either.
-    bound = math.ceil(present / math.ceil(present / window))
-    assert max_live_shards(shards[order].tolist()) <= bound <= window
-    assert all(max_live_shards(shards[share].tolist()) <= bound for share in shares)
-    if window > 1:
-        assert max_live_shards(shards[order].tolist()) > 1  # the samples of a window's shards are mixed
+        assert sorted(shares[0]) == list(range(len(shards)))  # one reader: a permutation of the subset's indices
+        single = train_data.ShardWindowSampler(shards, window=window, seed=5, epoch=2)  # window_order, one reader
+        assert list(single) == train_data.window_order(shards, window=window, seed=5, epoch=2).tolist()
+    # Each rank (one reader each) reads a run of the shards, only a run's end shared with the next reader, and at
+    # most `window` of them are open at any point (its windows are split evenly: 13 shards, window 8 -> 7 + 6), so
+    # its loader process needs no more either.
+    read = [set(shards[share].tolist()) for share in shares]
+    assert sum(len(mine) for mine in read) <= len(set(shards.tolist())) + world - 1
+    for share, mine in zip(shares, read, strict=True):
+        bound = math.ceil(len(mine) / math.ceil(len(mine) / window))
+        assert max_live_shards(shards[share].tolist()) <= bound <= window
+        if window > 1 and len(mine) > 1:
+            assert max_live_shards(shards[share].tolist()) > 1  # the samples of a window's shards are mixed
 
     # Deterministic in (seed, epoch): the same order again (a resumed run), another one for another epoch or seed.
-    again = train_data.ShardWindowSampler(shards, window=window, seed=5, epoch=2, rank=0, world_size=world)
-    assert list(again) == shares[0]
+    assert list(sampler(0)) == list(samplers[0])
     for seed, epoch in ((5, 3), (6, 2)):
-        other = train_data.ShardWindowSampler(shards, window=window, seed=seed, epoch=epoch, rank=0, world_size=world)
-        assert list(other) != shares[0]
+        assert list(sampler(0, seed=seed, epoch=epoch)) != list(samplers[0])
+    # Loader processes are readers too: rank 0's two processes read runs of their own (sharing at most the shard
+    # where one run ends and the next begins), batch t * 2 + w being w's.
+    two = list(sampler(0, loader_workers=2))
+    process_0, process_1 = ({int(shards[i]) for batch in two[w::2] for i in batch} for w in (0, 1))
+    assert process_0 and process_1 and len(process_0 & process_1) <= 1
 
 
 def test_shard_window_sampler_rejects_bad_arguments() -> None:
+    def make(shards: list[int], **kwargs: int) -> train_data.ShardWindowBatchSampler:
+        arguments = {"window": 1, "seed": 0, "epoch": 0, "batch_size": 1, **kwargs}
+        return train_data.ShardWindowBatchSampler(shards, **arguments)
+
+    with pytest.raises(ValueError, match="at least 1 shard"):
+        make([0, 1], window=0)
     with pytest.raises(ValueError, match="at least 1 shard"):
         train_data.ShardWindowSampler([0, 1], window=0, seed=0, epoch=0)
     with pytest.raises(ValueError, match="rank must be in"):
-        train_data.ShardWindowSampler([0, 1], window=1, seed=0, epoch=0, rank=2, world_size=2)
-    assert list(train_data.ShardWindowSampler([], window=2, seed=0, epoch=0)) == []
+        make([0, 1], rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        make([0, 1], batch_size=0)
+    with pytest.raises(ValueError, match="loader_workers must be at least 0"):
+        make([0, 1], loader_workers=-1)
+    assert list(make([], window=2)) == [] and list(train_data.ShardWindowSampler([], window=2, seed=0, epoch=0)) == []
 
 
 def test_shuffle_window_flag(capsys: pytest.CaptureFixture[str]) -> None:
@@ -636,8 +653,9 @@ def shard_loads(loader: torch.utils.data.DataLoader) -> tuple[dict[int, dict[int
 
 def test_precomputed_patches_are_read_a_window_of_shards_at_a_time(tmp_path: Path) -> None:
     """The patch role from --patches: the PatchDatasets build_task makes have a bounded cache, and each DataLoader
-    process, reading in the window order, holds at most that many shards and loads each shard once per epoch
-    (a global shuffle with the same bound would load shards again and again)."""
+    process, reading a run of the shards of its own a window at a time, holds at most that many shards and loads
+    each of its shards once per epoch, so each shard is loaded once in all but the one where the two processes'
+    runs meet (a global shuffle with the same bound would load shards again and again)."""
     data = synthetic_tree(tmp_path / "data", train=12, val=3)
     index = scan_image_folder(data / "train")
     fake_patches(tmp_path / "patches" / "train", index.items, index.classes, [2] * len(index), shard_size=2)
@@ -663,7 +681,8 @@ def test_precomputed_patches_are_read_a_window_of_shards_at_a_time(tmp_path: Pat
     loads, most = shard_loads(loader(num_workers=2, shards=shards, shuffle_window=3))
     assert len(loads) == 2 and most <= bound  # two loader processes, neither above the bound
     assert all(count == 1 for counts in loads.values() for count in counts.values()), loads
-    assert set().union(*loads.values()) == set(shards.tolist())
+    first, second = (set(counts) for counts in loads.values())
+    assert len(first & second) <= 1 and first | second == set(shards.tolist())  # once, but a run's end: twice
 
     loads, most = shard_loads(loader(num_workers=0))  # the global shuffle, in process, with the same bound
     assert most <= bound and max(loads[os.getpid()].values()) > 1  # thrashes
