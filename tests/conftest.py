@@ -90,3 +90,14 @@ def ray_local() -> Iterator[None]:
         )
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a training run gets past its checks to Ray (``_fit``): bad inputs must be refused before."""
+    from pipelines import train
+
+    def reached(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the checks let a bad run through to Ray")
+
+    monkeypatch.setattr(train, "_fit", reached)

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from _helpers import InFlight
 from _s3 import free_port
 from PIL import Image
 
@@ -399,21 +399,15 @@ def test_reader(reference: Path) -> None:
 def test_reader_opens_its_shards_concurrently(reference: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Opening reads a small column of every shard (patch counts; image ids for the held-out check): on S3, one
     after another, that is minutes per process at ImageNet's 1,281 shards. They overlap, and keep shard order."""
-    real_read, lock = PatchDataset._read, threading.Lock()
-    in_flight, most = [0], [0]
+    real_read, requests = PatchDataset._read, InFlight(latency=0.2)
 
     def slow_read(self: PatchDataset, shard: int, columns: list[str]) -> pa.Table:
-        with lock:
-            in_flight[0] += 1
-            most[0] = max(most[0], in_flight[0])
-        time.sleep(0.2)  # a request's latency
-        with lock:
-            in_flight[0] -= 1
+        requests.wait()
         return real_read(self, shard, columns)
 
     monkeypatch.setattr(PatchDataset, "_read", slow_read)
     patches = PatchDataset(str(reference), "patch", num_patches=3)
-    assert most[0] == 4  # the 4 shards at once
+    assert requests.most == 4  # the 4 shards at once
     assert patches.image_samples() == [(r["image_id"], range(3 * i, 3 * i + 3)) for i, r in enumerate(_rows(reference))]
 
 

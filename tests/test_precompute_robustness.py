@@ -7,8 +7,6 @@ import errno
 import json
 import re
 import shutil
-import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from _helpers import InFlight
 from PIL import Image
 
 from anchornet import storage
@@ -175,15 +174,10 @@ def test_permanent_local_errors_go_to_the_errors_table_at_once(tree, checkpoint,
 def test_remote_reads_are_in_flight_together_and_change_no_row(tree, checkpoint, tmp_path, monkeypatch) -> None:
     """On S3 an actor's reads run on their own pool, a mini-batch and the next one at once (with the reads inside
     the 2 decode threads, a 1-CPU GPU actor had 2 GETs in flight); the rows are those of the local path."""
-    lock, in_flight, most = threading.Lock(), [0], [0]
+    gets = InFlight(latency=0.1)
 
     def slow(path: str, attempt: int) -> None:
-        with lock:
-            in_flight[0] += 1
-            most[0] = max(most[0], in_flight[0])
-        time.sleep(0.1)  # a GET's latency
-        with lock:
-            in_flight[0] -= 1
+        gets.wait()
         return None
 
     items = [item for i in range(3) for item in plan_job(_config(tree, tmp_path / "x", checkpoint)).shard_items(i)]
@@ -194,7 +188,7 @@ def test_remote_reads_are_in_flight_together_and_change_no_row(tree, checkpoint,
     writer.spec = {**writer.spec, "batch_size": 3}
     monkeypatch.setattr(writer, "read_pool", ThreadPoolExecutor(precompute.REMOTE_READ_THREADS))
     assert writer.write_shard(0, items) == (6, 0)
-    assert most[0] == 6  # this mini-batch's 3 reads and the next one's
+    assert gets.most == 6  # this mini-batch's 3 reads and the next one's
     shard = schema.shard_name(0)
     remote_rows = pq.read_table(tmp_path / "remote" / schema.SHARDS_DIR / shard)
     assert remote_rows.equals(pq.read_table(tmp_path / "local" / schema.SHARDS_DIR / shard))

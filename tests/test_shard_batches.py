@@ -7,23 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _helpers import max_live_shards
 
 from pipelines import train_data
 from pipelines.train_data import ShardWindowBatchSampler
-
-
-def max_live_shards(shards_in_order: list[int]) -> int:
-    """The most shards begun and not yet finished at once in a read order (what an LRU must hold to load each
-    shard once)."""
-    last = {shard: i for i, shard in enumerate(shards_in_order)}
-    live: set[int] = set()
-    most = 0
-    for i, shard in enumerate(shards_in_order):
-        live.add(shard)
-        most = max(most, len(live))
-        if last[shard] == i:
-            live.discard(shard)
-    return most
 
 
 def readers(

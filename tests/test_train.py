@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import max_live_shards, synthetic_tree
 
 from anchornet import anchornet_test, load_checkpoint, save_checkpoint
 from anchornet.classifiers import classifier_names
@@ -56,20 +57,6 @@ def tiny_tree(src: Path, dst: Path, per_class: int, classes: int | None = None) 
     return dst
 
 
-def synthetic_tree(root: Path, train: int = 6, val: int = 2, classes: tuple[str, ...] = ("cls_a", "cls_b")) -> Path:
-    """ROOT/{train,val}/<class>/<i>.png: tiny random images (no real data needed)."""
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", train), ("val", val)):
-        for name in classes:
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = torch.randint(0, 255, (32, 32, 3), generator=generator, dtype=torch.uint8)
-                Image.fromarray(pixels.numpy()).save(root / split / name / f"{i}.png")
-    return root
-
-
 def fake_patches(
     out: Path, image_ids: list[tuple[str, int]], classes: list[str], counts: list[int], shard_size: int | None = None
 ) -> Path:
@@ -107,16 +94,6 @@ def tiny_anchornet(path: Path, classes: tuple[str, ...] = ("cls_a", "cls_b")) ->
     """A stage I checkpoint (the tiny AnchorNet, K = 95) for ``synthetic_tree``'s classes."""
     save_checkpoint(anchornet_test(len(classes)), path, class_names=list(classes))
     return path
-
-
-@pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if a run gets past its checks to Ray (``_fit``): bad inputs must be refused before."""
-
-    def reached(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the checks let a bad run through to Ray")
-
-    monkeypatch.setattr(train, "_fit", reached)
 
 
 @pytest.fixture(scope="module")
@@ -528,20 +505,6 @@ def test_batch_size_counts_images_in_both_patch_paths(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------------------------
 # Without Ray: precomputed patches shuffled a window of shards at a time, with bounded caches.
-
-
-def max_live_shards(shards_in_order: list[int]) -> int:
-    """The most shards "open" at once in a read order: begun (a sample read) and not yet finished (samples still
-    to come). A reader that caches these loads every shard once."""
-    last = {shard: i for i, shard in enumerate(shards_in_order)}
-    live: set[int] = set()
-    most = 0
-    for i, shard in enumerate(shards_in_order):
-        live.add(shard)
-        most = max(most, len(live))
-        if last[shard] == i:
-            live.discard(shard)
-    return most
 
 
 @pytest.mark.parametrize("window", [1, 3, 8, 20])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import synthetic_tree
 from PIL import Image
 
 from anchornet import ImageDecodeError, Preprocessing
@@ -16,28 +17,6 @@ from jobs import train_anchornet
 from pipelines import train, train_data
 from pipelines.cluster import local_paths_warning
 from pipelines.train import TrainConfig, default_cpus_per_worker
-
-
-def _tree(root: Path, train: int = 6, val: int = 2, classes: tuple[str, ...] = ("cls_a", "cls_b")) -> Path:
-    """ROOT/{train,val}/<class>/<i>.png: tiny random images."""
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", train), ("val", val)):
-        for name in classes:
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = torch.randint(0, 255, (32, 32, 3), generator=generator, dtype=torch.uint8)
-                Image.fromarray(pixels.numpy()).save(root / split / name / f"{i}.png")
-    return root
-
-
-@pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if a run gets past its checks to Ray (``_fit``)."""
-
-    def reached(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the checks let a bad run through to Ray")
-
-    monkeypatch.setattr(train, "_fit", reached)
 
 
 def _snapshot(out: Path, config: TrainConfig, epoch: int | None) -> None:
@@ -56,7 +35,7 @@ def test_an_undecodable_training_image_is_replaced_by_the_next_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """It is read every epoch: failing the worker would fail every restart of the run at the same place."""
-    data = _tree(tmp_path / "data", train=3)
+    data = synthetic_tree(tmp_path / "data", train=3)
     (data / "train/cls_a/1.png").write_bytes(b"not a PNG")
     data.joinpath("train/cls_b/0.png").write_bytes(data.joinpath("train/cls_b/1.png").read_bytes()[:60])  # truncated
     index = scan_image_folder(data / "train")
@@ -87,7 +66,7 @@ def test_an_undecodable_training_image_is_replaced_by_the_next_one(
 
 def test_many_bad_files_in_a_row_stop_at_the_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     limit = train_data.MAX_CONSECUTIVE_UNDECODABLE
-    data = _tree(tmp_path / "data", train=limit + 2, classes=("c",))
+    data = synthetic_tree(tmp_path / "data", train=limit + 2, classes=("c",))
     index = scan_image_folder(data / "train")
     for rel, _ in index.items[:limit]:
         (data / "train" / rel).write_bytes(b"junk")
@@ -107,7 +86,7 @@ def test_resume_after_train_changed_is_refused_when_images_are_held_out(
 ) -> None:
     """The held-out draw depends on every file of train/: one more file swaps most of the held-out images, and the
     resumed run would train on images its thresholds are later fitted on."""
-    data = _tree(tmp_path / "data", train=10)
+    data = synthetic_tree(tmp_path / "data", train=10)
     out = tmp_path / "out"
     config = TrainConfig(data=str(data), output=str(out), arch="anchornet_test", batch_size=8, holdout_size=4)
     record = train._preflight(config)[1]
@@ -140,7 +119,7 @@ def test_fewer_epochs_than_trained_is_refused_before_ray(
     tmp_path: Path, no_ray: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Refused by the driver: in the workers the refusal would be retried --max-failures times (forever with -1)."""
-    data = _tree(tmp_path / "data")
+    data = synthetic_tree(tmp_path / "data")
     out = tmp_path / "out"
     config = TrainConfig(data=str(data), output=str(out), arch="anchornet_test", batch_size=8, epochs=5)
     train._preflight(config)
