@@ -277,22 +277,27 @@ def _check_classes(card: ModelCard, classes: list[str], flag: str) -> None:
 
 def _tables(
     engine: EarlyExitClassifier, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], full: nn.Module | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    outputs, labels, full_logits = [], [], []
+) -> tuple[dict[bool, StepTable], torch.Tensor, torch.Tensor | None]:
+    """Every image's steps as ``StepTable``s, with the glance (``True``) and without it (``False``), its label and
+    the full network's prediction. Each batch is reduced to its tables at once: the raw ``(N, T, classes)`` step
+    logits of ImageNet's 50,000 val images would hold ~1 GB per patch policy."""
+    tables: dict[bool, list[StepTable]] = {True: [], False: []}
+    labels, full_predictions = [], []
     with torch.inference_mode():
         for images, y in batches:
             out, _ = engine.step_logits(images)
-            outputs.append(out)
+            tables[True].append(StepTable.from_logits(out, y))
+            tables[False].append(StepTable.from_logits(out[:, 1:], y))
             labels.append(y)
             if full is not None:
-                full_logits.append(full(images))
-    return torch.cat(outputs), torch.cat(labels), torch.cat(full_logits) if full is not None else None
+                full_predictions.append(full(images).argmax(1))
+    predictions = torch.cat(full_predictions) if full is not None else None
+    return {glance: StepTable.concat(parts) for glance, parts in tables.items()}, torch.cat(labels), predictions
 
 
 def _curves(
     name: str,
-    outputs: dict[str, torch.Tensor],
-    labels: dict[str, torch.Tensor],
+    split_tables: dict[str, dict[bool, StepTable]],
     macs: tuple[int, int, int],
     num_steps: int,
     with_glance: bool,
@@ -300,11 +305,9 @@ def _curves(
     anchornet_macs, glance_macs, patch_macs = macs
     if with_glance:
         step_macs = cumulative_step_macs(anchornet_macs, glance_macs, patch_macs, num_steps)
-        cols = slice(None)
     else:
         step_macs = [anchornet_macs + t * patch_macs for t in range(1, num_steps)]
-        cols = slice(1, None)
-    tables = {split: StepTable.from_logits(outputs[split][:, cols], labels[split]) for split in outputs}
+    tables = {split: by_glance[with_glance] for split, by_glance in split_tables.items()}
     anytime = Curve(name, "anytime")
     test = tables["test"]
     for t, (acc, cost) in enumerate(zip(anytime_accuracy(test), anytime_macs(test, step_macs), strict=True), start=1):
@@ -377,15 +380,15 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
         ).eval()
         for policy in ("anchornet", "random")
     }  # fmt: skip
-    outputs: dict[str, dict[str, torch.Tensor]] = {policy: {} for policy in engines}
+    outputs: dict[str, dict[str, dict[bool, StepTable]]] = {policy: {} for policy in engines}
     labels: dict[str, torch.Tensor] = {}
-    full_logits = None
+    full_predictions = None
     for split, dataset in (("holdout", holdout_set), ("test", test_set)):
         for policy, engine in engines.items():
             if policy == "random":
                 engine.generator.manual_seed(config.seed)
             want_full = split == "test" and policy == "anchornet"
-            out, y, logits = _tables(
+            out, y, predictions = _tables(
                 engine,
                 _batches(dataset, config.batch_size, f"{split}/{policy}", config.loader_workers),
                 full if want_full else None,
@@ -393,26 +396,26 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
             outputs[policy][split] = out
             labels[split] = y
             if want_full:
-                full_logits = logits
-    full_accuracy = (full_logits.argmax(1) == labels["test"]).float().mean().item()
+                full_predictions = predictions
+    full_accuracy = (full_predictions == labels["test"]).float().mean().item()
 
     num_steps = config.num_patches + 1
     engine = engines["anchornet"]
     macs = (engine.anchornet_macs, engine.glance_macs, engine.patch_macs)
     random_macs = (0, engine.glance_macs, engine.patch_macs)
     curves = [
-        *_curves("AnchorNet patches + glance", outputs["anchornet"], labels, macs, num_steps, with_glance=True),
-        *_curves("random patches + glance", outputs["random"], labels, random_macs, num_steps, with_glance=True),
-        *_curves("AnchorNet patches only", outputs["anchornet"], labels, macs, num_steps, with_glance=False),
-        *_curves("random patches only", outputs["random"], labels, random_macs, num_steps, with_glance=False),
+        *_curves("AnchorNet patches + glance", outputs["anchornet"], macs, num_steps, with_glance=True),
+        *_curves("random patches + glance", outputs["random"], random_macs, num_steps, with_glance=True),
+        *_curves("AnchorNet patches only", outputs["anchornet"], macs, num_steps, with_glance=False),
+        *_curves("random patches only", outputs["random"], random_macs, num_steps, with_glance=False),
     ]
     main_budgeted = curves[1]
     match = _cheapest_match(main_budgeted, full_accuracy)
 
     # Budgets fitted on the held-out split: the deployable thresholds of the serving application.
-    holdout_table = StepTable.from_logits(outputs["anchornet"]["holdout"], labels["holdout"])
-    test_table = StepTable.from_logits(outputs["anchornet"]["test"], labels["test"])
-    budgets = budgeted_search(holdout_table, test_table, engine.step_macs)
+    budgets = budgeted_search(
+        outputs["anchornet"]["holdout"][True], outputs["anchornet"]["test"][True], engine.step_macs
+    )
     storage.makedirs(config.output)
     save_thresholds(budgets, storage.join(config.output, "thresholds.json"))
 
