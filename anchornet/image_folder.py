@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import pyarrow.fs as pafs
 import torch
 from torch.utils.data import Dataset
@@ -148,6 +149,11 @@ class ImageFolderDataset(Dataset):
 
     ``transform`` (if given) runs on the decoded RGB PIL image instead of ``preprocessing``, for training
     augmentation; it must return a ``(3, S, S)`` tensor.
+
+    The paths and labels are read from two flat arrays, not from ``index.items``: DataLoader processes fork from
+    the one that built the dataset, and reading a list of Python tuples writes their reference counts, which
+    copies every page of it into each process (1.28 M ImageNet paths: 2 MB -> 179 MB private memory per loader
+    process over an epoch). A ``bytes`` blob and two numpy arrays stay shared.
     """
 
     def __init__(
@@ -158,15 +164,27 @@ class ImageFolderDataset(Dataset):
     ) -> None:
         self.index = index
         self.transform = transform or preprocessing or Preprocessing()
+        encoded = [rel.encode() for rel, _ in index.items]
+        self._paths = b"".join(encoded)
+        self._offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
+        self._labels = np.fromiter((label for _, label in index.items), dtype=np.int64, count=len(index.items))
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self._labels)
+
+    def _uri_of(self, i: int) -> tuple[str, int]:
+        """The URI and label of image ``i`` (``IndexError`` past the end)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        i %= len(self)
+        rel = self._paths[self._offsets[i] : self._offsets[i + 1]].decode()
+        return storage.join(self.index.root, *rel.split("/")), int(self._labels[i])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         """Raises ``ImageDecodeError`` naming the file when it does not decode."""
-        uri = self.index.uri(i)
+        uri, label = self._uri_of(i)
         try:
             image = decode_image(storage.read_bytes(uri))
         except ImageDecodeError as err:
             raise ImageDecodeError(f"{uri}: {err}") from err
-        return self.transform(image), self.index.items[i][1]
+        return self.transform(image), label

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from anchornet import storage
@@ -43,6 +44,12 @@ def test_local_index_is_sorted_and_labelled(tmp_path: Path) -> None:
     dataset = ImageFolderDataset(index, Preprocessing(image_size=96, resize_size=100))
     image, label = dataset[2]
     assert image.shape == (3, 96, 96) and label == 1
+    # Samples come from the dataset's flat arrays, never from index.items: reading those tuples in a forked
+    # DataLoader process would copy the whole list into it (~180 MB per process for ImageNet's paths).
+    dataset.index = ImageFolderIndex(index.root, index.classes, [])
+    assert torch.equal(dataset[2][0], image) and dataset[-1][1] == 1 and dataset[0][1] == 0 and len(dataset) == 3
+    with pytest.raises(IndexError):
+        dataset[3]
 
 
 def test_given_class_list(tmp_path: Path) -> None:
