@@ -175,6 +175,7 @@ class PatchDataset(Dataset):
         return out
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        i = int(i)  # a numpy index from a Subset's array
         if i < 0:
             i += len(self)
         shard = self.shard_of(i)

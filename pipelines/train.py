@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -358,8 +359,8 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
             val_set = train_data.image_dataset(val, config.preprocessing)
         else:
             raise ValueError(_no_patch_val(val_uri))
-        if picks is not None:
-            train_set = torch.utils.data.Subset(train_set, picks)
+        if picks is not None:  # an array, not a list: forked loader processes would copy a list of ints they read
+            train_set = torch.utils.data.Subset(train_set, np.asarray(picks, dtype=np.int64))
         model = _classifier(config, classes, with_weights)
         return Task(
             config,

@@ -221,7 +221,7 @@ def test_precomputed_patches_of_held_out_images_are_left_out(tmp_path: Path) -> 
     starts = [sum(min(c, 2) for c in counts[:i]) for i in range(len(counts))]
     expected = [starts[i] + k for i in range(len(counts)) if i not in held for k in range(min(counts[i], 2))]
     task = build_task(config, with_weights=False)
-    assert task.train_set.dataset.indices == expected and len(task.train_set) == len(expected)
+    assert task.train_set.dataset.indices.tolist() == expected and len(task.train_set) == len(expected)
     all_patches = build_task(TrainConfig(**{**config.to_dict(), "holdout_size": 0}), with_weights=False)
     assert len(all_patches.train_set) == sum(min(c, 2) for c in counts)
 
