@@ -1,7 +1,7 @@
 """Serve the early-exit classifier over HTTP on an embedded local Ray, until Ctrl-C.
 
     python jobs/serve.py --anchornet CKPT --glance CKPT --patch CKPT [--thresholds JSON] [--port PORT] \
-        [--colocate] [--high-throughput]
+        [--colocate] [--high-throughput] [--request-timeout S]
 
 Prints the URL; then ``curl -H 'Content-Type: image/jpeg' --data-binary @img.jpg URL/classify``. On a cluster,
 deploy ``serve_config.yaml`` with ``serve deploy`` instead (docs/serving.md).
@@ -22,6 +22,13 @@ if TYPE_CHECKING:
     from pipelines.serve import ServeArgs
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="serve", description=__doc__.splitlines()[0])
     parser.add_argument("--anchornet", required=True, help="AnchorNet checkpoint")
@@ -36,6 +43,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replica-cpus", type=float, default=0.25, help="CPUs reserved per replica")
     parser.add_argument(
         "--max-replicas", type=int, default=2, help="autoscaling limit of each deployment, the ingress included"
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        default=30.0,
+        help="seconds before Serve's proxy answers 408 (serve_config.yaml's http_options.request_timeout_s); "
+        "stopping replicas get 5 s more to finish their requests",
     )
     parser.add_argument(
         "--colocate",
@@ -57,7 +71,11 @@ def serve_args(args: argparse.Namespace) -> ServeArgs:
 
     def deployment(target: int) -> dict[str, object]:
         autoscaling = {"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": target}
-        return {"num_cpus": args.replica_cpus, "autoscaling_config": autoscaling}
+        return {
+            "num_cpus": args.replica_cpus,
+            "graceful_shutdown_timeout_s": args.request_timeout + 5,
+            "autoscaling_config": autoscaling,
+        }
 
     return ServeArgs(
         anchornet=args.anchornet,
@@ -103,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout})
         serve.run(app, name="anchornet", route_prefix="/", blocking=False)
         url = f"http://{args.host}:{args.port}"
         print(f"AnchorNet serving at {url}  (POST {url}/classify, GET {url}/info, docs {url}/docs); Ctrl-C stops")

@@ -24,6 +24,11 @@ Thresholds are live: they come from the ingress ``user_config`` (``thresholds_pa
 inline ``budgets``) through ``reconfigure``, without restarting replicas. A bad config fails a replica at start; a
 bad live update is refused (the last good budgets stay, ``GET /info`` says why in ``config_error``).
 
+Under failure and overload (docs/serving.md): a model call whose replica died is retried once
+(``call_deployment``); a model still lost, overloaded (``max_queued_requests``) or undeployed is a JSON 503
+``model_unavailable`` with ``Retry-After``; a model replica whose forward passes keep failing fails its
+``check_health`` (``FailureStreak``).
+
 This module has no ``from __future__ import annotations``: Serve reads the builder's annotation as a class.
 """
 
@@ -45,7 +50,9 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.config import AutoscalingConfig
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from torch import nn
 
@@ -81,6 +88,7 @@ from pipelines.serve_http import (
     model_response,
     read_image_bytes,
     resolve_thresholds,
+    retry_after,
 )
 
 __all__ = [
@@ -92,12 +100,14 @@ __all__ = [
     "ServingSpec",
     "build_app",
     "build_baseline_app",
+    "call_deployment",
     "check_serve_config",
     "classify_images",
     "load_anchornet_on_replica",
     "load_budgets",
     "load_on_replica",
     "model_device",
+    "model_unavailable",
     "propose_patches",
     "reconfigured_budgets",
 ]
@@ -110,6 +120,13 @@ BUILTIN_BUDGETS: dict[str, tuple[float, ...] | None] = {"all-steps": None, "glan
 USER_CONFIG_KEYS = ("thresholds_path", "budgets", "default_budget")
 #: Longest image side over the shortest that serving accepts by default (checked before decoding).
 MAX_ASPECT_RATIO = DEFAULT_MAX_ASPECT_RATIO
+#: Serve's end-to-end limit on a request (``http_options.request_timeout_s`` of serve_config.yaml, and
+#: ``jobs/serve.py --request-timeout``); ``DeploymentArgs.graceful_shutdown_timeout_s`` defaults to it + 5 s.
+REQUEST_TIMEOUT_S = 30.0
+#: Autoscaling delays where an ``autoscaling_config`` sets none (Serve's own: 30 s up, 600 s down).
+AUTOSCALING_DELAYS = {"upscale_delay_s": 10.0, "downscale_delay_s": 120.0}
+#: Failed forward passes in a row after which a model replica fails its health check (and Serve replaces it).
+UNHEALTHY_AFTER_FAILURES = 3
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,8 +141,25 @@ class DeploymentArgs(BaseModel):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int | None = Field(
+        None,
+        ge=-1,
+        description="requests each caller (Serve's proxy, an ingress replica) holds for this deployment while every "
+        "replica is at max_ongoing_requests; beyond it, 503 with Retry-After. null: 2 x max_ongoing_requests; "
+        "-1: unbounded (Serve's default)",
+    )
+    retry_after_s: float = Field(
+        1.0, ge=0, description="Retry-After (seconds, rounded up) of the 503s when this deployment is unavailable"
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        REQUEST_TIMEOUT_S + 5,
+        ge=0,
+        description="how long a stopping replica may finish its requests before it is killed: at least the "
+        "request timeout (Serve's default of 20 s is shorter than ours of 30 s)",
+    )
     autoscaling_config: dict[str, Any] = Field(
-        default_factory=lambda: {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}
+        default_factory=lambda: {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+        description="Serve's AutoscalingConfig; upscale_delay_s / downscale_delay_s default to AUTOSCALING_DELAYS",
     )
     max_batch_size: int = Field(16, ge=1, description="model deployments: largest @serve.batch")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="model deployments: wait to fill a batch")
@@ -136,15 +170,30 @@ class DeploymentArgs(BaseModel):
         unknown = set(self.autoscaling_config) - set(AutoscalingConfig.model_fields)
         if unknown:
             raise ValueError(f"unknown autoscaling_config keys {sorted(unknown)}")
-        AutoscalingConfig(**self.autoscaling_config)
+        target = AutoscalingConfig(**self.autoscaling_config).target_ongoing_requests
+        if target > self.max_ongoing_requests:
+            raise ValueError(
+                f"autoscaling_config.target_ongoing_requests {target:g} exceeds max_ongoing_requests "
+                f"{self.max_ongoing_requests}: a replica can never hold that many"
+            )
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (unbounded), null (2 x max_ongoing_requests) or >= 1")
         return self
+
+    @property
+    def queue_limit(self) -> int:
+        """Serve's ``max_queued_requests``: as given, else twice ``max_ongoing_requests``; -1 is unbounded."""
+        return 2 * self.max_ongoing_requests if self.max_queued_requests is None else self.max_queued_requests
 
     def options(self, name: str) -> dict[str, Any]:
         """``Deployment.options(...)`` for this deployment."""
         return {
             "name": name,
             "max_ongoing_requests": self.max_ongoing_requests,
-            "autoscaling_config": dict(self.autoscaling_config),
+            "max_queued_requests": self.queue_limit,
+            "backpressure_config": {"retry_after_s": self.retry_after_s},
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "autoscaling_config": {**AUTOSCALING_DELAYS, **self.autoscaling_config},
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
         }
 
@@ -153,7 +202,12 @@ def _ingress_defaults() -> DeploymentArgs:
     return DeploymentArgs(
         num_cpus=0.5,
         max_ongoing_requests=64,
-        autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+        autoscaling_config={
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 16,
+            **AUTOSCALING_DELAYS,
+        },
     )
 
 
@@ -192,6 +246,23 @@ class ServeArgs(BaseModel):
     )
     deployments: DeploymentsArgs = Field(default_factory=DeploymentsArgs)
 
+    @model_validator(mode="after")
+    def _check_batches(self) -> "ServeArgs":
+        # A model's batch gathers concurrent calls: at most the requests its replica (colocated: the ingress's) holds.
+        for role in ("glance", "anchornet", "patch"):
+            model = getattr(self.deployments, role)
+            holder, where = (self.deployments.ingress, "ingress") if self.colocate else (model, role)
+            _check_batch_size(f"deployments.{role}", model.max_batch_size, holder.max_ongoing_requests, where)
+        return self
+
+
+def _check_batch_size(name: str, batch: int, ongoing: int, holder: str) -> None:
+    if batch > ongoing:
+        raise ValueError(
+            f"{name}.max_batch_size {batch} exceeds the {holder}'s max_ongoing_requests {ongoing}: "
+            "no batch could ever fill"
+        )
+
 
 class BaselineArgs(BaseModel):
     """Arguments of ``build_baseline_app``: one full-size classifier in one deployment."""
@@ -204,6 +275,12 @@ class BaselineArgs(BaseModel):
     max_pixels: int = Field(40_000_000, ge=1)
     max_aspect_ratio: float | None = Field(MAX_ASPECT_RATIO, ge=1)
     deployment: DeploymentArgs = Field(default_factory=DeploymentArgs)
+
+    @model_validator(mode="after")
+    def _check_batches(self) -> "BaselineArgs":
+        opts = self.deployment
+        _check_batch_size("deployment", opts.max_batch_size, opts.max_ongoing_requests, "deployment")
+        return self
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -381,6 +458,35 @@ def reconfigured_budgets(current: LiveBudgets | None, config: Mapping[str, Any] 
 # Model deployments
 
 
+class FailureStreak:
+    """Failed forward passes in a row of one model in a replica, for its ``check_health``.
+
+    A replica whose model fails every pass (a sticky CUDA error, a lost device) would otherwise stay healthy and
+    keep taking requests; from ``limit`` failures in a row its health check raises and Serve replaces it. One
+    success resets the count. ``check`` runs no forward pass: the controller calls it every few seconds."""
+
+    def __init__(self, limit: int = UNHEALTHY_AFTER_FAILURES) -> None:
+        self.limit = limit
+        self.count = 0
+        self.last_error = ""
+
+    def run(self, forward: Callable[..., Any], *args: Any) -> Any:
+        """``forward(*args)``, counted."""
+        try:
+            output = forward(*args)
+        except Exception as err:
+            self.count += 1
+            self.last_error = " ".join(f"{type(err).__name__}: {err}".split())
+            raise
+        self.count = 0
+        return output
+
+    def check(self) -> None:
+        """Raise ``RuntimeError`` (one line) once ``limit`` passes in a row have failed."""
+        if self.count >= self.limit:
+            raise RuntimeError(f"{self.count} forward passes in a row failed, the last with {self.last_error}")
+
+
 def _by_shape(items: Sequence[torch.Tensor], run: Callable[[torch.Tensor], list[Any]]) -> list[Any]:
     """Run ``run`` once per group of equally shaped tensors of ``items``; results back in ``items`` order."""
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -545,6 +651,7 @@ class ClassifierDeployment:
         torch.set_num_threads(torch_threads)
         self.model, self.card = load_on_replica(checkpoint, use_gpu)
         self.input_size = self.card.input_size
+        self.failures = FailureStreak()
         self.__call__.set_max_batch_size(max_batch_size)
         self.__call__.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -553,7 +660,10 @@ class ClassifierDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def __call__(self, images: list[Any]) -> list[Any]:
-        return to_wire(_by_shape(from_wire(images), self._forward))
+        return to_wire(self.failures.run(_by_shape, from_wire(images), self._forward))
+
+    def check_health(self) -> None:
+        self.failures.check()
 
 
 @serve.deployment
@@ -579,6 +689,7 @@ class AnchorNetDeployment:
         self.model = load_anchornet_on_replica(checkpoint, use_gpu)
         self.num_patches = num_patches
         self.iou_threshold = iou_threshold
+        self.failures = FailureStreak()
         self.__call__.set_max_batch_size(max_batch_size)
         self.__call__.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -587,7 +698,10 @@ class AnchorNetDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def __call__(self, images: list[Any]) -> list[dict[str, Any]]:
-        return to_wire(_by_shape(from_wire(images), self._propose))
+        return to_wire(self.failures.run(_by_shape, from_wire(images), self._propose))
+
+    def check_health(self) -> None:
+        self.failures.check()
 
 
 class InProcessModel:
@@ -597,15 +711,18 @@ class InProcessModel:
     Concurrent calls share one forward pass (``@serve.batch``), run on the event loop as the model deployments
     do (a worker thread measured 3 ms slower per request on 2 cores). Each instance batches on its own queue:
     ``@serve.batch`` on a method keeps one queue per class, shared by all its instances (Serve expects one per
-    replica), which would put glance images and patch crops into the same batch.
+    replica), which would put glance images and patch crops into the same batch. ``failures`` counts its failed
+    passes in a row, for the ingress's ``check_health``.
     """
 
     def __init__(
         self, forward: Callable[[torch.Tensor], list[Any]], max_batch_size: int, batch_wait_timeout_s: float
     ) -> None:
+        self.failures = FailureStreak()
+
         async def run(items: list[torch.Tensor]) -> list[tuple[Any, float]]:
             start = time.perf_counter()
-            outputs = _by_shape(items, forward)
+            outputs = self.failures.run(_by_shape, items, forward)
             elapsed_ms = (time.perf_counter() - start) * 1e3
             return [(output, elapsed_ms) for output in outputs]
 
@@ -757,6 +874,53 @@ class ServerTiming:
         return ", ".join([*parts, f"app;dur={app_ms:.3f}"])
 
 
+def model_unavailable(name: str, err: Exception, retry_after_s: float) -> ApiError:
+    """The 503 ``model_unavailable`` (with ``Retry-After``) for a model call that Serve could not complete: its
+    deployment overloaded (``BackPressureError``: its callers' queue is full; its own ``retry_after_s`` wins),
+    failed to deploy (``DeploymentUnavailableError``) or its replica lost (``RayActorError``), logged as one line."""
+    if isinstance(err, BackPressureError):
+        why = f"overloaded: {err.message.rstrip('.')}"
+        retry_after_s = retry_after_s if err.retry_after_s is None else err.retry_after_s
+    elif isinstance(err, DeploymentUnavailableError):
+        why = "its deployment failed to deploy"
+    else:
+        why = f"its replica was lost, on the retry too ({type(err).__name__})"
+    message = f"the {name} model is unavailable: {why}; retry later"
+    logger.warning("503 model_unavailable: %s", message)
+    return ApiError(503, "model_unavailable", message, retry_after(retry_after_s))
+
+
+async def call_deployment(name: str, handle: Any, item: Any, retry_after_s: float = 1.0) -> Any:
+    """``await handle.remote(item)`` as the ingress calls a model deployment.
+
+    Serve retries a call on another replica only when its replica was gone before taking it; once taken, a replica
+    that dies or becomes unreachable raises ``RayActorError`` here. Inference is idempotent, so that call is retried
+    once (Serve's router has then dropped that replica). A second loss, an overloaded deployment or one that failed
+    to deploy is ``model_unavailable``: an ``ApiError`` 503 with ``Retry-After``, not a 500 with a traceback."""
+    try:
+        return await handle.remote(item)
+    except RayActorError as err:
+        logger.warning("%s call lost its replica (%s); retrying once", name, type(err).__name__)
+    except (BackPressureError, DeploymentUnavailableError) as err:
+        raise model_unavailable(name, err, retry_after_s) from None
+    try:
+        return await handle.remote(item)
+    except (RayActorError, BackPressureError, DeploymentUnavailableError) as err:
+        raise model_unavailable(name, err, retry_after_s) from None
+
+
+class RetryingHandle:
+    """A model deployment's handle as the ingress holds it: ``await model.remote(item)`` is ``call_deployment``."""
+
+    def __init__(self, name: str, handle: DeploymentHandle, retry_after_s: float = 1.0) -> None:
+        self.name = name
+        self.handle = handle
+        self.retry_after_s = retry_after_s
+
+    async def remote(self, item: Any) -> Any:
+        return await call_deployment(self.name, self.handle, item, self.retry_after_s)
+
+
 def _class_score(index: int, probability: float, names: list[str], labels: list[str]) -> ClassScore:
     return ClassScore(index=index, name=names[index], label=labels[index], probability=probability)
 
@@ -770,7 +934,10 @@ def _top_k(probs: torch.Tensor, names: list[str], labels: list[str], k: int) -> 
 @serve.ingress(api)
 class Ingress:
     """Decodes and preprocesses, then runs the early-exit loop over the model deployments (or, colocated, over
-    the same models loaded in this replica)."""
+    the same models loaded in this replica).
+
+    Model calls go through ``call_deployment`` (a lost replica is retried once; then 503 ``model_unavailable``
+    with ``Retry-After: retry_after_s``). Colocated, ``check_health`` fails once a model's passes keep failing."""
 
     def __init__(
         self,
@@ -779,13 +946,20 @@ class Ingress:
         anchornet: DeploymentHandle | None = None,
         patch: DeploymentHandle | None = None,
         colocated: ColocatedModels | None = None,
+        retry_after_s: float = 1.0,
     ) -> None:
+        self.glance: Any
+        self.anchornet: Any
+        self.patch: Any
         if colocated is not None:
             self.glance, self.anchornet, self.patch = colocated.load()
         elif glance is None or anchornet is None or patch is None:
             raise ValueError("Ingress needs the three model handles, or colocated models")
         else:
-            self.glance, self.anchornet, self.patch = glance, anchornet, patch
+            self.glance, self.anchornet, self.patch = (
+                RetryingHandle(name, handle, retry_after_s)
+                for name, handle in (("glance", glance), ("anchornet", anchornet), ("patch", patch))
+            )
         self.layout = "colocated" if colocated is not None else "separate"
         self.spec = spec
         self.budgets = LiveBudgets.load({}, spec.num_steps)  # the built-in budgets, until a user_config comes
@@ -797,6 +971,12 @@ class Ingress:
         current = self.budgets if self.configured else None
         self.budgets = reconfigured_budgets(current, config, self.spec.num_steps)
         self.configured = True
+
+    def check_health(self) -> None:
+        """Serve's health check: colocated, fails once one of the models in this replica keeps failing."""
+        for model in (self.glance, self.anchornet, self.patch):
+            if isinstance(model, InProcessModel):
+                model.failures.check()
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -920,7 +1100,7 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
             torch_threads=d.ingress.torch_threads,
             use_gpu=d.ingress.num_gpus > 0,
         )
-        return ingress.bind(spec, colocated=models)
+        return ingress.bind(spec, colocated=models, retry_after_s=d.ingress.retry_after_s)
 
     def model(deployment: Any, name: str, opts: DeploymentArgs, checkpoint: str, **kwargs: Any) -> Any:
         batching = {"max_batch_size": opts.max_batch_size, "batch_wait_timeout_s": opts.batch_wait_timeout_s}
@@ -938,7 +1118,7 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
         iou_threshold=args.iou_threshold,
     )
     patch = model(ClassifierDeployment, "Patch", d.patch, args.patch)
-    return ingress.bind(spec, glance=glance, anchornet=anchornet, patch=patch)
+    return ingress.bind(spec, glance=glance, anchornet=anchornet, patch=patch, retry_after_s=d.ingress.retry_after_s)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -994,12 +1174,16 @@ class FullClassifier:
             "preprocessing": preprocessing.to_dict(),
         }
         self.top_k = top_k
+        self.failures = FailureStreak()
         self.classify_batch.set_max_batch_size(max_batch_size)
         self.classify_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def classify_batch(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        return _by_shape(images, partial(classify_images, self.model, self.input_size))
+        return self.failures.run(_by_shape, images, partial(classify_images, self.model, self.input_size))
+
+    def check_health(self) -> None:
+        self.failures.check()
 
     @baseline_api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -1086,6 +1270,37 @@ def _check_ingress_user_config(
     return problems
 
 
+def _deployment_args(args: ServeArgs | BaselineArgs) -> dict[str, DeploymentArgs]:
+    """Serve's deployment name -> its ``DeploymentArgs``, as the builders name them."""
+    if isinstance(args, BaselineArgs):
+        return {"FullClassifier": args.deployment}
+    d = args.deployments
+    if args.colocate:
+        return {"Ingress": d.ingress}
+    return {"Ingress": d.ingress, "Glance": d.glance, "AnchorNet": d.anchornet, "Patch": d.patch}
+
+
+def _check_shutdown_timeouts(
+    app: dict[str, Any], args: ServeArgs | BaselineArgs, timeout: float, where: str
+) -> list[str]:
+    """A replica stopped (downscale, redeploy) with requests in flight is killed after graceful_shutdown_timeout_s:
+    shorter than the request timeout, it cuts off requests the proxy would still have waited for."""
+    overrides = {
+        d["name"]: d["graceful_shutdown_timeout_s"]
+        for d in app.get("deployments") or []
+        if isinstance(d, dict) and "graceful_shutdown_timeout_s" in d and "name" in d
+    }
+    problems = []
+    for name, opts in _deployment_args(args).items():
+        grace = overrides.get(name, opts.graceful_shutdown_timeout_s)
+        if isinstance(grace, (int, float)) and grace < timeout:
+            problems.append(
+                f"{where}: {name} graceful_shutdown_timeout_s {grace} is under http_options.request_timeout_s "
+                f"{timeout}: a stopping replica would be killed with requests in flight"
+            )
+    return problems
+
+
 def check_serve_config(config: dict[str, Any], *, local_path: Callable[[str], str] | None = None) -> list[str]:
     """Problems of a ``serve deploy`` config; empty when it is valid.
 
@@ -1093,7 +1308,8 @@ def check_serve_config(config: dict[str, Any], *, local_path: Callable[[str], st
     their deployments and autoscaling configs against the schema's fields (Serve silently drops unknown keys,
     so a typo like ``max_ongoing_request`` would otherwise be ignored), the ``args`` of applications built
     by ``build_app`` / ``build_baseline_app`` against ``ServeArgs`` / ``BaselineArgs`` (which forbid extras), and
-    the keys of the ``user_config`` the ``build_app`` Ingress replicas will get.
+    the keys of the ``user_config`` the ``build_app`` Ingress replicas will get, and that their replicas' graceful
+    shutdown lasts at least ``http_options.request_timeout_s``.
 
     With ``local_path`` (a path in the config -> where that file is here, e.g. from the cluster's mount of the
     repository to this checkout) it also loads that ``user_config`` as the replicas will (``load_budgets``: the
@@ -1110,6 +1326,7 @@ def check_serve_config(config: dict[str, Any], *, local_path: Callable[[str], st
     except ValidationError as err:
         return [f"serve schema: {line}" for line in str(err).splitlines()]
     builders = {f"{__name__}:build_app": ServeArgs, f"{__name__}:build_baseline_app": BaselineArgs}
+    timeout = (config.get("http_options") or {}).get("request_timeout_s")
     for i, app in enumerate(config.get("applications") or []):
         where = f"applications[{i}]"
         problems += _unknown_keys(app, list(ServeApplicationSchema.model_fields), where)
@@ -1131,4 +1348,6 @@ def check_serve_config(config: dict[str, Any], *, local_path: Callable[[str], st
                 continue
             if isinstance(args, ServeArgs):
                 problems += _check_ingress_user_config(app, args, where, local_path)
+            if isinstance(timeout, (int, float)):
+                problems += _check_shutdown_timeouts(app, args, timeout, where)
     return problems

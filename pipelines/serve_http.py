@@ -1,9 +1,11 @@
 """The HTTP edge of the serving app, without Ray: reading an image out of a request, parsing the thresholds a
 request asks for, and the JSON error every bad request gets.
 
-Every rejection is an ``ApiError`` (status, machine-readable code, one-line message) that the FastAPI apps of
-``pipelines.serve`` turn into ``{"error": {"code": ..., "message": ...}}`` with that status. An unexpected
-exception (a bug) gets the same JSON shape with status 500 and code ``internal_error``, and its traceback is logged.
+Every rejection is an ``ApiError`` (status, machine-readable code, one-line message, optional headers such as
+``Retry-After``) that the FastAPI apps of ``pipelines.serve`` turn into ``{"error": {"code": ..., "message": ...}}``
+with that status. An unexpected exception (a bug) gets the same JSON shape with status 500 and code
+``internal_error``, and its traceback is logged. (Serve's proxy answers some requests itself, in plain text: 408 past
+``request_timeout_s``, 503 when the ingress's own queue is full.)
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "parse_thresholds",
     "read_image_bytes",
     "resolve_thresholds",
+    "retry_after",
 ]
 
 #: Media types accepted as a raw image body (besides any ``image/*``); a missing Content-Type counts as raw too.
@@ -56,17 +59,24 @@ _BAD_MULTIPART_DEFECTS = (
 
 
 class ApiError(Exception):
-    """A request the service refuses: HTTP ``status`` (4xx; 500 for ``JsonServerErrors``'s bugs), a stable ``code``
-    and a one-line ``message``."""
+    """A request the service refuses: HTTP ``status`` (4xx; 503 when a model is unavailable; 500 for
+    ``JsonServerErrors``'s bugs), a stable ``code``, a one-line ``message`` and extra response ``headers``."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = dict(headers or {})
 
     def to_response(self) -> JSONResponse:
-        return JSONResponse({"error": {"code": self.code, "message": self.message}}, status_code=self.status)
+        body = {"error": {"code": self.code, "message": self.message}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers or None)
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """The ``Retry-After`` header for a delay: whole seconds (RFC 9110 ``delay-seconds``), rounded up."""
+    return {"Retry-After": str(max(0, math.ceil(seconds)))}
 
 
 class JsonServerErrors:
