@@ -7,7 +7,7 @@ The job, end to end (layout and schema in ``pipelines.schema``):
    ``shard_size`` images (``JobPlan.shard_items``): with ``shard_order="mixed"`` (default) the images ordered by
    the SHA-256 of their relative paths, so that every shard holds a sample of all classes (training shuffles a
    window of shards at a time); with ``"sorted"`` consecutive images of the index. Shard ``i`` is written to
-   ``shards/part-{i:05d}.parquet``, its rows in path order. Same tree and options, same shards, same names.
+   ``shards/part-{i:05d}.parquet``, its rows in index order. Same tree and options, same shards, same names.
 2. It writes ``_job.json`` (which doubles as the writability probe) and skips every shard whose file is
    already there: a shard file only appears once complete, so a re-run after a kill finishes the rest.
 3. A Ray Dataset of the pending shards (one row each: index and image list) flows through an actor pool
@@ -98,7 +98,7 @@ READ_RETRY_DELAYS = (0.1, 0.4)
 #: Reads in flight per actor on an ``s3://`` input, beside its decode threads: an S3 GET waits tens of milliseconds
 #: for its first byte, and with the reads inside the decode threads (2 for a 1-CPU GPU actor) an actor could not
 #: read more than ~70-100 images/s, whatever its GPU. Local reads stay in the decode threads.
-REMOTE_READ_THREADS = 32
+REMOTE_READ_THREADS = 24  # under the 25 connections of Arrow's S3 client (uploads share them)
 
 #: The reason of an image that the input listing had but the actor did not find.
 DISAPPEARED = "file disappeared after the input was indexed"
@@ -204,22 +204,23 @@ class JobPlan:
         return math.ceil(len(self.index.items) / self.config.shard_size)
 
     @cached_property
-    def _shard_sequence(self) -> list[tuple[str, int]]:
-        """The index in the order it is cut into shards: by SHA-256 of the relative path ("mixed"), or as sorted."""
-        items = self.index.items
+    def _shard_sequence(self) -> list[int]:
+        """Index positions in the order they are cut into shards: by SHA-256 of the relative path ("mixed"), or as
+        the index is ("sorted")."""
+        positions = range(len(self.index.items))
         if self.config.shard_order == "sorted":
-            return items
-        return sorted(items, key=lambda item: hashlib.sha256(item[0].encode()).digest())
+            return list(positions)
+        return sorted(positions, key=lambda i: hashlib.sha256(self.index.items[i][0].encode()).digest())
 
     def shard_items(self, shard: int) -> list[tuple[str, int]]:
-        """The images of ``shard`` in path order: ``shard_size`` consecutive images of the shard order.
+        """The images of ``shard`` in index order: ``shard_size`` consecutive images of the shard order.
 
         "mixed" orders by a hash of each path, stable across runs, machines and library versions, so every shard
         is a uniform sample of the tree: one 1000-image ImageNet shard holds images of about 630 classes, where
         "sorted" puts one or two classes in each (and a training window of 16 shards would mix only ~16-32).
         """
         size = self.config.shard_size
-        return sorted(self._shard_sequence[shard * size : (shard + 1) * size])
+        return [self.index.items[i] for i in sorted(self._shard_sequence[shard * size : (shard + 1) * size])]
 
     @property
     def identity(self) -> dict[str, Any]:

@@ -170,12 +170,7 @@ class DeploymentArgs(BaseModel):
         unknown = set(self.autoscaling_config) - set(AutoscalingConfig.model_fields)
         if unknown:
             raise ValueError(f"unknown autoscaling_config keys {sorted(unknown)}")
-        target = AutoscalingConfig(**self.autoscaling_config).target_ongoing_requests
-        if target > self.max_ongoing_requests:
-            raise ValueError(
-                f"autoscaling_config.target_ongoing_requests {target:g} exceeds max_ongoing_requests "
-                f"{self.max_ongoing_requests}: a replica can never hold that many"
-            )
+        AutoscalingConfig(**self.autoscaling_config)
         if self.max_queued_requests == 0:
             raise ValueError("max_queued_requests must be -1 (unbounded), null (2 x max_ongoing_requests) or >= 1")
         return self
@@ -246,23 +241,6 @@ class ServeArgs(BaseModel):
     )
     deployments: DeploymentsArgs = Field(default_factory=DeploymentsArgs)
 
-    @model_validator(mode="after")
-    def _check_batches(self) -> "ServeArgs":
-        # A model's batch gathers concurrent calls: at most the requests its replica (colocated: the ingress's) holds.
-        for role in ("glance", "anchornet", "patch"):
-            model = getattr(self.deployments, role)
-            holder, where = (self.deployments.ingress, "ingress") if self.colocate else (model, role)
-            _check_batch_size(f"deployments.{role}", model.max_batch_size, holder.max_ongoing_requests, where)
-        return self
-
-
-def _check_batch_size(name: str, batch: int, ongoing: int, holder: str) -> None:
-    if batch > ongoing:
-        raise ValueError(
-            f"{name}.max_batch_size {batch} exceeds the {holder}'s max_ongoing_requests {ongoing}: "
-            "no batch could ever fill"
-        )
-
 
 class BaselineArgs(BaseModel):
     """Arguments of ``build_baseline_app``: one full-size classifier in one deployment."""
@@ -275,12 +253,6 @@ class BaselineArgs(BaseModel):
     max_pixels: int = Field(40_000_000, ge=1)
     max_aspect_ratio: float | None = Field(MAX_ASPECT_RATIO, ge=1)
     deployment: DeploymentArgs = Field(default_factory=DeploymentArgs)
-
-    @model_validator(mode="after")
-    def _check_batches(self) -> "BaselineArgs":
-        opts = self.deployment
-        _check_batch_size("deployment", opts.max_batch_size, opts.max_ongoing_requests, "deployment")
-        return self
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -356,7 +356,7 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
             val_per_image = 1
             frozen, _ = _load_anchornet(config.anchornet, classes)
             val = splits.val if config.limit is None else train_data.limit_index(splits.val, config.limit)
-            val_set = train_data.image_dataset(val, config.preprocessing)
+            val_set = train_data.val_image_dataset(val, config.preprocessing)
         else:
             raise ValueError(_no_patch_val(val_uri))
         if picks is not None:  # an array, not a list: forked loader processes would copy a list of ints they read
@@ -386,7 +386,7 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
             classes,
             model,
             train_data.image_dataset(splits.train, transform),
-            train_data.image_dataset(splits.val, config.preprocessing),
+            train_data.val_image_dataset(splits.val, config.preprocessing),
             config.image_size,
         )
     frozen = _load_anchornet(config.anchornet, classes)[0] if config.anchornet else None
@@ -404,7 +404,7 @@ def build_task(config: TrainConfig, *, with_weights: bool = True) -> Task:
         classes,
         model,
         train_data.image_dataset(splits.train, transform),
-        train_data.image_dataset(splits.val, val_transform),
+        train_data.val_image_dataset(splits.val, val_transform),
         size,
         frozen,
         window=frozen.receptive_field.size if frozen is not None else None,
@@ -533,7 +533,8 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module, loader: Any) -> tuple[int, int]:
-    """(correct top-1, samples) of this worker's share of the val set (patch role: per patch).
+    """(correct top-1, samples) of this worker's share of the val set (patch role: per patch); samples labelled
+    ``train_data.SKIPPED_LABEL`` (an image that did not decode) count nowhere.
 
     Pass the bare module, not the DDP wrapper: DDP's forward broadcasts buffers (a collective), which hangs
     when some rank has no val images and so never calls forward.
@@ -542,8 +543,9 @@ def evaluate(task: Task, model: nn.Module, loader: Any) -> tuple[int, int]:
     correct, seen = 0, 0
     for images, labels in loader:
         inputs, targets = task.inputs(images, labels)
-        correct += int((model(inputs).argmax(1) == targets).sum())
-        seen += targets.numel()
+        counted = targets != train_data.SKIPPED_LABEL
+        correct += int(((model(inputs).argmax(1) == targets) & counted).sum())
+        seen += int(counted.sum())
     return correct, seen
 
 

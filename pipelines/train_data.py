@@ -37,6 +37,7 @@ from anchornet.preprocessing import ImageDecodeError, Preprocessing
 
 __all__ = [
     "DEFAULT_SHUFFLE_WINDOW",
+    "SKIPPED_LABEL",
     "DataSplits",
     "ShardWindowBatchSampler",
     "ShardWindowSampler",
@@ -49,6 +50,7 @@ __all__ = [
     "shard_cache_size",
     "shards_of",
     "train_transform",
+    "val_image_dataset",
     "val_loader",
     "window_order",
 ]
@@ -162,10 +164,16 @@ class TrainingImages(ImageFolderDataset):
     place. The substitution keeps every rank's step count. Read errors (``OSError``: S3, NFS) still fail the
     worker: they may pass, and the restart retries them. More than ``MAX_CONSECUTIVE_UNDECODABLE`` bad files in
     a row raise ``ImageDecodeError`` naming the first.
+
+    ``substitute_label`` (validation: ``SKIPPED_LABEL``) labels a replaced sample instead of the next image's own
+    label, so that the accuracy can leave it out rather than count the next image twice.
     """
 
-    def __init__(self, index: ImageFolderIndex, transform: Callable[..., torch.Tensor]) -> None:
+    def __init__(
+        self, index: ImageFolderIndex, transform: Callable[..., torch.Tensor], substitute_label: int | None = None
+    ) -> None:
         super().__init__(index, transform=transform)
+        self.substitute_label = substitute_label
         self._warned: set[int] = set()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
@@ -176,7 +184,7 @@ class TrainingImages(ImageFolderDataset):
         for k in range(min(len(self), MAX_CONSECUTIVE_UNDECODABLE)):
             j = (i + k) % len(self)
             try:
-                return super().__getitem__(j)
+                image, label = super().__getitem__(j)
             except ImageDecodeError as err:
                 first = first or err
                 if j not in self._warned:
@@ -186,15 +194,28 @@ class TrainingImages(ImageFolderDataset):
                         file=sys.stderr,
                         flush=True,
                     )
+                continue
+            return image, label if k == 0 or self.substitute_label is None else self.substitute_label
         raise ImageDecodeError(
             f"{min(len(self), MAX_CONSECUTIVE_UNDECODABLE)} consecutive images from {self.index.uri(i)} on cannot "
             f"be decoded (first: {first})"
         )
 
 
+#: The label of a validation sample whose image did not decode (``val_image_dataset``): no accuracy counts it.
+SKIPPED_LABEL = -1
+
+
 def image_dataset(index: ImageFolderIndex, transform: Callable[..., torch.Tensor]) -> Dataset:
-    """The training job's images of ``index``: ``TrainingImages`` (undecodable files skipped with a warning)."""
+    """The training job's training images of ``index``: ``TrainingImages`` (an undecodable file is replaced by the
+    next image, with a warning)."""
     return TrainingImages(index, transform)
+
+
+def val_image_dataset(index: ImageFolderIndex, transform: Callable[..., torch.Tensor]) -> Dataset:
+    """The training job's validation images: an undecodable file does not stop the run either, but its sample is
+    labelled ``SKIPPED_LABEL`` and left out of the val top-1, which stays exact over the images that decode."""
+    return TrainingImages(index, transform, substitute_label=SKIPPED_LABEL)
 
 
 class FlipDataset(Dataset):
@@ -310,8 +331,9 @@ class ShardWindowBatchSampler(Sampler[list[int]]):
     loads each of them once. Without loader processes the rank's one reader is read in process.
 
     A share under ``batch_size`` samples (a tiny dataset) makes every reader yield one batch of its whole share, so
-    it still trains, as with ``DistributedSampler``. Deterministic in (shards, window, seed, epoch, world_size,
-    loader_workers, batch_size): a resumed run draws the same batches as an unbroken one.
+    it still trains, as with ``DistributedSampler``; with fewer samples than readers each rank is one reader, and
+    with fewer samples than ranks the sampler refuses (``ValueError``). Deterministic in (shards, window, seed,
+    epoch, world_size, loader_workers, batch_size): a resumed run draws the same batches as an unbroken one.
     """
 
     def __init__(
@@ -333,9 +355,12 @@ class ShardWindowBatchSampler(Sampler[list[int]]):
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if loader_workers < 0:
             raise ValueError(f"loader_workers must be at least 0, got {loader_workers}")
-        self.loader_processes = max(1, loader_workers)
-        self.readers = world_size * self.loader_processes
         shards = np.asarray(shards, dtype=np.int64)
+        if 0 < len(shards) < world_size:
+            raise ValueError(f"{len(shards)} samples cannot give each of {world_size} ranks one")
+        # Fewer samples than readers (a tiny run): one run per rank, its loader processes taking its batches in turn.
+        self.loader_processes = max(1, loader_workers) if len(shards) >= world_size * max(1, loader_workers) else 1
+        self.readers = world_size * self.loader_processes
         self.batches = np.zeros((0, batch_size), dtype=np.int64)
         share = len(shards) // self.readers
         if share == 0:

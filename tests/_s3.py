@@ -120,6 +120,9 @@ def _launch(weed: str, workdir: Path, s3_port: int, timeout: float) -> S3Server:
         f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
         "-master.volumeSizeLimitMB=32", "-volume.max=200", "-s3", f"-s3.port={s3_port}",
         f"-s3.port.grpc={free_port()}", f"-s3.config={config}",
+        # The Iceberg catalog and Lance servers listen on fixed ports (8181, 9101) by default: two servers at once
+        # (two test sessions on one machine) would collide there. Tests need neither.
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]  # fmt: skip
     log = open(workdir / "weed.log", "wb")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)

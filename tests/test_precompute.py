@@ -198,6 +198,24 @@ def test_mixed_shards_hold_every_class(tree: Path, checkpoint: Path, tmp_path: P
     assert [plan("mixed").shard_items(i) for i in range(10)] == [plan("mixed").shard_items(i) for i in range(10)]
 
 
+def test_sorted_shards_are_slices_of_the_index(tree: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """As outputs were cut before --shard-order: consecutive images of the index, in its order (classes from a
+    checkpoint need not be alphabetical, and "a-b/" sorts before "a/"); mixed shards keep index order too."""
+    items = [("b/1.png", 0), ("b/2.png", 0), ("a/1.png", 1), ("a/2.png", 1), ("a-b/1.png", 2)]
+    index = ImageFolderIndex("/data", ["b", "a", "a-b"], items)
+    real = plan_job(_config(tree, tmp_path, checkpoint))
+    for order in ("sorted", "mixed"):
+        plan = dataclasses.replace(
+            real, config=_config(tree, tmp_path, checkpoint, shard_size=2, shard_order=order), index=index
+        )
+        shards = [plan.shard_items(i) for i in range(plan.num_shards)]
+        assert all(shard == sorted(shard, key=items.index) for shard in shards)
+        if order == "sorted":
+            assert shards == [items[0:2], items[2:4], items[4:]]
+        else:
+            assert sorted(item for shard in shards for item in shard) == sorted(items)
+
+
 @pytest.mark.parametrize("encoding", ["png", "jpeg", "raw"])
 def test_encodings_round_trip(encoding: str) -> None:
     crops = torch.randint(0, 256, (3, 3, 95, 95), dtype=torch.uint8)
@@ -231,7 +249,8 @@ def test_plan_is_deterministic_and_rejects_bad_input(
     assert plan.identity == plan_job(_config(tree, tmp_path, checkpoint)).identity
     shards = [plan.shard_items(i) for i in range(4)]
     assert sorted(item for shard in shards for item in shard) == plan.index.items  # every image once
-    assert all(shard == sorted(shard) for shard in shards)  # rows in path order
+    position = {item: i for i, item in enumerate(plan.index.items)}
+    assert all(shard == sorted(shard, key=position.get) for shard in shards)  # rows in index order
     # "mixed": cut in the order of the paths' SHA-256, pinned here (stable across runs, machines and versions)
     assert [rel for rel, _ in shards[0]] == PINNED_FIRST_SHARD
     in_order = plan_job(_config(tree, tmp_path, checkpoint, shard_order="sorted"))

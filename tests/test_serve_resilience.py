@@ -339,21 +339,17 @@ def test_deployment_args_bound_the_queues() -> None:
             DeploymentArgs(max_queued_requests=bad)
 
 
-def test_deployment_args_refuse_targets_and_batches_that_cannot_fill() -> None:
-    with pytest.raises(ValidationError, match="target_ongoing_requests 16 exceeds max_ongoing_requests 8"):
-        DeploymentArgs(max_ongoing_requests=8, autoscaling_config={"target_ongoing_requests": 16})
+def test_deployment_args_accept_what_serve_accepts() -> None:
+    """Serve takes a batch larger than max_ongoing_requests (it fills to what the replica holds, then waits
+    batch_wait_timeout_s) and a target above it (the target counts queued requests too): configs that deployed
+    before keep deploying."""
     paths = {"anchornet": "a.pt", "glance": "g.pt", "patch": "p.pt"}
-    small = {"max_ongoing_requests": 4, "max_batch_size": 8, "autoscaling_config": {"target_ongoing_requests": 2}}
-    with pytest.raises(ValidationError, match=r"deployments\.patch\.max_batch_size 8 exceeds the patch's") as err:
-        ServeArgs(**paths, deployments={"patch": small})
-    assert len([line for line in str(err.value).splitlines() if "exceeds" in line]) == 1
-    # Colocated, a model's batch gathers the ingress's requests: its max_ongoing_requests is the bound.
-    ServeArgs(**paths, colocate=True, deployments={"patch": small})
-    ingress = {**small, "max_batch_size": 1}
-    with pytest.raises(ValidationError, match=r"glance\.max_batch_size 16 exceeds the ingress's"):
-        ServeArgs(**paths, colocate=True, deployments={"ingress": ingress})
-    with pytest.raises(ValidationError, match="max_batch_size 8 exceeds"):
-        BaselineArgs(classifier="c.pt", deployment=small)
+    assert DeploymentArgs(max_ongoing_requests=5).options("X")["max_ongoing_requests"] == 5  # Serve's own default
+    DeploymentArgs(max_ongoing_requests=8, autoscaling_config={"target_ongoing_requests": 16})
+    small = {"max_ongoing_requests": 4, "max_batch_size": 8}
+    ServeArgs(**paths, deployments={"glance": {"max_ongoing_requests": 8}, "patch": small})
+    ServeArgs(**paths, colocate=True, deployments={"ingress": {**small, "max_batch_size": 1}})
+    BaselineArgs(classifier="c.pt", deployment=small)
 
 
 def test_build_app_sets_queues_shutdown_and_delays(checkpoints: dict[str, str]) -> None:
@@ -394,7 +390,7 @@ def test_serve_config_bounds_every_request() -> None:
         assert args.options(name)["autoscaling_config"]["target_ongoing_requests"] <= args.max_ongoing_requests
 
 
-def test_serve_config_checker_catches_short_shutdowns_and_impossible_targets() -> None:
+def test_serve_config_checker_catches_short_shutdowns() -> None:
     config = _serve_config()
     config["http_options"]["request_timeout_s"] = 60
     problems = check_serve_config(config)
@@ -405,11 +401,6 @@ def test_serve_config_checker_catches_short_shutdowns_and_impossible_targets() -
         deployment["graceful_shutdown_timeout_s"] = 65
     app["deployments"].append({"name": "Patch", "graceful_shutdown_timeout_s": 20})
     assert [p.split(":")[1].split()[0] for p in check_serve_config(config)] == ["Patch"]
-
-    config = _serve_config()
-    config["applications"][0]["args"]["deployments"]["glance"]["autoscaling_config"]["target_ongoing_requests"] = 64
-    (problem,) = check_serve_config(config)
-    assert "target_ongoing_requests 64 exceeds max_ongoing_requests 32" in problem and "\n" not in problem
 
 
 def test_jobs_serve_sets_the_request_timeout() -> None:

@@ -147,3 +147,17 @@ def test_each_loader_process_reads_only_its_readers_shards() -> None:
     per_process = list(seen.values())
     assert len(set().union(*per_process)) == 11  # every shard is read
     assert sum(len(mine) for mine in per_process) <= 11 + 3  # and only a run's end by a second process
+
+
+def test_fewer_samples_than_readers_fall_back_to_one_reader_per_rank() -> None:
+    """6 patches, 2 ranks of 4 loader processes: each rank is one reader (dealing 8 readers 0 patches each would
+    train nothing); fewer patches than ranks is refused."""
+    shards = np.arange(6) // 3
+    got = [
+        list(ShardWindowBatchSampler(shards, window=2, seed=0, epoch=0, batch_size=8, rank=rank, world_size=2,
+                                     loader_workers=4))
+        for rank in range(2)
+    ]  # fmt: skip
+    assert [len(batches) for batches in got] == [1, 1] and sorted(i for b in got for i in b[0]) == list(range(6))
+    with pytest.raises(ValueError, match=r"^1 samples cannot give each of 2 ranks one$"):
+        ShardWindowBatchSampler([0], window=2, seed=0, epoch=0, batch_size=8, rank=0, world_size=2)

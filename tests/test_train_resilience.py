@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,6 +63,24 @@ def test_an_undecodable_training_image_is_replaced_by_the_next_one(
     broken = train_data.image_dataset(scan_image_folder(data / "train"), Preprocessing())
     with pytest.raises(ImageDecodeError, match=r"6 consecutive images from .*cls_a/0\.png on cannot be decoded"):
         broken[0]
+
+
+def test_an_undecodable_val_image_counts_in_no_accuracy(tmp_path: Path) -> None:
+    """Validation replaces it too (no crash on every restart) but labels it SKIPPED_LABEL, so the val top-1 stays
+    exact over the images that decode instead of counting the next image twice."""
+    data = synthetic_tree(tmp_path / "data", val=3)
+    (data / "val/cls_a/1.png").write_bytes(b"junk")
+    images = train_data.val_image_dataset(scan_image_folder(data / "val"), Preprocessing(image_size=32, resize_size=32))
+    labels = [images[i][1] for i in range(len(images))]
+    assert labels == [0, train_data.SKIPPED_LABEL, 0, 1, 1, 1]
+
+    class AlwaysFirst(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([[1.0, 0.0]]).expand(len(x), 2)
+
+    task = SimpleNamespace(inputs=lambda x, y: (x.float(), y))
+    batch = (torch.stack([images[i][0] for i in range(len(images))]), torch.tensor(labels))
+    assert train.evaluate(task, AlwaysFirst(), [batch]) == (2, 5)  # 2 of the 5 decodable images are class 0
 
 
 def test_many_bad_files_in_a_row_stop_at_the_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
