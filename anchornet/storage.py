@@ -9,6 +9,7 @@ nodes (pyarrow does not look a bucket's region up by itself; ``pyarrow.fs.resolv
 
 from __future__ import annotations
 
+import atexit
 import os
 import posixpath
 import uuid
@@ -50,6 +51,9 @@ _S3_ENVIRONMENT = (
 )
 _s3_clients: dict[tuple[str | None, ...], pafs.S3FileSystem] = {}
 _s3_clients_pid: int | None = None
+# Dropped at exit before pyarrow finalizes S3 (atexit runs last-registered first): clients still alive then can
+# hang the interpreter's exit with some credential providers (apache/arrow#50188).
+atexit.register(_s3_clients.clear)
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
