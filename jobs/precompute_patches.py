@@ -63,6 +63,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     res.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per actor (0 on CPU machines)")
     res.add_argument("--batch-size", type=int, default=64, help="images per mini-batch (AnchorNet: 16 per pass)")
     res.add_argument("--max-shards", type=int, default=None, help="write at most this many shards in this run")
+    res.add_argument(
+        "--shard-retries",
+        type=int,
+        default=1,
+        help="rounds in which the run retries its failed shards (10 s apart) before it reports them",
+    )
     res.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser.parse_args(argv)
 
@@ -87,6 +93,7 @@ def build_config(args: argparse.Namespace) -> PrecomputeConfig:
         batch_size=args.batch_size,
         address=args.address,
         max_shards=args.max_shards,
+        shard_retries=args.shard_retries,
         verbose=not args.quiet,
     )
 

@@ -100,6 +100,11 @@ READ_RETRY_DELAYS = (0.1, 0.4)
 #: read more than ~70-100 images/s, whatever its GPU. Local reads stay in the decode threads.
 REMOTE_READ_THREADS = 24  # under the 25 connections of Arrow's S3 client (uploads share them)
 
+#: Pause before a run retries the shards that failed (``--shard-retries`` rounds): a read that kept failing for
+#: half a second (S3 throttling, a network blip) often passes a little later, and a lasting failure fails a shard at
+#: its first image, so a retry round costs little.
+SHARD_RETRY_PAUSE_S = 10.0
+
 #: The reason of an image that the input listing had but the actor did not find.
 DISAPPEARED = "file disappeared after the input was indexed"
 
@@ -159,6 +164,7 @@ class PrecomputeConfig:
     batch_size: int = 64
     address: str | None = None
     max_shards: int | None = None
+    shard_retries: int = 1
     verbose: bool = True
 
     def __post_init__(self) -> None:
@@ -180,6 +186,7 @@ class PrecomputeConfig:
             (self.num_gpus_per_worker >= 0, f"--num-gpus-per-worker must be >= 0, got {self.num_gpus_per_worker}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.max_shards is None or self.max_shards >= 1, f"--max-shards must be positive, got {self.max_shards}"),
+            (self.shard_retries >= 0, f"--shard-retries must be at least 0, got {self.shard_retries}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -488,6 +495,18 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeResult:
         pending = pending[: config.max_shards]
     _log(config, f"{len(done)} shards already written, {len(pending)} to do now")
     reports = _run_shards(plan, pending) if pending else []
+    for attempt in range(1, config.shard_retries + 1):
+        again = [r["shard"] for r in reports if r.get("failed")]
+        if not again:
+            break
+        _log(
+            config,
+            f"{len(again)} shards failed; retrying them in {SHARD_RETRY_PAUSE_S:g} s "
+            f"(round {attempt} of {config.shard_retries})",
+        )
+        time.sleep(SHARD_RETRY_PAUSE_S)
+        retried = {r["shard"]: r for r in _run_shards(plan, again)}
+        reports = [retried.get(r["shard"], r) for r in reports]
     failed = {r["shard"]: r["failed"] for r in reports if r.get("failed")}
     written = [r for r in reports if not r.get("failed")]
     result = PrecomputeResult(

@@ -28,6 +28,7 @@ from pipelines.precompute import (
     PrecomputeConfig,
     PrecomputeError,
     ShardError,
+    ShardsFailedError,
     ShardWriter,
     plan_job,
     run_precompute,
@@ -192,6 +193,37 @@ def test_remote_reads_are_in_flight_together_and_change_no_row(tree, checkpoint,
     shard = schema.shard_name(0)
     remote_rows = pq.read_table(tmp_path / "remote" / schema.SHARDS_DIR / shard)
     assert remote_rows.equals(pq.read_table(tmp_path / "local" / schema.SHARDS_DIR / shard))
+
+
+def test_failed_shards_are_retried_in_the_same_run(tree, checkpoint, tmp_path, monkeypatch) -> None:
+    """A shard that failed (a read that kept failing for half a second: S3 throttling) is run again after a pause,
+    alone, `--shard-retries` times; the job then completes without a re-run. The actors' work runs in process."""
+    rounds: list[list[int]] = []
+    pauses: list[float] = []
+
+    def run_shards(plan: precompute.JobPlan, pending: list[int], writer: Any = None) -> list[dict[str, Any]]:
+        rounds.append(list(pending))
+        reports = []
+        for shard in pending:
+            if shard == 1 and len(rounds) <= 2:  # fails in the first run and in the first retry
+                reports.append({"shard": shard, "failed": "cannot read s3://b/cat/c.jpg (3 tries): SlowDown"})
+                continue
+            rows, errors = ShardWriter(plan.worker_spec()).write_shard(shard, plan.shard_items(shard))
+            reports.append({"shard": shard, "rows": rows, "errors": errors, "images": rows + errors, "failed": ""})
+        return reports
+
+    monkeypatch.setattr(precompute, "_run_shards", run_shards)
+    monkeypatch.setattr(precompute.time, "sleep", pauses.append)
+    result = run_precompute(_config(tree, tmp_path / "out", checkpoint, shard_retries=2, verbose=False))
+    assert result.complete and rounds == [[0, 1, 2, 3], [1], [1]] and pauses == [precompute.SHARD_RETRY_PAUSE_S] * 2
+    assert (tmp_path / "out" / schema.MANIFEST_FILE).exists()
+
+    rounds.clear()
+    with pytest.raises(ShardsFailedError, match=r"1 of 4 shards failed .*shard 1: cannot read .*SlowDown"):
+        run_precompute(_config(tree, tmp_path / "out2", checkpoint, shard_retries=0, verbose=False))
+    assert rounds == [[0, 1, 2, 3]]
+    with pytest.raises(PrecomputeError, match="--shard-retries must be at least 0, got -1"):
+        _config(tree, tmp_path / "out3", checkpoint, shard_retries=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,6 +420,7 @@ def test_failed_shard_is_reported_and_redone_on_rerun(
 ) -> None:
     """Shard 1's files vanish once the driver has listed them (as on a worker node that lacks a local --input):
     the CLI exits 1 with one line, the other shards are written, no manifest; the re-run writes shard 1 alone."""
+    monkeypatch.setattr(precompute, "SHARD_RETRY_PAUSE_S", 0.0)  # its retry round fails too: the files are gone
     data = tmp_path / "train"
     shutil.copytree(tree, data)
     (data / "dog/z_thin.png").unlink()  # 6 images, 3 shards
