@@ -120,6 +120,9 @@ class TrainConfig:
     many shards' encoded patches plus one (``train_data.shard_cache_size``), so it trades memory against how well
     an epoch is mixed.
 
+    ``listing`` is set by ``run_training``, not by users: the ``train_data.save_listing`` file of the tree the
+    driver listed, which the workers read instead of listing it again.
+
     Test-only fields (no CLI help): ``limit`` keeps that many images per split (evenly spaced),
     ``crash_at_epoch=k`` makes the last worker raise at the start of epoch ``k`` (k >= 1) of an attempt that
     did not start from a checkpoint, so ``FailureConfig`` restarts the group from epoch ``k - 1``'s checkpoint
@@ -159,6 +162,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     limit: int | None = None
     crash_at_epoch: int | None = None
+    listing: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -419,6 +423,7 @@ def _splits(config: TrainConfig, *, classes: list[str] | None = None, limit: int
         limit=config.limit if limit == -1 else limit,
         holdout_size=config.holdout_size,
         holdout_seed=config.holdout_seed,
+        listing=config.listing,
     )
 
 
@@ -797,7 +802,13 @@ def _preflight(config: TrainConfig) -> tuple[list[str], dict[str, Any]]:
         )
     if record:
         storage.write_bytes(manifest_uri, json.dumps({**manifest, "config": config.to_dict()}, indent=1).encode())
+    train_data.save_listing(listing_uri(config), *splits.listed)  # what the workers read instead of listing again
     return classes, holdout
+
+
+def listing_uri(config: TrainConfig) -> str:
+    """Where the driver writes the tree it listed for this run's workers (``TrainConfig.listing``)."""
+    return storage.join(config.output, f"{config.run_name}.listing.parquet")
 
 
 def _config_defaults() -> dict[str, Any]:
@@ -929,7 +940,8 @@ def run_training(config: TrainConfig, *, ray_address: str | None = None, verbose
 
     started = time.perf_counter()
     config = _absolute_paths(config)
-    classes, holdout = _preflight(config)
+    classes, holdout = _preflight(TrainConfig.from_dict({**config.to_dict(), "listing": None}))  # lists the tree
+    config = TrainConfig.from_dict({**config.to_dict(), "listing": listing_uri(config)})
     own_ray = not ray.is_initialized()
     if own_ray:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -14,12 +14,15 @@ Images stay ``uint8`` until the training step (``anchornet.preprocessing.to_floa
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision.transforms import v2
@@ -70,10 +73,18 @@ class DataSplits:
     ``holdout`` holds the images of ``train/`` left out of training (``holdout_indices``), ``train`` the rest.
     """
 
-    def __init__(self, train: ImageFolderIndex, val: ImageFolderIndex, holdout: ImageFolderIndex | None = None) -> None:
+    def __init__(
+        self,
+        train: ImageFolderIndex,
+        val: ImageFolderIndex,
+        holdout: ImageFolderIndex | None = None,
+        listed: tuple[ImageFolderIndex, ImageFolderIndex] | None = None,
+    ) -> None:
         self.train = train
         self.val = val
         self.holdout = holdout if holdout is not None else ImageFolderIndex(train.root, train.classes, [])
+        #: ``train/`` and ``val/`` as listed, before the held-out images and ``limit`` (``save_listing``)
+        self.listed = listed if listed is not None else (train, val)
 
     @property
     def classes(self) -> list[str]:
@@ -87,8 +98,13 @@ def scan_splits(
     limit: int | None = None,
     holdout_size: int = 0,
     holdout_seed: int = 0,
+    listing: str | None = None,
 ) -> DataSplits:
     """Index ``ROOT/train`` and ``ROOT/val`` (local or ``s3://``); val must use train's classes.
+
+    ``listing`` (a ``save_listing`` file) takes the two indexes from there instead of listing the tree again: the
+    training job's driver lists it once and every worker, and every restart, reads that one file (on S3 ImageNet's
+    listing is ~1,300 requests one after another, and the tree may change under a running job).
 
     ``classes`` pins the class list (a checkpoint's). ``holdout_size`` images of the whole ``train/``, drawn
     with ``holdout_seed`` (``anchornet.image_folder.holdout_indices``, as ``jobs/evaluate.py`` draws them), are
@@ -96,11 +112,17 @@ def scan_splits(
     the sorted index, so every class keeps some (tests and quick runs).
     Raises ``FileNotFoundError`` / ``ValueError`` with one-line messages for missing, empty or malformed trees.
     """
-    train = scan_image_folder(storage.join(root, HOLDOUT_SPLIT), classes=classes)
-    try:
-        val = scan_image_folder(storage.join(root, "val"), classes=train.classes)
-    except ValueError as err:
-        raise ValueError(f"val/ does not match train/: {err}") from err
+    if listing is not None:
+        train, val = load_listing(listing)
+        if classes is not None and list(classes) != train.classes:
+            raise ValueError(f"{listing} was listed with other classes than asked for")
+    else:
+        train = scan_image_folder(storage.join(root, HOLDOUT_SPLIT), classes=classes)
+        try:
+            val = scan_image_folder(storage.join(root, "val"), classes=train.classes)
+        except ValueError as err:
+            raise ValueError(f"val/ does not match train/: {err}") from err
+    listed = (train, val)
     held = set(holdout_indices(train, holdout_size, holdout_seed))
     if len(held) >= len(train):
         raise ValueError(f"holdout-size {holdout_size} leaves none of the {len(train)} train/ images for training")
@@ -109,7 +131,39 @@ def scan_splits(
     train = ImageFolderIndex(train.root, train.classes, kept) if held else train
     if limit is not None:
         train, val = limit_index(train, limit), limit_index(val, limit)
-    return DataSplits(train, val, holdout)
+    return DataSplits(train, val, holdout, listed=listed)
+
+
+def save_listing(uri: str, train: ImageFolderIndex, val: ImageFolderIndex) -> None:
+    """Write the two indexes of a tree (``DataSplits.listed``) to one Parquet file, for ``scan_splits(listing=)``."""
+    rows = [("train", train), ("val", val)]
+    table = pa.table(
+        {
+            "split": [name for name, index in rows for _ in index.items],
+            "image_id": [rel for _, index in rows for rel, _ in index.items],
+            "label": pa.array([label for _, index in rows for _, label in index.items], pa.int32()),
+        }
+    ).replace_schema_metadata(
+        {"classes": json.dumps(train.classes), "roots": json.dumps({"train": train.root, "val": val.root})}
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    storage.write_bytes(uri, sink.getvalue().to_pybytes())
+
+
+def load_listing(uri: str) -> tuple[ImageFolderIndex, ImageFolderIndex]:
+    """The ``train/`` and ``val/`` indexes ``save_listing`` wrote."""
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
+    meta = table.schema.metadata or {}
+    classes, roots = json.loads(meta[b"classes"]), json.loads(meta[b"roots"])
+    columns = table.to_pydict()
+    items: dict[str, list[tuple[str, int]]] = {"train": [], "val": []}
+    for split, rel, label in zip(columns["split"], columns["image_id"], columns["label"], strict=True):
+        items[split].append((rel, label))
+    return (
+        ImageFolderIndex(roots["train"], classes, items["train"]),
+        ImageFolderIndex(roots["val"], classes, items["val"]),
+    )
 
 
 def holdout_record(splits: DataSplits, size: int, seed: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import ray
 import torch
 from _helpers import synthetic_tree
 from PIL import Image
@@ -187,3 +188,36 @@ def test_local_paths_on_several_nodes_are_warned_of() -> None:
         "the Ray cluster has 2 nodes and --data /data/imagenet is a local path: it must be shared storage (NFS, EFS, "
         "FSx) mounted at the same path on every node, else the workers do not find them"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the tree is listed once, by the driver
+
+
+def test_workers_read_the_drivers_listing_instead_of_listing_the_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On S3 ImageNet's listing is ~1,300 requests one after another, in every worker and on every restart; and
+    a tree changed under a running job would give the workers other held-out images than the driver's."""
+    data = synthetic_tree(tmp_path / "data", train=5)
+    config = TrainConfig(
+        data=str(data), output=str(tmp_path / "out"), arch="anchornet_test", batch_size=4, holdout_size=2
+    )
+    given: list[TrainConfig] = []
+    monkeypatch.setattr(train, "_fit", lambda config, *args: given.append(config))
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # no Ray started: _fit is where it would be used
+    train.run_training(config, verbose=False)
+    (worker_config,) = given
+    assert worker_config.listing == train.listing_uri(config) and Path(worker_config.listing).exists()
+    listed = train_data.scan_splits(str(data), holdout_size=2)
+
+    def no_listing(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a worker listed the tree")
+
+    monkeypatch.setattr(train_data, "scan_image_folder", no_listing)
+    (data / "train/cls_a/0.png").unlink()  # the tree changes under the running job: the workers keep the listing
+    task = train.build_task(worker_config)
+    assert [rel for rel, _ in task.train_set.index.items] == [rel for rel, _ in listed.train.items]
+    assert [rel for rel, _ in task.val_set.index.items] == [rel for rel, _ in listed.val.items]
+    with pytest.raises(ValueError, match="listed with other classes"):
+        train_data.scan_splits(str(data), classes=["x", "y"], listing=worker_config.listing)
