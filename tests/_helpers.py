@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,3 +54,48 @@ class InFlight:
         time.sleep(self.latency)
         with self._lock:
             self.now -= 1
+
+
+def asgi_request(
+    app: Callable[..., Any],
+    path: str = "/classify",
+    *,
+    method: str = "POST",
+    body: bytes = b"",
+    content_type: str | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request straight into an ASGI ``app`` (no server, no httpx): status, headers and body of the answer."""
+    headers = []
+    if content_type is not None:
+        headers = [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    messages: list[dict[str, Any]] = []
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:  # the body was read: the client then waits, as a real one does
+            await asyncio.sleep(3600)
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in messages if m["type"] == "http.response.start")
+    answer = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]}
+    return start["status"], answer, b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")

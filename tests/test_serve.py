@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import io
 import json
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from _helpers import asgi_request
 from fastapi import FastAPI, Request
 from PIL import Image
 
@@ -127,43 +127,6 @@ def test_parse_multipart() -> None:
         assert (err.value.status, err.value.code) == (400, "bad_multipart")
 
 
-def _asgi_request(
-    app: Callable[..., Any], body: bytes, content_type: str, path: str = "/classify"
-) -> tuple[int, dict[str, str], bytes]:
-    """One POST straight into an ASGI ``app`` (no server, no httpx): status, headers and body of the answer."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    messages: list[dict[str, Any]] = []
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            await asyncio.sleep(3600)
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
-
-    asyncio.run(app(scope, receive, send))
-    start = next(m for m in messages if m["type"] == "http.response.start")
-    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]}
-    return start["status"], headers, b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
-
-
 def test_unexpected_errors_are_json_500() -> None:
     """A bug in a handler gets the JSON error shape (code internal_error) instead of a text/plain 500."""
     app = FastAPI()
@@ -173,7 +136,7 @@ def test_unexpected_errors_are_json_500() -> None:
     async def classify() -> dict[str, str]:
         raise RuntimeError("a bug")
 
-    status, headers, body = _asgi_request(app, b"x", "image/jpeg")
+    status, headers, body = asgi_request(app, body=b"x", content_type="image/jpeg")
     assert status == 500 and headers["content-type"] == "application/json"
     error = json.loads(body)["error"]
     assert error["code"] == "internal_error" and "RuntimeError" in error["message"] and "\n" not in error["message"]
@@ -199,7 +162,7 @@ def test_multipart_is_parsed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch)
         return {"bytes": len(await read_image_bytes(request, 10_000))}
 
     body = b'--XX\r\nContent-Disposition: form-data; name="file"\r\n\r\nJPEGDATA\r\n--XX--\r\n'
-    status, _, answer = _asgi_request(app, body, "multipart/form-data; boundary=XX")
+    status, _, answer = asgi_request(app, body=body, content_type="multipart/form-data; boundary=XX")
     assert (status, answer) == (200, b'{"bytes":8}')
     assert len(threads) == 1 and threads != loop_threads
 

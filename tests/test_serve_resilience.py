@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _helpers import asgi_request
 from fastapi import FastAPI
 from PIL import Image
 from pydantic import ValidationError
@@ -154,35 +155,6 @@ def test_server_timing_calls_go_through_the_retry() -> None:
     assert "glance" in timing.entries
 
 
-def _asgi_get(app: FastAPI, path: str) -> tuple[int, dict[str, str], bytes]:
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    messages: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
-
-    asyncio.run(app(scope, receive, send))
-    start = next(m for m in messages if m["type"] == "http.response.start")
-    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]}
-    return start["status"], headers, b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
-
-
 def test_a_503_is_json_with_retry_after() -> None:
     app = FastAPI()
     install_error_handlers(app)
@@ -191,7 +163,7 @@ def test_a_503_is_json_with_retry_after() -> None:
     async def classify() -> None:
         await call_deployment("patch", FakeHandle(ActorDiedError(), ActorDiedError()), "crop", 4)
 
-    status, headers, body = _asgi_get(app, "/classify")
+    status, headers, body = asgi_request(app, "/classify", method="GET")
     assert (status, headers["retry-after"], headers["content-type"]) == (503, "4", "application/json")
     assert json.loads(body)["error"]["code"] == "model_unavailable"
 
