@@ -40,7 +40,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
     )
     parser.add_argument("--holdout-size", type=int, help="held-out images (default: those the cards record, else 1000)")
     parser.add_argument("--holdout-seed", type=int, help="which held-out images (default: the cards', else --seed)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N test images")
+    parser.add_argument("--limit", type=int, help="evaluate only N test images, evenly spaced over the split")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-patches", type=int, default=4, help="T - 1 (default: 4)")
     parser.add_argument("--iou-threshold", type=float, default=0.3)

@@ -43,10 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=None,
         metavar="W",
-        help=f"with --patches: shuffle W Parquet shards together at a time (default: {DEFAULT_SHUFFLE_WINDOW}); each "
-        "DataLoader process holds W + 1 shards' encoded patches (~18 MB per 1000-image shard at 4 patches): a larger "
-        "W mixes more shards (each holds one or two classes) into each stretch of the epoch, at that memory per "
-        "process; W >= the number of shards shuffles the whole set at once",
+        help=f"with --patches: each DataLoader process shuffles its own run of shards W at a time (default: "
+        f"{DEFAULT_SHUFFLE_WINDOW}) and holds W + 1 shards' encoded patches (~18 MB per 1000-image shard at 4 "
+        "patches); shards of the default --shard-order mixed each hold all classes, sorted ones one or two, where a "
+        "larger W mixes more classes into each stretch of the epoch; W >= a process's shards shuffles its run whole",
     )
     args = parser.parse_args(argv)
     if args.shuffle_window is not None and not (args.role == "patch" and args.patches):

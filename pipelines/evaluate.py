@@ -1,6 +1,7 @@
 """Evaluation: accuracy against MACs (anytime and budgeted), AnchorNet against random patches, real time.
 
-Runs in one process with plain PyTorch (no Ray needed: the test set is small next to training). The
+Runs in one process with plain PyTorch (no Ray needed: the test set is small next to training), plus
+``--loader-workers`` decoding processes. The
 thresholds of the budgeted curve are fitted on held-out images, never on the images they are tested on: by
 default the images the training jobs left out of the *training* split (``--holdout-size``, recorded in the
 cards), with a warning when the models were trained on them (thresholds fitted on training images are biased

@@ -5,7 +5,7 @@ An output directory (local or ``s3://``) holds::
     _job.json                  the job's identity (input index hash, checkpoint id, options), written first
     shards/part-00000.parquet  one file per shard of ``shard_size`` images, rows in index order (SHARD_SCHEMA)
     errors/part-00000.parquet  the images of that shard that could not be used (ERRORS_SCHEMA), possibly empty
-    errors.parquet             every error of the job, in index order
+    errors.parquet             every error of the job, shard after shard (index order within a shard)
     manifest.json              counts, schema version, arguments, checkpoint id; written last
 
 A shard counts as done when its ``shards/part-NNNNN.parquet`` exists: it is written after its errors file,

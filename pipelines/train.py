@@ -1,8 +1,9 @@
 """Ray Train for both stages: stage I (AnchorNet from scratch) and stage II (the glance and patch classifiers).
 
 One code path from one CPU worker to many GPU nodes: a ``TorchTrainer`` runs ``train_loop_per_worker`` on
-``num_workers`` workers (DDP through ``ray.train.torch.prepare_model``; torch ``DataLoader``s over
-``ImageFolderDataset`` with a ``DistributedSampler``, moved to the device by ``prepare_data_loader``).
+``num_workers`` workers (DDP through ``ray.train.torch.prepare_model``; torch ``DataLoader``s over images with a
+``DistributedSampler``, or over precomputed patches with a ``ShardWindowBatchSampler``, moved to the device by
+``prepare_data_loader``).
 Each epoch every worker reports train loss/accuracy and val top-1 (summed over workers), and rank 0 attaches
 a checkpoint with the model, optimizer, epoch and history (the lr schedule is rebuilt from the epoch and the
 current flags). Ray keeps them under ``OUT/ray_<stage>``.

@@ -62,8 +62,8 @@ __all__ = [
 HOLDOUT_SPLIT = "train"  # the split the held-out images come from: the one both stages train on
 # Shards shuffled together (--shuffle-window): memory per loader process (window + 1 shards' encoded patches, ~18 MB
 # per 1000-image shard) against mixing. Shards of the default --shard-order mixed each hold a sample of all classes,
-# so any window mixes them; 16 keeps a dataset of up to 16 shards (imagenette: 10) fully shuffled. On shards of
-# --shard-order sorted (one or two classes each) it mixes 16 to 32 of ImageNet's classes at a time.
+# so any window mixes them; 16 shuffles a loader process's run of up to 16 shards (imagenette: 10 in all) whole.
+# On shards of --shard-order sorted (one or two classes each) it mixes 16 to 32 of ImageNet's classes at a time.
 DEFAULT_SHUFFLE_WINDOW = 16
 
 
@@ -216,8 +216,8 @@ class TrainingImages(ImageFolderDataset):
 
     Without this, such a file, read in every epoch, fails its worker on every restart of the run at the same
     place. The substitution keeps every rank's step count. Read errors (``OSError``: S3, NFS) still fail the
-    worker: they may pass, and the restart retries them. More than ``MAX_CONSECUTIVE_UNDECODABLE`` bad files in
-    a row raise ``ImageDecodeError`` naming the first.
+    worker: they may pass, and the restart retries them. ``MAX_CONSECUTIVE_UNDECODABLE`` bad files in a row
+    raise ``ImageDecodeError`` naming the first.
 
     ``substitute_label`` (validation: ``SKIPPED_LABEL``) labels a replaced sample instead of the next image's own
     label, so that the accuracy can leave it out rather than count the next image twice.
@@ -467,7 +467,7 @@ def epoch_loader(
     epoch, and the last incomplete batch is dropped (BatchNorm and equal step counts across ranks). Given
     ``shards`` (``shards_of(dataset)``: precomputed patches), a ``ShardWindowBatchSampler`` makes the batches
     instead: each of this rank's ``num_workers`` loader processes reads shards of its own, ``shuffle_window`` at a
-    time, so each shard is read once per epoch over all ranks and processes. The loader's generator, which seeds
+    time, so each shard is read about once per epoch over all ranks and processes. The loader's generator, which seeds
     the augmentation RNG of each loader process, is derived from (seed, epoch, rank), so augmentation does not
     depend on where a run was resumed.
     """
