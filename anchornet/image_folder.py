@@ -172,11 +172,16 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self._labels)
 
-    def _uri_of(self, i: int) -> tuple[str, int]:
-        """The URI and label of image ``i`` (``IndexError`` past the end)."""
+    def _position(self, i: int) -> int:
+        """``i`` as a position in ``[0, len)`` (negative counts from the end); ``IndexError`` past either end, which
+        also ends iteration over the dataset."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} images")
-        i %= len(self)
+        return i % len(self)
+
+    def _uri_of(self, i: int) -> tuple[str, int]:
+        """The URI and label of image ``i``."""
+        i = self._position(i)
         rel = self._paths[self._offsets[i] : self._offsets[i + 1]].decode()
         return storage.join(self.index.root, *rel.split("/")), int(self._labels[i])
 

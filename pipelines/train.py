@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +52,7 @@ from anchornet.model import AnchorNet, anchornet_test
 from anchornet.patches import crop_patches, select_patches
 from anchornet.preprocessing import Preprocessing, to_float
 from pipelines import train_data
-from pipelines.cluster import local_paths_warning
+from pipelines.cluster import alive_nodes, local_paths_warning
 
 if TYPE_CHECKING:
     from pipelines.patch_dataset import PatchDataset
@@ -917,7 +917,7 @@ def default_cpus_per_worker(nodes: Sequence[Mapping[str, Any]], num_workers: int
     run waits for it forever (``nodes`` as ``ray.nodes()`` lists them)."""
     if use_gpu:
         return 1.0
-    per_node = [float(n.get("Resources", {}).get("CPU", 0)) for n in nodes if n.get("Alive", n.get("alive", False))]
+    per_node = [float(node.get("Resources", {}).get("CPU", 0)) for node in alive_nodes(nodes)]
     total = sum(per_node) or 1.0  # none yet (an autoscaling cluster's CPU-less head): 1, which any node fits
     share = max(total // num_workers, 0.0) or total / num_workers
     return min(share, max(per_node, default=0.0) or share)
@@ -941,8 +941,8 @@ def run_training(config: TrainConfig, *, ray_address: str | None = None, verbose
 
     started = time.perf_counter()
     config = _absolute_paths(config)
-    classes, holdout = _preflight(TrainConfig.from_dict({**config.to_dict(), "listing": None}))  # lists the tree
-    config = TrainConfig.from_dict({**config.to_dict(), "listing": listing_uri(config)})
+    classes, holdout = _preflight(replace(config, listing=None))  # lists the tree
+    config = replace(config, listing=listing_uri(config))
     own_ray = not ray.is_initialized()
     if own_ray:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -231,9 +231,7 @@ class TrainingImages(ImageFolderDataset):
         self._warned: set[int] = set()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} images")  # ends iteration over the dataset
-        i %= len(self)
+        i = self._position(i)  # IndexError past the end: the substitution must not wrap iteration around
         first: ImageDecodeError | None = None
         for k in range(min(len(self), MAX_CONSECUTIVE_UNDECODABLE)):
             j = (i + k) % len(self)
