@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args, stage="anchornet", arch=args.arch)
     except ValueError as err:
         parser.error(str(err))
-    return run_job(config, args.ray_address)
+    return run_job(config, args.ray_address, in_process=args.in_process)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ValueError as err:
         parser.error(str(err))
-    return run_job(config, args.ray_address)
+    return run_job(config, args.ray_address, in_process=args.in_process)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from anchornet import storage
 from anchornet.cam import class_activation_map
@@ -72,6 +72,7 @@ __all__ = [
     "lr_at",
     "make_optimizer",
     "run_training",
+    "train_in_process",
     "train_loop_per_worker",
 ]
 
@@ -578,6 +579,87 @@ def _broadcast_buffers(model: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def validation_loader(task: Task, rank: int, world: int, device: torch.device) -> DataLoader:
+    """This rank's share of the val set, in order."""
+    return train_data.val_loader(
+        task.val_set,
+        batch_size=task.batch_sizes(world)[1],
+        rank=rank,
+        world_size=world,
+        num_workers=task.config.loader_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+@dataclass
+class EpochRun:
+    """What every epoch of a run uses: the task, the model (DDP-wrapped under Ray), its optimizer, schedule and loss,
+    the val loader, the shard of each train sample (``train_data.shards_of``), and this rank's place."""
+
+    task: Task
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
+    validation: Any
+    shards: np.ndarray | None
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+
+def run_epoch(
+    run: EpochRun, *, epoch: int, start_epoch: int, prepare: Callable[[Any], Any] = lambda loader: loader
+) -> dict[str, Any]:
+    """Train ``epoch`` (0-based), step the schedule, validate, and return the epoch's metrics summed over ranks.
+
+    ``prepare`` wraps the epoch's train loader (Ray's ``prepare_data_loader`` moves batches to the device).
+    """
+    config, task = run.task.config, run.task
+    started = time.perf_counter()
+    loader = train_data.epoch_loader(
+        task.train_set,
+        batch_size=task.batch_sizes(run.world)[0],
+        epoch=epoch,
+        seed=config.seed,
+        rank=run.rank,
+        world_size=run.world,
+        num_workers=config.loader_workers,
+        pin_memory=run.device.type == "cuda",
+        shards=run.shards,
+        shuffle_window=config.shuffle_window,
+    )
+    lr = run.optimizer.param_groups[0]["lr"]
+    loss_sum, correct, seen = train_epoch(task, run.model, prepare(loader), run.optimizer, run.criterion)
+    run.scheduler.step()
+    train_seconds = time.perf_counter() - started
+    _broadcast_buffers(_unwrap(run.model))
+    val_correct, val_seen = evaluate(task, _unwrap(run.model), run.validation)
+    loss_sum, correct, seen, val_correct, val_seen = _all_reduce(
+        [loss_sum, correct, seen, val_correct, val_seen], run.device
+    )
+    return {
+        "epoch": epoch,
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "val_top1": val_correct / max(val_seen, 1),
+        "lr": lr,
+        "train_samples": int(seen),
+        "train_images_per_s": seen / train_seconds / (config.num_patches if config.stage == "patch" else 1),
+        "epoch_seconds": time.perf_counter() - started,
+        "start_epoch": start_epoch,  # where this attempt began: shows restarts and resumes
+    }
+
+
+def epoch_line(config: TrainConfig, metrics: Mapping[str, Any]) -> str:
+    """The progress line of one epoch."""
+    return (
+        f"[{config.stage}] epoch {metrics['epoch'] + 1}/{config.epochs}  loss {metrics['train_loss']:.4f}  "
+        f"acc {metrics['train_acc']:.4f}  val top-1 {metrics['val_top1']:.4f}  lr {metrics['lr']:.4g}  "
+        f"{metrics['train_images_per_s']:.1f} img/s  {metrics['epoch_seconds']:.0f} s"
+    )
+
+
 def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     """Train ``config_dict`` (a ``TrainConfig.to_dict()``) on this worker, resuming from Ray's checkpoint."""
     import ray.train
@@ -613,56 +695,20 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     # The schedule is rebuilt from this run's config (a re-run may raise --epochs), not restored.
     optimizer, scheduler = make_optimizer(config, model, start_epoch=start_epoch, state=optimizer_state)
 
-    train_batch, val_batch = task.batch_sizes(world)
-    pin = device.type == "cuda"
-    validation = train_data.val_loader(
-        task.val_set,
-        batch_size=val_batch,
-        rank=rank,
-        world_size=world,
-        num_workers=config.loader_workers,
-        pin_memory=pin,
-    )
+    validation = validation_loader(task, rank, world, device)
     validation = ray.train.torch.prepare_data_loader(validation, add_dist_sampler=False)
     shards = train_data.shards_of(task.train_set)  # precomputed patches: shuffled a window of shards at a time
+    run = EpochRun(task, model, optimizer, scheduler, criterion, validation, shards, device, rank=rank, world=world)
     for epoch in range(start_epoch, config.epochs):
         if config.crash_at_epoch == epoch and checkpoint is None and rank == world - 1:
             time.sleep(2.0)  # let the controller register the last report first, as a real crash would
             raise RuntimeError(f"injected crash at epoch {epoch} (crash_at_epoch, test only)")
-        started = time.perf_counter()
-        loader = train_data.epoch_loader(
-            task.train_set,
-            batch_size=train_batch,
+        metrics = run_epoch(
+            run,
             epoch=epoch,
-            seed=config.seed,
-            rank=rank,
-            world_size=world,
-            num_workers=config.loader_workers,
-            pin_memory=pin,
-            shards=shards,
-            shuffle_window=config.shuffle_window,
+            start_epoch=start_epoch,
+            prepare=lambda loader: ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False),
         )
-        loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
-        lr = optimizer.param_groups[0]["lr"]
-        loss_sum, correct, seen = train_epoch(task, model, loader, optimizer, criterion)
-        scheduler.step()
-        train_seconds = time.perf_counter() - started
-        _broadcast_buffers(_unwrap(model))
-        val_correct, val_seen = evaluate(task, _unwrap(model), validation)
-        loss_sum, correct, seen, val_correct, val_seen = _all_reduce(
-            [loss_sum, correct, seen, val_correct, val_seen], device
-        )
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
-            "val_top1": val_correct / max(val_seen, 1),
-            "lr": lr,
-            "train_samples": int(seen),
-            "train_images_per_s": seen / train_seconds / (config.num_patches if config.stage == "patch" else 1),
-            "epoch_seconds": time.perf_counter() - started,
-            "start_epoch": start_epoch,  # where this attempt began: shows restarts and resumes
-        }
         history.append(metrics)
         with tempfile.TemporaryDirectory() as directory:
             report_checkpoint = None
@@ -677,13 +723,8 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
                 }
                 torch.save(state, Path(directory) / STATE_FILE)
                 report_checkpoint = ray.train.Checkpoint.from_directory(directory)
-                print(
-                    f"[{config.stage}] epoch {epoch + 1}/{config.epochs}  loss {metrics['train_loss']:.4f}  "
-                    f"acc {metrics['train_acc']:.4f}  val top-1 {metrics['val_top1']:.4f}  lr {lr:.4g}  "
-                    f"{metrics['train_images_per_s']:.1f} img/s  {metrics['epoch_seconds']:.0f} s",
-                    file=sys.__stdout__,  # Train V2 tees plain print() to its logger too: it would show twice
-                    flush=True,
-                )
+                # sys.__stdout__: Train V2 tees plain print() to its logger too, so the line would show twice
+                print(epoch_line(config, metrics), file=sys.__stdout__, flush=True)
             ray.train.report(metrics, checkpoint=report_checkpoint)
 
 
@@ -1019,6 +1060,14 @@ def _fit(
         raise TrainError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    runner = {"ray": ray.__version__, "host": platform.node(), "ray_run": storage.join(config.output, config.run_name)}
+    return _finish(config, state, holdout, runner, started)
+
+
+def _finish(
+    config: TrainConfig, state: Mapping[str, Any], holdout: dict[str, Any], runner: dict[str, Any], started: float
+) -> TrainOutcome:
+    """Write ``final_checkpoint_uri`` from the last epoch's training state; ``runner`` says where it ran."""
     model = build_model(config, len(state["classes"]))
     model.load_state_dict(state["model"])
     metrics = dict(state["history"][-1])
@@ -1034,15 +1083,77 @@ def _fit(
             "data": config.data,
             "config": config.to_dict(),
             "holdout": holdout,  # the images of train/ left out of training (jobs/evaluate.py fits on them)
-            "ray": ray.__version__,
-            "host": platform.node(),
-            "ray_run": storage.join(config.output, config.run_name),
+            **runner,
         },
         role=config.stage,
         metrics=metrics,
         history=state["history"],
     )
     return TrainOutcome(uri, card, metrics, list(state["history"]), time.perf_counter() - started)
+
+
+class _OnDevice:
+    """A loader whose batches are moved to ``device`` (what Ray's ``prepare_data_loader`` does in the workers)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def train_in_process(config: TrainConfig, *, verbose: bool = True) -> TrainOutcome:
+    """Train ``config`` in this process, without Ray, and write the same ``final_checkpoint_uri``.
+
+    The epochs are ``train_loop_per_worker``'s (``run_epoch``: same data, augmentation, schedule and metrics) on one
+    device, CUDA device 0 with ``use_gpu``; there are no workers to restart and no run to resume, so a failure
+    loses the run. For one machine where Ray is not installed (``--in-process``); the card's provenance says
+    ``"runner": "in-process"`` and names the device. Same checks before the first epoch as ``run_training``.
+    """
+    started = time.perf_counter()
+    if config.num_workers != 1:
+        raise FlagError(f"--in-process trains in one process: --num-workers must be 1, got {config.num_workers}")
+    if config.use_gpu and not torch.cuda.is_available():
+        raise FlagError("--use-gpu: torch sees no CUDA device here")
+    if storage.exists(final_checkpoint_uri(config)) or _has_checkpoints(config):
+        raise TrainError(f"{config.output} holds a run already: --in-process does not resume runs; use a new --output")
+    classes, holdout = _preflight(replace(config, listing=None))
+    config = replace(config, listing=listing_uri(config))
+    device = torch.device("cuda", 0) if config.use_gpu else torch.device("cpu")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    task = build_task(config).to(device)
+    model = task.model.to(device)
+    optimizer, scheduler = make_optimizer(config, model)
+    validation = _OnDevice(validation_loader(task, 0, 1, device), device)
+    shards = train_data.shards_of(task.train_set)
+    run = EpochRun(task, model, optimizer, scheduler, nn.CrossEntropyLoss(), validation, shards, device)
+    if verbose:
+        print(
+            f"training {config.stage} ({config.arch}) on {len(classes)} classes from {config.data} in this process "
+            f"on {torch.cuda.get_device_name(device) if config.use_gpu else 'the CPU'}: {config.epochs} epochs, "
+            f"batch {config.batch_size}, lr {config.learning_rate:g}, {holdout['images']} train/ images held out",
+            flush=True,
+        )
+    history: list[dict[str, Any]] = []
+    for epoch in range(config.epochs):
+        history.append(run_epoch(run, epoch=epoch, start_epoch=0, prepare=lambda loader: _OnDevice(loader, device)))
+        if verbose:
+            print(epoch_line(config, history[-1]), flush=True)
+    state = {
+        "model": {key: value.cpu() for key, value in model.state_dict().items()},
+        "classes": task.classes,
+        "input_size": task.input_size,
+        "history": history,
+    }
+    device_name = torch.cuda.get_device_name(device) if config.use_gpu else platform.processor() or "cpu"
+    runner = {"runner": "in-process", "device": device_name, "host": platform.node(), "torch": torch.__version__}
+    return _finish(config, state, holdout, runner, started)
 
 
 def _first_line(err: BaseException) -> str:
@@ -1097,6 +1208,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, schedu
     )
     parser.add_argument("--holdout-seed", type=int, default=0, help="which images --holdout-size leaves out")
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts (-1: unlimited)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="train in this process without Ray (one device: the CPU, or CUDA with --use-gpu); no restarts, no resume",
+    )
     parser.add_argument("--keep-checkpoints", type=int, default=2)
     parser.add_argument(
         "--address",
@@ -1140,11 +1256,13 @@ def config_from_args(args: argparse.Namespace, **stage: Any) -> TrainConfig:
     )
 
 
-def run_job(config: TrainConfig, ray_address: str | None = None) -> int:
-    """Train and print where the checkpoint is; a user error is one line on stderr and exit status 1 (2 for a flag
-    that contradicts an input, ``FlagError``)."""
+def run_job(config: TrainConfig, ray_address: str | None = None, *, in_process: bool = False) -> int:
+    """Train (on Ray, or ``train_in_process``) and print where the checkpoint is; a user error is one line on stderr
+    and exit status 1 (2 for a flag that contradicts an input, ``FlagError``)."""
     try:
-        outcome = run_training(config, ray_address=ray_address)
+        if in_process and ray_address:
+            raise FlagError("--in-process runs without Ray: drop --address")
+        outcome = train_in_process(config) if in_process else run_training(config, ray_address=ray_address)
     except FlagError as err:
         print(f"error: {_first_line(err)}", file=sys.stderr)
         return 2
