@@ -982,6 +982,11 @@ def run_training(config: TrainConfig, *, ray_address: str | None = None, verbose
 
     started = time.perf_counter()
     config = _absolute_paths(config)
+    if storage.exists(final_checkpoint_uri(config)) and not _has_checkpoints(config):
+        raise TrainError(
+            f"{config.output} holds a finished run that Ray cannot resume (trained --in-process, or its Ray run "
+            f"directory {config.run_name} is gone): use a new --output"
+        )
     classes, holdout = _preflight(replace(config, listing=None))  # lists the tree
     config = replace(config, listing=listing_uri(config))
     own_ray = not ray.is_initialized()
@@ -1115,6 +1120,7 @@ def train_in_process(config: TrainConfig, *, verbose: bool = True) -> TrainOutco
     ``"runner": "in-process"`` and names the device. Same checks before the first epoch as ``run_training``.
     """
     started = time.perf_counter()
+    config = _absolute_paths(config)  # the card records where the inputs were, as the Ray driver's does
     if config.num_workers != 1:
         raise FlagError(f"--in-process trains in one process: --num-workers must be 1, got {config.num_workers}")
     if config.use_gpu and not torch.cuda.is_available():
@@ -1124,34 +1130,41 @@ def train_in_process(config: TrainConfig, *, verbose: bool = True) -> TrainOutco
     classes, holdout = _preflight(replace(config, listing=None))
     config = replace(config, listing=listing_uri(config))
     device = torch.device("cuda", 0) if config.use_gpu else torch.device("cpu")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    task = build_task(config).to(device)
-    model = task.model.to(device)
-    optimizer, scheduler = make_optimizer(config, model)
-    validation = _OnDevice(validation_loader(task, 0, 1, device), device)
-    shards = train_data.shards_of(task.train_set)
-    run = EpochRun(task, model, optimizer, scheduler, nn.CrossEntropyLoss(), validation, shards, device)
+    threads = config.threads or (max(1, round(config.cpus_per_worker)) if config.cpus_per_worker else None)
+    if threads:  # as a Ray worker's; without either flag, torch's default (every core)
+        torch.set_num_threads(threads)
+    device_name = torch.cuda.get_device_name(device) if config.use_gpu else f"cpu ({platform.machine()})"
     if verbose:
         print(
             f"training {config.stage} ({config.arch}) on {len(classes)} classes from {config.data} in this process "
-            f"on {torch.cuda.get_device_name(device) if config.use_gpu else 'the CPU'}: {config.epochs} epochs, "
-            f"batch {config.batch_size}, lr {config.learning_rate:g}, {holdout['images']} train/ images held out",
+            f"on {device_name}, {torch.get_num_threads()} thread(s): {config.epochs} epochs, batch "
+            f"{config.batch_size}, lr {config.learning_rate:g}, {holdout['images']} train/ images held out",
             flush=True,
         )
-    history: list[dict[str, Any]] = []
-    for epoch in range(config.epochs):
-        history.append(run_epoch(run, epoch=epoch, start_epoch=0, prepare=lambda loader: _OnDevice(loader, device)))
-        if verbose:
-            print(epoch_line(config, history[-1]), flush=True)
+    try:
+        torch.manual_seed(config.seed)
+        task = build_task(config).to(device)
+        model = task.model.to(device)
+        optimizer, scheduler = make_optimizer(config, model)
+        validation = _OnDevice(validation_loader(task, 0, 1, device), device)
+        shards = train_data.shards_of(task.train_set)
+        run = EpochRun(task, model, optimizer, scheduler, nn.CrossEntropyLoss(), validation, shards, device)
+        history: list[dict[str, Any]] = []
+        for epoch in range(config.epochs):
+            prepare = functools.partial(_OnDevice, device=device)
+            history.append(run_epoch(run, epoch=epoch, start_epoch=0, prepare=prepare))
+            if verbose:
+                print(epoch_line(config, history[-1]), flush=True)
+    except TrainError:
+        raise
+    except (RuntimeError, OSError) as err:  # CUDA out of memory, a read that failed, a loader process that died
+        raise TrainError(f"training failed: {_first_line(err)}") from err
     state = {
         "model": {key: value.cpu() for key, value in model.state_dict().items()},
         "classes": task.classes,
         "input_size": task.input_size,
         "history": history,
     }
-    device_name = torch.cuda.get_device_name(device) if config.use_gpu else platform.processor() or "cpu"
     runner = {"runner": "in-process", "device": device_name, "host": platform.node(), "torch": torch.__version__}
     return _finish(config, state, holdout, runner, started)
 

@@ -63,7 +63,7 @@ def test_in_process_needs_no_ray(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "in this process on the CPU: 1 epochs" in done.stdout and "[patch] epoch 1/1" in done.stdout
+    assert "in this process on cpu (" in done.stdout and "[patch] epoch 1/1" in done.stdout
     _, card = load_checkpoint(tmp_path / "out" / "patch.pt")
     assert card.extra["role"] == "patch" and card.extra["history"][0]["train_samples"] == 4 * 2
 
@@ -83,5 +83,46 @@ def test_in_process_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert train_anchornet.main(stage1_argv(data, out, "--in-process")) == 1  # no resume: nothing is overwritten
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not resume runs; use a new --output" in err
+    assert train_anchornet.main(stage1_argv(data, out)) == 1  # nor does Ray take it over: it would retrain
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a finished run that Ray cannot resume (trained --in-process" in err
     argv = ["--role", "glance", "--arch", "resnet18", *stage1_argv(data, tmp_path / "g", "--in-process")[:4], *FAST]
     assert train_classifier.main([*argv, "--epochs", "1"]) == 0
+
+
+def test_in_process_failure_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error in an epoch (CUDA out of memory, a failed read) ends the run with one line and exit 1, as a failed
+    Ray run does, not a traceback."""
+    from pipelines import train
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    data = synthetic_tree(tmp_path / "data", train=2, val=1)
+    monkeypatch.setattr(train, "train_epoch", out_of_memory)
+    assert train_anchornet.main(stage1_argv(data, tmp_path / "out", "--in-process")) == 1
+    err = capsys.readouterr().err
+    assert err == "error: training failed: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+
+
+def test_in_process_threads_and_paths_as_a_ray_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--cpus-per-worker sets the torch threads as it does for a Ray worker; the card records absolute paths."""
+    synthetic_tree(tmp_path / "data", train=2, val=1)
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        argv = stage1_argv(Path("data"), Path("out"), "--in-process")
+        argv[argv.index("--threads") : argv.index("--threads") + 2] = ["--cpus-per-worker", "1"]
+        assert train_anchornet.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "in this process on cpu (" in out and ", 1 thread(s): 2 epochs" in out
+    _, card = load_checkpoint(tmp_path / "out" / "anchornet.pt")
+    config = card.provenance["config"]
+    assert (config["data"], config["output"]) == (str(tmp_path / "data"), str(tmp_path / "out"))
+    assert card.provenance["device"].startswith("cpu (")
