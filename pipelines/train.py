@@ -122,6 +122,10 @@ class TrainConfig:
     many shards' encoded patches plus one (``train_data.shard_cache_size``), so it trades memory against how well
     an epoch is mixed.
 
+    ``amp`` runs the trained model's forward pass and loss under bfloat16 autocast (``train_epoch``); the weights,
+    the optimizer, validation and the frozen AnchorNet's patch choice stay float32. ``channels_last`` keeps the
+    trained model in channels-last memory layout (``training_model``). Both may change on resume.
+
     ``listing`` is set by ``run_training``, not by users: the ``train_data.save_listing`` file of the tree the
     driver listed, which the workers read instead of listing it again.
 
@@ -152,6 +156,8 @@ class TrainConfig:
     patch_size: int | None = None
     num_patches: int = 4
     shuffle_window: int = train_data.DEFAULT_SHUFFLE_WINDOW
+    amp: bool = False
+    channels_last: bool = False
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float | None = None
@@ -520,15 +526,26 @@ def make_optimizer(
 
 
 def train_epoch(
-    task: Task, model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, criterion: nn.Module
+    task: Task,
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    *,
+    amp: bool = False,
 ) -> tuple[float, int, int]:
-    """One pass over ``loader``; returns (summed loss, correct, samples) of this worker."""
+    """One pass over ``loader``; returns (summed loss, correct, samples) of this worker.
+
+    ``amp``: the model's forward pass and the loss under bfloat16 autocast (no gradient scaling: bfloat16 has
+    float32's range); ``task.inputs`` (the frozen AnchorNet's CAM and patch choice) stays float32.
+    """
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     for images, labels in loader:
         inputs, targets = task.inputs(images, labels)
-        logits = model(inputs)
-        loss = criterion(logits, targets)
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(inputs)
+            loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -591,6 +608,15 @@ def validation_loader(task: Task, rank: int, world: int, device: torch.device) -
     )
 
 
+def training_model(task: Task, device: torch.device) -> nn.Module:
+    """``task.model`` on ``device``, in channels-last memory layout with ``channels_last`` (cuDNN's fast convolution
+    kernels want it: ``benchmarks/train_precision.py``); the checkpointed weights are the same either way."""
+    task.model = task.model.to(device)
+    if task.config.channels_last:
+        task.model = task.model.to(memory_format=torch.channels_last)
+    return task.model
+
+
 @dataclass
 class EpochRun:
     """What every epoch of a run uses: the task, the model (DDP-wrapped under Ray), its optimizer, schedule and loss,
@@ -630,7 +656,9 @@ def run_epoch(
         shuffle_window=config.shuffle_window,
     )
     lr = run.optimizer.param_groups[0]["lr"]
-    loss_sum, correct, seen = train_epoch(task, run.model, prepare(loader), run.optimizer, run.criterion)
+    loss_sum, correct, seen = train_epoch(
+        task, run.model, prepare(loader), run.optimizer, run.criterion, amp=config.amp
+    )
     run.scheduler.step()
     train_seconds = time.perf_counter() - started
     _broadcast_buffers(_unwrap(run.model))
@@ -672,7 +700,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     task = build_task(config).to(device)
-    model = ray.train.torch.prepare_model(task.model)
+    model = ray.train.torch.prepare_model(training_model(task, device))
     criterion = nn.CrossEntropyLoss()
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -1144,7 +1172,7 @@ def train_in_process(config: TrainConfig, *, verbose: bool = True) -> TrainOutco
     try:
         torch.manual_seed(config.seed)
         task = build_task(config).to(device)
-        model = task.model.to(device)
+        model = training_model(task, device)
         optimizer, scheduler = make_optimizer(config, model)
         validation = _OnDevice(validation_loader(task, 0, 1, device), device)
         shards = train_data.shards_of(task.train_set)
@@ -1212,6 +1240,16 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, schedu
     parser.add_argument("--cpus-per-worker", type=float, default=None, help="default: an even share of the CPUs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: its CPUs)")
     parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per worker")
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="bfloat16 autocast for the forward pass and loss (weights, optimizer and validation stay float32)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="keep the model in channels-last memory layout (faster convolutions on GPUs, see docs/training.md)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--holdout-size",
@@ -1258,6 +1296,8 @@ def config_from_args(args: argparse.Namespace, **stage: Any) -> TrainConfig:
         cpus_per_worker=args.cpus_per_worker,
         threads=args.threads,
         loader_workers=args.loader_workers,
+        amp=args.amp,
+        channels_last=args.channels_last,
         seed=args.seed,
         holdout_size=args.holdout_size,
         holdout_seed=args.holdout_seed,

@@ -183,6 +183,48 @@ def test_loss_goes_down_on_a_fixed_batch(imagenette: Path, tmp_path: Path) -> No
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_amp_runs_the_model_in_bfloat16_and_keeps_float32_weights(tmp_path: Path) -> None:
+    """--amp: the trained model's layers compute in bfloat16, the frozen AnchorNet's CAM (task.inputs) in float32,
+    and the weights and their update stay float32; the loss still goes down."""
+    data = synthetic_tree(tmp_path / "data", train=4, val=1)
+    config = TrainConfig(
+        data=str(data), output=str(tmp_path / "out"), stage="patch", arch="resnet18",
+        anchornet=str(tiny_anchornet(tmp_path / "a.pt")), num_patches=2, lr=0.05, image_size=96, amp=True,
+    )  # fmt: skip
+    task = build_task(config, with_weights=False)
+    seen: dict[str, torch.dtype] = {}
+    first_conv = next(m for m in task.model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda m, i, out: seen.__setitem__("model", out.dtype))
+    frozen_conv = next(m for m in task.frozen.modules() if isinstance(m, torch.nn.Conv2d))
+    frozen_conv.register_forward_hook(lambda m, i, out: seen.__setitem__("anchornet", out.dtype))
+    batch = [(torch.randint(0, 256, (4, 3, 96, 96), dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))]
+    optimizer, _ = make_optimizer(config, task.model)
+    criterion = torch.nn.CrossEntropyLoss()
+    losses = [train_epoch(task, task.model, batch, optimizer, criterion, amp=True)[0] for _ in range(15)]
+    assert seen == {"model": torch.bfloat16, "anchornet": torch.float32}
+    assert all(p.dtype == torch.float32 for p in task.model.parameters())
+    assert losses[-1] < 0.5 * losses[0], losses
+    train_epoch(task, task.model, batch, optimizer, criterion)  # amp off (the default): float32 throughout
+    assert seen == {"model": torch.float32, "anchornet": torch.float32}
+
+
+def test_channels_last_places_the_model_and_keeps_its_weights(tmp_path: Path) -> None:
+    data = synthetic_tree(tmp_path / "data", train=2, val=1)
+    config = TrainConfig(data=str(data), output=str(tmp_path / "out"), arch="anchornet_test", channels_last=True)
+    task = build_task(config)
+    before = {key: value.clone() for key, value in task.model.state_dict().items()}
+    model = train.training_model(task, torch.device("cpu"))
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert task.model is model
+    plain = anchornet_test(2)
+    plain.load_state_dict(model.state_dict())  # same values whatever the layout
+    assert all(torch.equal(plain.state_dict()[key], value) for key, value in before.items())
+    optimizer, _ = make_optimizer(config, model)
+    batch = [(torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8), torch.tensor([0, 1]))]
+    assert train_epoch(task, model, batch, optimizer, torch.nn.CrossEntropyLoss())[2] == 2
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Without Ray: held-out images, the schedule on resume, checks before Ray starts.
 

@@ -110,12 +110,13 @@ def test_in_process_failure_is_one_line(
 def test_in_process_threads_and_paths_as_a_ray_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--cpus-per-worker sets the torch threads as it does for a Ray worker; the card records absolute paths."""
+    """--cpus-per-worker sets the torch threads as it does for a Ray worker; the card records absolute paths (and
+    --amp and --channels-last)."""
     synthetic_tree(tmp_path / "data", train=2, val=1)
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     try:
-        argv = stage1_argv(Path("data"), Path("out"), "--in-process")
+        argv = stage1_argv(Path("data"), Path("out"), "--in-process", "--amp", "--channels-last")
         argv[argv.index("--threads") : argv.index("--threads") + 2] = ["--cpus-per-worker", "1"]
         assert train_anchornet.main(argv) == 0
     finally:
@@ -125,4 +126,5 @@ def test_in_process_threads_and_paths_as_a_ray_run(
     _, card = load_checkpoint(tmp_path / "out" / "anchornet.pt")
     config = card.provenance["config"]
     assert (config["data"], config["output"]) == (str(tmp_path / "data"), str(tmp_path / "out"))
+    assert config["amp"] is True and config["channels_last"] is True
     assert card.provenance["device"].startswith("cpu (")
