@@ -98,9 +98,10 @@ def tiny_anchornet(path: Path, classes: tuple[str, ...] = ("cls_a", "cls_b")) ->
 
 @pytest.fixture(scope="module")
 def stage1(imagenette: Path, ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-epoch tiny AnchorNet trained with 2 DDP workers; returns OUT."""
+    """A 2-epoch tiny AnchorNet trained with 2 DDP workers, in channels-last layout (DDP over channels-last
+    parameters); returns OUT."""
     out = tmp_path_factory.mktemp("stage1")
-    assert train_anchornet.main(stage1_args(imagenette, out, "--num-workers", "2")) == 0
+    assert train_anchornet.main(stage1_args(imagenette, out, "--num-workers", "2", "--channels-last")) == 0
     return out
 
 
@@ -709,7 +710,7 @@ def test_precomputed_patches_are_read_a_window_of_shards_at_a_time(tmp_path: Pat
 def test_two_workers_write_a_loadable_checkpoint(stage1: Path) -> None:
     model, card = load_checkpoint(stage1 / "anchornet.pt")
     assert card.kind == "anchornet" and card.input_size == 224 and len(card.class_names) == 10
-    assert card.provenance["config"]["num_workers"] == 2
+    assert card.provenance["config"]["num_workers"] == 2 and card.provenance["config"]["channels_last"]
     history = card.extra["history"]
     assert [h["epoch"] for h in history] == [0, 1] and all(h["start_epoch"] == 0 for h in history)
     assert 0.0 <= card.extra["metrics"]["val_top1"] <= 1.0
