@@ -1178,8 +1178,8 @@ def train_in_process(config: TrainConfig, *, verbose: bool = True) -> TrainOutco
         shards = train_data.shards_of(task.train_set)
         run = EpochRun(task, model, optimizer, scheduler, nn.CrossEntropyLoss(), validation, shards, device)
         history: list[dict[str, Any]] = []
+        prepare = functools.partial(_OnDevice, device=device)
         for epoch in range(config.epochs):
-            prepare = functools.partial(_OnDevice, device=device)
             history.append(run_epoch(run, epoch=epoch, start_epoch=0, prepare=prepare))
             if verbose:
                 print(epoch_line(config, history[-1]), flush=True)

@@ -26,6 +26,21 @@ def synthetic_tree(root: Path, train: int = 6, val: int = 2, classes: tuple[str,
     return root
 
 
+def tiny_serving_checkpoints(root: Path, classes: list[str]) -> dict[str, str]:
+    """Untrained checkpoints the Serve app loads: the tiny AnchorNet at 224 and MobileNetV3-small glance and patch
+    classifiers at 95, for ``classes``; returns ``{"anchornet": path, "glance": path, "patch": path}``."""
+    from anchornet import Preprocessing, anchornet_test, build_classifier, save_checkpoint
+
+    torch.manual_seed(0)
+    paths = {name: str(root / f"{name}.pt") for name in ("anchornet", "glance", "patch")}
+    anchornet = anchornet_test(len(classes))
+    save_checkpoint(anchornet, paths["anchornet"], input_size=224, class_names=classes, preprocessing=Preprocessing())
+    for name in ("glance", "patch"):
+        model = build_classifier("mobilenet_v3_small", len(classes))
+        save_checkpoint(model, paths[name], input_size=95, class_names=classes)
+    return paths
+
+
 def max_live_shards(shards_in_order: list[int]) -> int:
     """The most shards "open" at once in a read order: begun (a sample read) and not yet finished (samples still
     to come). A reader that caches these loads every shard once."""

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from _helpers import asgi_request
+from _helpers import asgi_request, tiny_serving_checkpoints
 from fastapi import FastAPI, Request
 from PIL import Image
 
@@ -26,11 +26,9 @@ from anchornet import (
     EarlyExitClassifier,
     ExitThresholds,
     Preprocessing,
-    anchornet_test,
     build_classifier,
     decode_image,
     load_checkpoint,
-    save_checkpoint,
     save_thresholds,
 )
 from anchornet.preprocessing import to_float
@@ -382,13 +380,7 @@ def test_serve_config_deploys_the_shipped_checkpoints() -> None:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    paths = {name: str(root / f"{name}.pt") for name in ("anchornet", "glance", "patch")}
-    save_checkpoint(
-        anchornet_test(10), paths["anchornet"], input_size=224, class_names=CLASSES, preprocessing=Preprocessing()
-    )
-    for name in ("glance", "patch"):
-        save_checkpoint(build_classifier("mobilenet_v3_small", 10), paths[name], input_size=95, class_names=CLASSES)
+    paths = tiny_serving_checkpoints(root, CLASSES)
     paths["thresholds"] = str(root / "thresholds.json")
     save_thresholds({"q=0.50": [0.5, 0.4, 0.3], "strict": [math.inf] * NUM_PATCHES}, paths["thresholds"])
     return paths

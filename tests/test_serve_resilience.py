@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _helpers import asgi_request
+from _helpers import asgi_request, tiny_serving_checkpoints
 from fastapi import FastAPI
 from PIL import Image
 from pydantic import ValidationError
@@ -25,7 +25,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from anchornet import Preprocessing, anchornet_test, build_classifier, save_checkpoint
+from anchornet import Preprocessing
 from pipelines.serve import (
     AUTOSCALING_DELAYS,
     UNHEALTHY_AFTER_FAILURES,
@@ -283,20 +283,7 @@ def test_a_colocated_ingress_whose_model_keeps_failing_is_unhealthy() -> None:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("resilience")
-    torch.manual_seed(0)
-    paths = {name: str(root / f"{name}.pt") for name in ("anchornet", "glance", "patch")}
-    save_checkpoint(
-        anchornet_test(len(CLASSES)),
-        paths["anchornet"],
-        input_size=224,
-        class_names=CLASSES,
-        preprocessing=Preprocessing(),
-    )
-    for name in ("glance", "patch"):
-        model = build_classifier("mobilenet_v3_small", len(CLASSES))
-        save_checkpoint(model, paths[name], input_size=95, class_names=CLASSES)
-    return paths
+    return tiny_serving_checkpoints(tmp_path_factory.mktemp("resilience"), CLASSES)
 
 
 def test_deployment_args_bound_the_queues() -> None:
