@@ -11,6 +11,11 @@ for every ``c`` and ``rho``, without rounding ``c`` to 1. In float32, ``max soft
 logit leads the next by about 17, which summed logits reach after a step or two; all those samples would tie at
 1 and no threshold could tell them apart. ``confidence_log_odds`` computes ``z_top - logsumexp_{j != top} z_j``
 instead, and ``ExitThresholds`` keeps the thresholds as log-odds, so fitted thresholds above ``1 - 1e-16`` survive.
+
+Beyond the paper, an optional **fallback** network (a full-size classifier on the whole image) adds one last step
+``T = num_patches + 2``: a sample still unsure after its last patch (or whose patches ran out) is decided by the
+fallback's own output, not added to ``z``. Its thresholds ``rho_1..rho_{T-1}`` then include the last patch step.
+It trades the paper's fixed end point for the full network's accuracy on the few hard images (docs/algorithm.md).
 """
 
 from __future__ import annotations
@@ -50,24 +55,44 @@ PatchPolicy = Literal["anchornet", "random"]
 T = TypeVar("T", int, torch.Tensor)
 
 
-def cumulative_step_macs(anchornet_macs: int, glance_macs: int, patch_macs: int, num_steps: int) -> list[int]:
+def cumulative_step_macs(
+    anchornet_macs: int, glance_macs: int, patch_macs: int, num_steps: int, fallback_macs: int | None = None
+) -> list[int]:
     """MACs of one sample that exits at step ``t = 1..num_steps`` (REFERENCE section 4, cost accounting).
 
     ``C(exit at 1) = glance``; ``C(exit at t >= 2) = anchornet + glance + (t - 1) * patch``. Pass
     ``anchornet_macs=0`` for the random-patch baseline, which runs no AnchorNet.
+
+    With ``fallback_macs`` the last of the ``num_steps`` steps is the fallback network on the whole image (our
+    extension, docs/algorithm.md): ``C(exit at T) = C(exit at T - 1) + fallback``.
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    if num_steps < (2 if fallback_macs is not None else 1):
+        raise ValueError(f"num_steps must be at least {2 if fallback_macs is not None else 1}, got {num_steps}")
+    if fallback_macs is not None:
+        costs = cumulative_step_macs(anchornet_macs, glance_macs, patch_macs, num_steps - 1)
+        return [*costs, costs[-1] + int(fallback_macs)]
     costs = [int(glance_macs)]
     costs += [int(anchornet_macs) + int(glance_macs) + (t - 1) * int(patch_macs) for t in range(2, num_steps + 1)]
     return costs
 
 
-def sample_macs(exit_step: T, ran_anchornet: T, anchornet_macs: int, glance_macs: int, patch_macs: int) -> T:
+def sample_macs(
+    exit_step: T,
+    ran_anchornet: T,
+    anchornet_macs: int,
+    glance_macs: int,
+    patch_macs: int,
+    *,
+    patches_seen: T | None = None,
+    ran_fallback: T | int = 0,
+    fallback_macs: int = 0,
+) -> T:
     """MACs actually spent on a sample (REFERENCE section 4): the glance, AnchorNet when it ran (``ran_anchornet``
-    1 or 0: every sample past step 1, and one whose patches ran out before any step), and one patch pass per step
-    after the first. Ints or int tensors alike (``exit_step`` and ``ran_anchornet`` of a batch)."""
-    return glance_macs + ran_anchornet * anchornet_macs + (exit_step - 1) * patch_macs
+    1 or 0: every sample past step 1, and one whose patches ran out before any step), one patch pass per patch
+    seen (``patches_seen``; ``exit_step - 1`` when not given, as without a fallback), and the fallback network
+    when it ran (``ran_fallback`` 1 or 0). Ints or int tensors alike (the values of a batch)."""
+    patches = exit_step - 1 if patches_seen is None else patches_seen
+    return glance_macs + ran_anchornet * anchornet_macs + patches * patch_macs + ran_fallback * fallback_macs
 
 
 def _log_odds(rho: float) -> float:
@@ -126,8 +151,8 @@ def check_thresholds(thresholds: Sequence[float] | ExitThresholds, num_steps: in
     expected = num_steps - 1
     if len(values) != expected:
         raise ValueError(
-            f"expected {expected} thresholds rho_1..rho_{expected} (T = num_patches + 1 = {num_steps} steps, "
-            f"none for the last), got {len(values)}"
+            f"expected {expected} thresholds rho_1..rho_{expected} (T = {num_steps} steps: the glance, one per patch "
+            f"and the fallback if any; none for the last), got {len(values)}"
         )
     return values
 
@@ -198,10 +223,11 @@ class EarlyExitResult:
     Attributes:
         prediction: class index, ``(B,)``.
         confidence: the confidence at the exit step, ``(B,)`` (see ``accumulated_confidence``).
-        exit_step: 1-based step the sample exited at, ``(B,)``; 1 is the glance, ``t >= 2`` the ``t - 1``-th patch.
+        exit_step: 1-based step the sample exited at, ``(B,)``; 1 is the glance, ``t >= 2`` the ``t - 1``-th patch,
+            ``T = num_patches + 2`` the fallback network when there is one.
         macs: multiply-accumulates actually spent on the sample, int64 ``(B,)``.
         logits: the accumulated ``z`` at the exit step, ``(B, num_classes)`` (summed probabilities for
-            ``aggregate="probs"``).
+            ``aggregate="probs"``); the fallback's own output for samples it decided.
         boxes: half-open windows ``(x0, y0, x1, y1)`` of the patches the sample looked at, best first,
             ``(B, k, 4)``; NaN in the slots it did not look at.
         scores: CAM scores of those patches, ``(B, k)``; NaN likewise (and always for random patches).
@@ -217,7 +243,8 @@ class EarlyExitResult:
 
 
 class EarlyExitClassifier(nn.Module):
-    """The sequential early-exit pipeline of paper Alg. 1 over ``T = num_patches + 1`` steps.
+    """The sequential early-exit pipeline of paper Alg. 1 over ``T = num_patches + 1`` steps (``+ 2`` with a
+    fallback network).
 
     The caller moves the module and the images to a device and calls ``.eval()``; every forward pass runs
     under ``torch.inference_mode()``.
@@ -227,7 +254,8 @@ class EarlyExitClassifier(nn.Module):
         glance_net: ``f_glance``, classifies the whole image resized to ``patch_size x patch_size``.
         patch_net: ``f_patch``, classifies one patch; same classes as ``glance_net``.
         thresholds: ``rho_1..rho_{T-1}``, one confidence per step but the last (0 exits everyone, 1 or ``inf`` no
-            one), or ``ExitThresholds`` (what ``fit_thresholds`` returns).
+            one), or ``ExitThresholds`` (what ``fit_thresholds`` returns). With a fallback, ``T - 1 =
+            num_patches + 1``: the last patch step has a threshold too.
         num_patches: patches per image, ``T - 1``.
         iou_threshold: NMS threshold of ``select_patches``.
         patch_size: input side of both downstream networks; ``K`` by default. Patches are always cut ``K x K``
@@ -237,7 +265,11 @@ class EarlyExitClassifier(nn.Module):
             paper Table 3). Random patches are drawn for the whole batch on every call, so that a sample's
             patches do not depend on the thresholds; AnchorNet never runs and its MACs are not charged.
         generator: random generator of the random policy (its device is where the draws happen).
-        image_size: ``(H, W)`` at which ``step_macs`` charges AnchorNet; ``predict`` charges the size it gets.
+        image_size: ``(H, W)`` at which ``step_macs`` charges AnchorNet (and the fallback); ``predict`` charges the
+            size it gets.
+        fallback_net: optional last step, a classifier of the whole image as given (``(B, C, H, W)``, e.g. a
+            full-224 network); same classes as ``glance_net``. Its prediction alone decides the samples that reach
+            it, those not confident after their last patch.
     """
 
     def __init__(
@@ -254,6 +286,7 @@ class EarlyExitClassifier(nn.Module):
         patch_policy: PatchPolicy = "anchornet",
         generator: torch.Generator | None = None,
         image_size: tuple[int, int] = (224, 224),
+        fallback_net: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if num_patches < 1:
@@ -267,6 +300,7 @@ class EarlyExitClassifier(nn.Module):
         self.anchornet = anchornet
         self.glance_net = glance_net
         self.patch_net = patch_net
+        self.fallback_net = fallback_net
         self.receptive_field = anchornet.receptive_field
         self.num_patches = num_patches
         self.iou_threshold = iou_threshold
@@ -287,11 +321,26 @@ class EarlyExitClassifier(nn.Module):
             )
         self._anchornet_macs: dict[tuple[int, int], int] = {}
         self.anchornet_macs = self._anchornet_cost(*self.image_size)
+        self._fallback_macs: dict[tuple[int, int], int] = {}
+        self.fallback_macs: int | None = None
+        if fallback_net is not None:
+            shape = (anchornet.config["in_channels"], *self.image_size)
+            self.fallback_macs, fallback_classes = _macs_and_classes(fallback_net, shape)
+            self._fallback_macs[self.image_size] = self.fallback_macs
+            if fallback_classes != glance_classes:
+                raise ValueError(
+                    f"fallback_net must have the classes of glance_net, got {fallback_classes} and {glance_classes} "
+                    "outputs"
+                )
+
+    @property
+    def has_fallback(self) -> bool:
+        return self.fallback_net is not None
 
     @property
     def num_steps(self) -> int:
-        """``T = num_patches + 1``: the glance and one step per patch."""
-        return self.num_patches + 1
+        """``T``: the glance, one step per patch, and the fallback if there is one."""
+        return self.num_patches + 1 + int(self.has_fallback)
 
     @property
     def thresholds(self) -> ExitThresholds:
@@ -305,7 +354,9 @@ class EarlyExitClassifier(nn.Module):
     @property
     def step_macs(self) -> list[int]:
         """Cumulative MACs of exiting at ``t = 1..T`` on an ``image_size`` image (``cumulative_step_macs``)."""
-        return cumulative_step_macs(self.anchornet_macs, self.glance_macs, self.patch_macs, self.num_steps)
+        return cumulative_step_macs(
+            self.anchornet_macs, self.glance_macs, self.patch_macs, self.num_steps, self.fallback_macs
+        )
 
     def _anchornet_cost(self, height: int, width: int) -> int:
         if self.patch_policy == "random":
@@ -314,6 +365,14 @@ class EarlyExitClassifier(nn.Module):
             channels = self.anchornet.config["in_channels"]
             self._anchornet_macs[height, width] = count_macs(self.anchornet, (channels, height, width))
         return self._anchornet_macs[height, width]
+
+    def _fallback_cost(self, height: int, width: int) -> int:
+        if self.fallback_net is None:
+            return 0
+        if (height, width) not in self._fallback_macs:
+            channels = self.anchornet.config["in_channels"]
+            self._fallback_macs[height, width] = count_macs(self.fallback_net, (channels, height, width))
+        return self._fallback_macs[height, width]
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4:
@@ -352,12 +411,15 @@ class EarlyExitClassifier(nn.Module):
 
         ``exit_at=t`` (1..T) is anytime mode: every sample exits at step ``t`` whatever its confidence. A sample
         with fewer valid patches than ``num_patches`` (``PatchSelection.num_valid``) exits at its last available
-        step ``1 + num_valid`` at the latest, in both modes.
+        step ``1 + num_valid`` at the latest; with a fallback it goes on to the fallback instead (in anytime mode
+        only when ``exit_at`` is the fallback step).
         """
         self._check_images(images)
-        steps = self.num_steps
+        steps, last_patch_step = self.num_steps, self.num_patches + 1
         if exit_at is not None and not (isinstance(exit_at, int) and 1 <= exit_at <= steps):
-            raise ValueError(f"exit_at must be an int step in 1..{steps} (T = num_patches + 1), got {exit_at!r}")
+            raise ValueError(f"exit_at must be an int step in 1..{steps} (T = {steps}), got {exit_at!r}")
+        # A sample out of patches exits where it is, unless a fallback step is still ahead of it.
+        to_fallback = self.has_fallback and (exit_at is None or exit_at == steps)
         batch, device, k = images.shape[0], images.device, self.num_patches
         drawn = self._draw_random(images)
 
@@ -369,7 +431,9 @@ class EarlyExitClassifier(nn.Module):
         boxes = torch.full((batch, k, 4), float("nan"), device=device)
         scores = torch.full((batch, k), float("nan"), dtype=z.dtype, device=device)
         ran_anchornet = torch.zeros(batch, dtype=torch.bool, device=device)
+        patches_seen = torch.zeros(batch, dtype=torch.long, device=device)
         active = torch.arange(batch, device=device)  # rows of the batch still undecided, in order
+        fallback_rows: list[torch.Tensor] = []  # rows whose patches ran out, bound for the fallback
 
         def stop_at(t: int, z_t: torch.Tensor) -> torch.Tensor:
             if exit_at is not None:
@@ -397,30 +461,59 @@ class EarlyExitClassifier(nn.Module):
             selection = _index_selection(drawn, active) if drawn is not None else self._select(sub_images)
             ran_anchornet[active] = self.patch_policy == "anchornet"
             last_step = 1 + selection.num_valid
-            # Only possible without any valid patch: such a sample exits at step 1, having paid for AnchorNet.
-            stop = last_step <= 1
-            record(1, stop, step_confidence, step_prediction)
-            keep = ~stop
+            # Only possible without any valid patch: such a sample exits at step 1, having paid for AnchorNet
+            # (or goes on to the fallback).
+            out_of_patches = last_step <= 1
+            if to_fallback:
+                fallback_rows.append(active[out_of_patches])
+            else:
+                record(1, out_of_patches, step_confidence, step_prediction)
+            keep = ~out_of_patches
             active, z, sub_images, last_step = active[keep], z[keep], sub_images[keep], last_step[keep]
             selection = _index_selection(selection, keep)
 
-            for t in range(2, steps + 1):
+            for t in range(2, last_patch_step + 1):
                 if active.numel() == 0:
                     break
                 j = t - 2
                 patches = self._patches(sub_images, selection.boxes[:, j])
                 z = z + step_contribution(self.patch_net(patches), self.aggregate)
+                patches_seen[active] = t - 1
                 boxes[active, j] = selection.boxes[:, j].to(boxes.dtype)
                 scores[active, j] = selection.scores[:, j].to(scores.dtype)
                 step_confidence, step_prediction = accumulated_confidence(z, t, self.aggregate)
-                stop = stop_at(t, z) | (last_step <= t)
+                stop = stop_at(t, z)
+                out_of_patches = (last_step <= t) & ~stop
+                if to_fallback:
+                    fallback_rows.append(active[out_of_patches])
+                else:
+                    stop = stop | out_of_patches
                 record(t, stop, step_confidence, step_prediction)
-                keep = ~stop
+                keep = ~(stop | out_of_patches)
                 active, z, sub_images, last_step = active[keep], z[keep], sub_images[keep], last_step[keep]
                 selection = _index_selection(selection, keep)
 
-        anchornet_macs = self._anchornet_cost(images.shape[-2], images.shape[-1]) if ran_anchornet.any() else 0
-        macs = sample_macs(exit_step, ran_anchornet.long(), anchornet_macs, self.glance_macs, self.patch_macs)
+        ran_fallback = torch.zeros(batch, dtype=torch.bool, device=device)
+        if self.fallback_net is not None:
+            rows = torch.cat([*fallback_rows, active])  # active: not confident at the last patch step
+            if rows.numel() > 0:
+                z = step_contribution(self.fallback_net(images.index_select(0, rows)), self.aggregate)
+                step_confidence, step_prediction = accumulated_confidence(z, 1, self.aggregate)
+                prediction[rows], confidence[rows], logits[rows] = step_prediction, step_confidence, z
+                exit_step[rows] = steps
+                ran_fallback[rows] = True
+
+        height, width = images.shape[-2], images.shape[-1]
+        macs = sample_macs(
+            exit_step,
+            ran_anchornet.long(),
+            self._anchornet_cost(height, width) if ran_anchornet.any() else 0,
+            self.glance_macs,
+            self.patch_macs,
+            patches_seen=patches_seen,
+            ran_fallback=ran_fallback.long(),
+            fallback_macs=self._fallback_cost(height, width) if ran_fallback.any() else 0,
+        )
         return EarlyExitResult(
             prediction=prediction,
             confidence=confidence,
@@ -437,7 +530,9 @@ class EarlyExitClassifier(nn.Module):
 
         Returns:
             ``(outputs, selection)``: ``outputs[:, t - 1]`` is the raw ``f(x_t)`` of step ``t``, **not**
-            accumulated, ``(B, T, num_classes)``; NaN rows for the steps past a sample's last valid patch.
+            accumulated, ``(B, T, num_classes)``; NaN rows for the patch steps past a sample's last valid patch.
+            With a fallback, ``outputs[:, -1]`` is the fallback's output on the whole image (``StepTable.from_logits
+            (..., fallback=True)``).
             ``selection`` is the ``PatchSelection`` the patches came from. All valid patches of all images go
             through ``patch_net`` in one batch, or in chunks of at most ``max_batch`` (likewise the glance and
             AnchorNet passes).
@@ -458,6 +553,8 @@ class EarlyExitClassifier(nn.Module):
             b, j = rows[start : start + chunk], slots[start : start + chunk]
             patches = self._patches(images.index_select(0, b), selection.boxes[b, j])
             outputs[b, j + 1] = self.patch_net(patches).to(outputs.dtype)
+        if self.fallback_net is not None:
+            outputs[:, -1] = torch.cat([self.fallback_net(x) for x in images.split(chunk)]).to(outputs.dtype)
         return outputs, selection
 
 

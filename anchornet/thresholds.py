@@ -29,6 +29,7 @@ from anchornet.early_exit import (
     check_thresholds,
     confidence_log_odds,
     log_odds_of,
+    step_contribution,
 )
 
 __all__ = [
@@ -104,16 +105,46 @@ class StepTable:
         return self.confidence.shape[1]
 
     @classmethod
-    def from_logits(cls, step_logits: torch.Tensor, labels: torch.Tensor, aggregate: Aggregate = "logits") -> StepTable:
+    def from_logits(
+        cls,
+        step_logits: torch.Tensor,
+        labels: torch.Tensor,
+        aggregate: Aggregate = "logits",
+        *,
+        fallback: bool = False,
+    ) -> StepTable:
         """Accumulate raw per-step outputs ``f(x_t)``, ``(N, T, num_classes)`` as ``step_logits`` returns them.
 
         ``z_t = sum_{s <= t} f(x_s)`` (logits) or ``sum softmax(f(x_s))`` (``aggregate="probs"``). Steps whose
         row holds NaN (no valid patch) end the sample: ``last_step`` is the count of leading finite steps.
+
+        ``fallback=True``: the last step is the fallback network (``EarlyExitClassifier(fallback_net=...)``), decided
+        by its own output alone and reached by every sample (``last_step = T``). A sample out of patches goes on to
+        it: its patch steps past the last valid one repeat that one's outcome (what anytime mode reports) with
+        log-odds ``-inf``, so that no threshold but 0 makes it exit there.
         """
         if step_logits.dim() != 3 or labels.shape != step_logits.shape[:1]:
             raise ValueError(
                 f"expected step_logits (N, T, C) and labels (N,), got {tuple(step_logits.shape)} "
                 f"and {tuple(labels.shape)}"
+            )
+        if fallback:
+            if step_logits.shape[1] < 2:
+                raise ValueError("a table with a fallback step needs at least 2 steps")
+            last = step_logits[:, -1]
+            if torch.isnan(last).any():
+                raise ValueError("the fallback step must be finite for every sample")
+            table = cls.from_logits(step_logits[:, :-1], labels, aggregate)
+            steps = torch.arange(1, table.num_steps + 1, device=table.log_odds.device)
+            log_odds = table.log_odds.masked_fill(steps > table.last_step[:, None], -math.inf)
+            z = step_contribution(last, aggregate)
+            confidence, prediction = accumulated_confidence(z, 1, aggregate)
+            correct = prediction == labels.to(prediction.device)
+            return cls(
+                confidence=torch.cat([table.confidence, confidence[:, None].to(table.confidence.dtype)], 1),
+                correct=torch.cat([table.correct, correct[:, None]], 1),
+                prediction=torch.cat([table.prediction, prediction[:, None]], 1),
+                log_odds=torch.cat([log_odds, confidence_log_odds(z, 1, aggregate)[:, None].to(log_odds.dtype)], 1),
             )
         available = (~torch.isnan(step_logits).any(dim=-1)).long().cumprod(dim=1).bool()
         last_step = available.sum(dim=1)
@@ -196,7 +227,9 @@ def collect_step_table(
     tables = []
     for images, labels in batches:
         outputs, _ = engine.step_logits(images, max_batch=max_batch)
-        table = StepTable.from_logits(outputs, labels.to(outputs.device), engine.aggregate)
+        table = StepTable.from_logits(
+            outputs, labels.to(outputs.device), engine.aggregate, fallback=engine.has_fallback
+        )
         tables.append(
             StepTable(
                 confidence=table.confidence.cpu(),
