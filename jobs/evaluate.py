@@ -9,6 +9,8 @@ recorded in the glance and patch cards); a warning on stderr, in metrics.json an
 models were trained on the held-out images. For models trained on all of train/, ``--holdout-split val`` fits
 the thresholds on ``--holdout-size`` val images and tests on the others. Writes results.md, results.csv,
 metrics.json, thresholds.json, accuracy_vs_gmacs.png and gallery.png to REPORT_DIR (local or s3://).
+With ``--fallback`` the full-224 network is also the last step of a cascade (docs/algorithm.md, "Fallback step"),
+measured as one more curve; its budgets are then the ones saved in thresholds.json.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-patches", type=int, default=4, help="T - 1 (default: 4)")
     parser.add_argument("--iou-threshold", type=float, default=0.3)
+    parser.add_argument(
+        "--fallback",
+        action="store_true",
+        help="also evaluate the cascade that ends with the full-224 network as a last step for the images still "
+        "unsure after their patches; thresholds.json then holds its budgets (for jobs/serve.py --fallback)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random patches (and the held-out images by default)")
     parser.add_argument("--gallery", type=int, default=8, help="images in the CAM gallery (0: none)")
     parser.add_argument("--timing-batch", type=int, default=64, help="batch size of the real-time measurement")

@@ -67,6 +67,7 @@ __all__ = [
 ]
 
 DEFAULT_HOLDOUT_SIZE = 1000
+FALLBACK_CURVE = "AnchorNet patches + glance + full fallback"
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class EvaluateConfig:
     timing_repeats: int = 3
     threads: int | None = None
     loader_workers: int = 0
+    fallback: bool = False
 
     def __post_init__(self) -> None:
         if (self.full is None) == (self.full_arch is None):
@@ -277,13 +279,17 @@ def _check_classes(card: ModelCard, classes: list[str], flag: str) -> None:
 
 
 def _tables(
-    engine: EarlyExitClassifier, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], full: nn.Module | None
-) -> tuple[dict[bool, StepTable], torch.Tensor, torch.Tensor | None]:
+    engine: EarlyExitClassifier,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    full: nn.Module | None,
+    fallback: bool = False,
+) -> tuple[dict[bool, StepTable], torch.Tensor, torch.Tensor | None, StepTable | None]:
     """Every image's steps as ``StepTable``s, with the glance (``True``) and without it (``False``), its label and
-    the full network's prediction. Each batch is reduced to its tables at once: the raw ``(N, T, classes)`` step
-    logits of ImageNet's 50,000 val images would hold ~1 GB per patch policy."""
+    the full network's prediction; with ``fallback``, also the table of the cascade that ends with ``full`` as its
+    fallback step. Each batch is reduced to its tables at once: the raw ``(N, T, classes)`` step logits of
+    ImageNet's 50,000 val images would hold ~1 GB per patch policy."""
     tables: dict[bool, list[StepTable]] = {True: [], False: []}
-    labels, full_predictions = [], []
+    labels, full_predictions, fallback_tables = [], [], []
     with torch.inference_mode():
         for images, y in batches:
             out, _ = engine.step_logits(images)
@@ -291,9 +297,15 @@ def _tables(
             tables[False].append(StepTable.from_logits(out[:, 1:], y))
             labels.append(y)
             if full is not None:
-                full_predictions.append(full(images).argmax(1))
+                full_logits = full(images)
+                full_predictions.append(full_logits.argmax(1))
+                if fallback:
+                    steps = torch.cat([out, full_logits[:, None].to(out.dtype)], 1)
+                    fallback_tables.append(StepTable.from_logits(steps, y, fallback=True))
     predictions = torch.cat(full_predictions) if full is not None else None
-    return {glance: StepTable.concat(parts) for glance, parts in tables.items()}, torch.cat(labels), predictions
+    fallback_table = StepTable.concat(fallback_tables) if fallback_tables else None
+    tables_by_glance = {glance: StepTable.concat(parts) for glance, parts in tables.items()}
+    return tables_by_glance, torch.cat(labels), predictions, fallback_table
 
 
 def _curves(
@@ -309,6 +321,11 @@ def _curves(
     else:
         step_macs = [anchornet_macs + t * patch_macs for t in range(1, num_steps)]
     tables = {split: by_glance[with_glance] for split, by_glance in split_tables.items()}
+    return _curves_of(name, tables, step_macs)
+
+
+def _curves_of(name: str, tables: dict[str, StepTable], step_macs: list[int]) -> list[Curve]:
+    """The anytime curve on ``tables["test"]`` and the budgeted one fitted on ``tables["holdout"]``."""
     anytime = Curve(name, "anytime")
     test = tables["test"]
     for t, (acc, cost) in enumerate(zip(anytime_accuracy(test), anytime_macs(test, step_macs), strict=True), start=1):
@@ -382,21 +399,25 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
         for policy in ("anchornet", "random")
     }  # fmt: skip
     outputs: dict[str, dict[str, dict[bool, StepTable]]] = {policy: {} for policy in engines}
+    fallback_tables: dict[str, StepTable] = {}  # the cascade with the full network as its fallback step
     labels: dict[str, torch.Tensor] = {}
     full_predictions = None
     for split, dataset in (("holdout", holdout_set), ("test", test_set)):
         for policy, engine in engines.items():
             if policy == "random":
                 engine.generator.manual_seed(config.seed)
-            want_full = split == "test" and policy == "anchornet"
-            out, y, predictions = _tables(
+            want_full = policy == "anchornet" and (split == "test" or config.fallback)
+            out, y, predictions, fallback_table = _tables(
                 engine,
                 _batches(dataset, config.batch_size, f"{split}/{policy}", config.loader_workers),
                 full if want_full else None,
+                fallback=config.fallback,
             )
             outputs[policy][split] = out
             labels[split] = y
-            if want_full:
+            if fallback_table is not None:
+                fallback_tables[split] = fallback_table
+            if want_full and split == "test":
                 full_predictions = predictions
     full_accuracy = (full_predictions == labels["test"]).float().mean().item()
 
@@ -411,12 +432,21 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
         *_curves("random patches only", outputs["random"], random_macs, num_steps, with_glance=False),
     ]
     main_budgeted = curves[1]
+    deployed_tables = {split: by_glance[True] for split, by_glance in outputs["anchornet"].items()}
+    if config.fallback:
+        # The cascade ends with the full network: its budgets are the ones to deploy (jobs/serve.py --fallback).
+        engine = EarlyExitClassifier(
+            anchornet, glance, patch, [math.inf] * num_steps, config.num_patches, config.iou_threshold,
+            image_size=(image_size, image_size), patch_size=glance_card.input_size, fallback_net=full,
+        ).eval()  # fmt: skip
+        fallback_curves = _curves_of(FALLBACK_CURVE, fallback_tables, engine.step_macs)
+        curves += fallback_curves
+        main_budgeted = fallback_curves[1]
+        deployed_tables = fallback_tables
     match = _cheapest_match(main_budgeted, full_accuracy)
 
     # Budgets fitted on the held-out split: the deployable thresholds of the serving application.
-    budgets = budgeted_search(
-        outputs["anchornet"]["holdout"][True], outputs["anchornet"]["test"][True], engine.step_macs
-    )
+    budgets = budgeted_search(deployed_tables["holdout"], deployed_tables["test"], engine.step_macs)
     storage.makedirs(config.output)
     save_thresholds(budgets, storage.join(config.output, "thresholds.json"))
 
@@ -499,6 +529,7 @@ def _write_report(
     storage.write_bytes(csv_uri, text.getvalue().encode())
 
     anytime = [c for c in curves if c.protocol == "anytime"]
+    longest = max(anytime, key=lambda c: len(c.points))  # with a fallback: one step more
     lines = [
         "# AnchorNet evaluation",
         "",
@@ -511,14 +542,15 @@ def _write_report(
         *([f"**Warning:** the {holdout.warning}.", ""] if holdout.warning else []),
         "## Anytime prediction (every image exits at step t)",
         "",
-        "Step t = 1 is the glance; with the glance, step t uses t - 1 patches; without it, t patches.",
+        "Step t = 1 is the glance; with the glance, step t uses t - 1 patches; without it, t patches"
+        + ("; with the full fallback, the last step is the full network alone." if config.fallback else "."),
         "",
-        "| curve | " + " | ".join(label for label, _, _ in anytime[0].points) + " |",
-        "|---|" + "---|" * len(anytime[0].points),
+        "| curve | " + " | ".join(label for label, _, _ in longest.points) + " |",
+        "|---|" + "---|" * len(longest.points),
     ]
     for curve in anytime:
         cells = [f"{100 * acc:.2f} % @ {gmacs:.3f} G" for _, gmacs, acc in curve.points]
-        cells += ["-"] * (len(anytime[0].points) - len(cells))
+        cells += ["-"] * (len(longest.points) - len(cells))
         lines.append(f"| {curve.name} | " + " | ".join(cells) + " |")
     lines += ["", "## Budgeted batch classification (thresholds from the held-out split)", ""]
     lines += ["| curve | GMACs | top-1 |", "|---|---|---|"]

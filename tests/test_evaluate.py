@@ -110,6 +110,28 @@ def test_report_end_to_end(setup: dict[str, Path], capsys: pytest.CaptureFixture
     assert "**Warning:**" in (out / "results.md").read_text()
 
 
+def test_fallback_adds_a_curve_and_saves_its_budgets(setup: dict[str, Path], tmp_path: Path) -> None:
+    """--fallback: the cascade ending with the full network is one more curve, and thresholds.json holds its
+    budgets (one threshold more: the last patch step's), ready for jobs/serve.py --fallback."""
+    paths = {**setup, "out": tmp_path / "report_fallback"}
+    assert evaluate.main([*_argv(paths, **{"--num-patches": "2"}), "--gallery", "0", "--fallback"]) == 0
+    rows = list(csv.DictReader((paths["out"] / "results.csv").open()))
+    fallback = [r for r in rows if r["curve"] == "AnchorNet patches + glance + full fallback"]
+    anytime = [r for r in fallback if r["protocol"] == "anytime"]
+    assert [r["point"] for r in anytime] == ["t=1", "t=2", "t=3", "t=4"]
+    full = next(r for r in rows if r["curve"] == "full-224 network")
+    plain = [r for r in rows if r["curve"] == "AnchorNet patches + glance" and r["protocol"] == "anytime"]
+    # the last step is the full network alone, after everything else ran
+    assert anytime[-1]["top1"] == full["top1"]
+    assert float(anytime[-1]["gmacs"]) == pytest.approx(float(plain[-1]["gmacs"]) + float(full["gmacs"]), abs=2e-4)
+    assert [r["top1"] for r in anytime[:3]] == [r["top1"] for r in plain]
+    assert len([r for r in fallback if r["protocol"] == "budgeted"]) == 39
+    budgets = load_thresholds(paths["out"] / "thresholds.json")
+    assert all(len(b.thresholds) == 3 for b in budgets.values())
+    assert json.loads((paths["out"] / "metrics.json").read_text())["config"]["fallback"] is True
+    assert "full fallback" in (paths["out"] / "results.md").read_text()
+
+
 def test_the_downstream_networks_run_at_their_cards_input_size(setup: dict[str, Path], tmp_path: Path) -> None:
     """Glance and patch trained at --patch-size 64 are evaluated (and costed) at 64, as Serve runs them."""
     paths = dict(setup)
