@@ -128,7 +128,18 @@ def test_fallback_adds_a_curve_and_saves_its_budgets(setup: dict[str, Path], tmp
     assert len([r for r in fallback if r["protocol"] == "budgeted"]) == 39
     budgets = load_thresholds(paths["out"] / "thresholds.json")
     assert all(len(b.thresholds) == 3 for b in budgets.values())
-    assert json.loads((paths["out"] / "metrics.json").read_text())["config"]["fallback"] is True
+    metrics = json.loads((paths["out"] / "metrics.json").read_text())
+    assert metrics["config"]["fallback"] is True
+    # timed at the cheapest budget at least as accurate as the full network, when one is (else none is named)
+    budgeted = [r for r in fallback if r["protocol"] == "budgeted"]
+    as_accurate = [r for r in budgeted if float(r["top1"]) >= float(full["top1"])]
+    no_lower = metrics["answers"]["fraction_of_full_macs_at_no_lower_accuracy"]
+    if as_accurate:
+        cheapest = min(as_accurate, key=lambda r: float(r["gmacs"]))
+        assert metrics["timing"]["budget"] == cheapest["point"]
+        assert no_lower == pytest.approx(float(cheapest["gmacs"]) / float(full["gmacs"]), abs=1e-3)
+    else:
+        assert no_lower is None
     assert "full fallback" in (paths["out"] / "results.md").read_text()
 
 
