@@ -6,7 +6,9 @@ Ray, send ``--clients`` concurrent clients for ``--duration`` seconds, then idle
 the replica counts every second so that the autoscaling up under load and back down after shows. Prints
 throughput, p50/p99 latency, errors (non-200 or failed requests), top-1 accuracy on the folder labels, mean MACs
 per image and the replica timeline. ``--high-throughput`` runs both apps in Ray Serve's high-throughput mode
-(``pipelines.serve.high_throughput_env``).
+(``pipelines.serve.high_throughput_env``). ``--fallback`` gives the early-exit app a fallback step, the baseline's
+own full-224 classifier (``--full``) on the whole image for the images still unsure after their patches (named
+"early_exit+fallback" in the results); ``--thresholds`` must then be fitted with it (jobs/evaluate.py --fallback).
 
     python -m benchmarks.serve_load --data ../shared/data/imagenette/val --clients 8 --duration 45
 
@@ -35,6 +37,17 @@ IMAGENETTE_INDICES = "0,217,482,491,497,566,569,571,574,701"
 BASELINE = "full224"  # the one-deployment full-224 classifier's name in the results
 
 
+def app_name(colocated: bool, fallback: bool) -> str:
+    """The early-exit app's name in the results: ``early_exit``, ``early_exit_colocated``, ``+fallback`` added."""
+    return "early_exit" + ("_colocated" if colocated else "") + ("+fallback" if fallback else "")
+
+
+def default_thresholds(rho: float, num_patches: int, fallback: bool) -> str:
+    """``--rho`` for every threshold a request sends without ``--thresholds``: one per step but the last, so one
+    more with the fallback step (the last patch step has one too)."""
+    return ",".join([str(rho)] * (num_patches + int(fallback)))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="ImageFolder (class folders) of test images")
@@ -43,6 +56,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--glance", default=None, help="glance checkpoint (default: ImageNet Lite0 at K)")
     parser.add_argument("--patch", default=None, help="patch checkpoint (default: ImageNet Lite0 at K)")
     parser.add_argument("--full", default=None, help="full-224 baseline checkpoint (default: ImageNet Lite0)")
+    parser.add_argument(
+        "--fallback",
+        action="store_true",
+        help="the early-exit app ends with a fallback step: the --full classifier on the whole image for images "
+        "still unsure after their patches (--thresholds fitted with it: jobs/evaluate.py --fallback)",
+    )
+    parser.add_argument(
+        "--num-patches", type=int, default=4, help="patches per image of the early-exit app (default 4, as Serve's)"
+    )
     parser.add_argument("--head-from", default=IMAGENETTE_INDICES, help="ImageNet indices of the folder classes")
     parser.add_argument("--thresholds", default=None, help="saved thresholds JSON; else --rho for every step")
     parser.add_argument("--budget", default=None, help="budget of --thresholds to use")
@@ -248,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.thresholds:
             params = {}  # the file's default budget, as the app picks it
         else:
-            params = {"thresholds": ",".join([str(args.rho)] * 4)}
+            params = {"thresholds": default_thresholds(args.rho, args.num_patches, args.fallback)}
         if args.high_throughput:  # before ray.init: Serve's processes read it when they start
             try:
                 enable_high_throughput(draining_period_s=0)
@@ -265,18 +287,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "anchornet": paths["anchornet"],
                         "glance": paths["glance"],
                         "patch": paths["patch"],
+                        "fallback": paths["full"] if args.fallback else None,
                         "thresholds": args.thresholds,
+                        "num_patches": args.num_patches,
                         "colocate": colocated,
                         "deployments": {
                             "ingress": _deployment(args, 4, 64) if colocated else _deployment(args, 8, 64),
                             "glance": _deployment(args, 4),
                             "anchornet": _deployment(args, 4),
                             "patch": _deployment(args, 4),
+                            "fallback": _deployment(args, 4),
                         },
                     }
                 )
-                name = "early_exit_colocated" if colocated else "early_exit"
-                results[name] = _run_phase(name.replace("_", ""), early, args, images, params)
+                name = app_name(colocated, args.fallback)
+                results[name] = _run_phase(name.replace("_", "").replace("+", ""), early, args, images, params)
             baseline = build_baseline_app({"classifier": paths["full"], "deployment": _deployment(args, 4)})
             results[BASELINE] = _run_phase(BASELINE, baseline, args, images, {})
         finally:
@@ -295,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch_threads": args.torch_threads,
         "batch_wait_ms": args.batch_wait_ms,
         "high_throughput": args.high_throughput,
+        "fallback": args.fallback,
+        "num_patches": args.num_patches,
         "request": params,
     }
     print(f"conditions: {json.dumps(conditions)}")
@@ -302,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for phase in ("one_client", "loaded"):
             r = result[phase]
             print(
-                f"{name:20s} {phase:10s} {r['throughput_rps']:6.1f} req/s  p50 {r['p50_ms'] or 0:7.1f} ms  "
+                f"{name:29s} {phase:10s} {r['throughput_rps']:6.1f} req/s  p50 {r['p50_ms'] or 0:7.1f} ms  "
                 f"p99 {r['p99_ms'] or 0:7.1f} ms  server p50 {r['server_p50_ms'] or 0:6.1f} ms  "
                 f"errors {r['errors']}/{r['requests']}  top-1 {r['accuracy'] or 0:.3f}  "
                 f"GMACs {r['mean_gmacs'] or 0:.3f}  exits {r['exit_steps']}"

@@ -1,7 +1,7 @@
 """Serve the early-exit classifier over HTTP on an embedded local Ray, until Ctrl-C.
 
-    python jobs/serve.py --anchornet CKPT --glance CKPT --patch CKPT [--thresholds JSON] [--port PORT] \
-        [--colocate] [--high-throughput] [--request-timeout S]
+    python jobs/serve.py --anchornet CKPT --glance CKPT --patch CKPT [--fallback CKPT] [--thresholds JSON] \
+        [--port PORT] [--colocate] [--high-throughput] [--request-timeout S]
 
 Prints the URL; then ``curl -H 'Content-Type: image/jpeg' --data-binary @img.jpg URL/classify``. On a cluster,
 deploy ``serve_config.yaml`` with ``serve deploy`` instead (docs/serving.md).
@@ -34,9 +34,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--anchornet", required=True, help="AnchorNet checkpoint")
     parser.add_argument("--glance", required=True, help="f_glance checkpoint")
     parser.add_argument("--patch", required=True, help="f_patch checkpoint")
+    parser.add_argument(
+        "--fallback",
+        default=None,
+        metavar="CKPT",
+        help="a full-size classifier checkpoint (e.g. the full-224 Lite0) run on the whole image as one more, last "
+        "step for the images still unsure after their patches; --thresholds must then be fitted with it "
+        "(jobs/evaluate.py --fallback)",
+    )
     parser.add_argument("--thresholds", default=None, help="saved thresholds JSON (named budgets)")
     parser.add_argument("--default-budget", default=None, help="budget of requests that name none")
-    parser.add_argument("--num-patches", type=int, default=4, help="T - 1")
+    parser.add_argument(
+        "--num-patches", type=int, default=4, help="patches per image: T - 1 steps (T - 2 with --fallback)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
@@ -81,6 +91,7 @@ def serve_args(args: argparse.Namespace) -> ServeArgs:
         anchornet=args.anchornet,
         glance=args.glance,
         patch=args.patch,
+        fallback=args.fallback,
         thresholds=args.thresholds,
         default_budget=args.default_budget,
         num_patches=args.num_patches,
@@ -90,6 +101,7 @@ def serve_args(args: argparse.Namespace) -> ServeArgs:
             "glance": deployment(8),
             "anchornet": deployment(8),
             "patch": deployment(8),
+            "fallback": deployment(8),
         },
     )
 

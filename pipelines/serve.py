@@ -5,9 +5,10 @@
     HTTP -> Ingress (FastAPI: decode, preprocess, thresholds, the early-exit loop)
               |-> Glance      f_glance on the image resized to K          (batched, autoscaled)
               |-> AnchorNet   CAM, NMS boxes and K x K crops, once         (batched, autoscaled)
-              '-> Patch       f_patch on one crop per call, step by step  (batched, autoscaled)
+              |-> Patch       f_patch on one crop per call, step by step  (batched, autoscaled)
+              '-> Fallback    optional: a full-size classifier, last step (batched, autoscaled)
 
-With ``colocate: true`` the three models run inside the ingress replica instead (same functions, same
+With ``colocate: true`` the models run inside the ingress replica instead (same functions, same
 ``@serve.batch`` batching, no handle calls): one deployment, scaled as a whole. On CPU nodes each handle call
 costs milliseconds of Serve overhead, as much as a glance forward pass (docs/serving.md); separate deployments
 are for GPU nodes, where the models need their own resources and scale independently.
@@ -16,6 +17,10 @@ The ingress asks the glance classifier first and stops when ``confidence(z_1) >=
 AnchorNet once for the patches and the patch classifier one patch at a time until ``confidence(z_t) >= rho_t``
 or the patches run out. Decisions use ``anchornet.accumulated_confidence`` and the MACs
 ``anchornet.cumulative_step_macs``, so a response equals ``EarlyExitClassifier.predict`` on the same image.
+
+With a ``fallback`` checkpoint (our extension of Alg. 1) there is one more, last step, ``T = num_patches + 2``: a
+sample still unsure after its last patch, or whose patches ran out, is decided by the fallback network alone on the
+whole preprocessed image (``early_exit_steps``); the thresholds are then ``num_patches + 1``, fitted with it.
 
 Build it with ``build_app(ServeArgs(...))`` (``serve_config.yaml`` fills the same args for ``serve deploy``).
 ``high_throughput_env()`` is the environment of Ray Serve's high-throughput mode (HAProxy in place of the
@@ -213,6 +218,9 @@ class DeploymentsArgs(BaseModel):
     glance: DeploymentArgs = Field(default_factory=DeploymentArgs)
     anchornet: DeploymentArgs = Field(default_factory=DeploymentArgs)
     patch: DeploymentArgs = Field(default_factory=DeploymentArgs)
+    fallback: DeploymentArgs = Field(
+        default_factory=DeploymentArgs, description="the Fallback deployment; used only with ServeArgs.fallback"
+    )
 
 
 class ServeArgs(BaseModel):
@@ -223,6 +231,11 @@ class ServeArgs(BaseModel):
     anchornet: str = Field(description="AnchorNet checkpoint (path or s3:// URI)")
     glance: str = Field(description="f_glance checkpoint")
     patch: str = Field(description="f_patch checkpoint")
+    fallback: str | None = Field(
+        None,
+        description="a full-size classifier checkpoint run on the whole image as the last step, T = num_patches + 2, "
+        "for samples still unsure after their patches; null: no fallback step (thresholds must be fitted with it)",
+    )
     thresholds: str | None = Field(None, description="saved thresholds JSON (anchornet.save_thresholds)")
     default_budget: str | None = Field(None, description="budget used when a request names none")
     num_patches: int = Field(4, ge=1, description="T - 1")
@@ -236,8 +249,8 @@ class ServeArgs(BaseModel):
     )
     colocate: bool = Field(
         False,
-        description="run the three models inside the ingress replica (no handle calls; the ingress's resources, "
-        "autoscaling and torch_threads cover them; each model keeps its deployment's batching settings)",
+        description="run the models (the fallback too) inside the ingress replica (no handle calls; the ingress's "
+        "resources, autoscaling and torch_threads cover them; each model keeps its deployment's batching settings)",
     )
     deployments: DeploymentsArgs = Field(default_factory=DeploymentsArgs)
 
@@ -278,14 +291,43 @@ class ServingSpec:
     max_pixels: int
     max_aspect_ratio: float | None  # longest side / shortest side; None: no limit
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fallback_macs: int | None = None  # the fallback network's MACs; None: no fallback step
+
+    @property
+    def has_fallback(self) -> bool:
+        return self.fallback_macs is not None
 
     @property
     def num_steps(self) -> int:
-        return self.num_patches + 1
+        """``T``: the glance, one step per patch, and the fallback when there is one."""
+        return self.num_patches + (2 if self.has_fallback else 1)
 
     @property
     def step_macs(self) -> list[int]:
-        return cumulative_step_macs(self.anchornet_macs, self.glance_macs, self.patch_macs, self.num_steps)
+        return cumulative_step_macs(
+            self.anchornet_macs, self.glance_macs, self.patch_macs, self.num_steps, fallback_macs=self.fallback_macs
+        )
+
+    def thresholds_hint(self, count: int) -> str | None:
+        """Why ``count`` thresholds do not fit when that is the count of the other cascade (with or without the
+        fallback step), as a hint for the error message; None otherwise."""
+        return thresholds_hint(count, self.num_patches, self.has_fallback)
+
+
+def thresholds_hint(count: int, num_patches: int, fallback: bool) -> str | None:
+    """The hint of a wrong number of thresholds that is the other cascade's: fitted without the fallback step they
+    are ``num_patches``, with it ``num_patches + 1``."""
+    if fallback and count == num_patches:
+        return (
+            "thresholds fitted without the fallback step have num_patches thresholds; with it num_patches + 1: "
+            "refit with jobs/evaluate.py --fallback"
+        )
+    if not fallback and count == num_patches + 1:
+        return (
+            "num_patches + 1 thresholds are those of a cascade with the fallback step: serve with its --fallback "
+            "checkpoint, or use thresholds fitted without it (num_patches)"
+        )
+    return None
 
 
 def _class_names(card: Any) -> list[str]:
@@ -293,19 +335,33 @@ def _class_names(card: Any) -> list[str]:
     return list(card.class_names) if card.class_names else [str(i) for i in range(num_classes)]
 
 
+def _classifier_info(card: Any) -> dict[str, Any]:
+    """A classifier as ``/info`` shows it: its architecture, input size and MACs there (from its card)."""
+    return {"arch": card.arch["name"], "input_size": card.input_size, "macs": card.macs}
+
+
 def serving_spec(args: ServeArgs) -> ServingSpec:
-    """Read the three checkpoints and check that they fit together; the MACs come from the flop counter."""
+    """Read the checkpoints (three, or four with a fallback) and check that they fit together; the MACs come from
+    the flop counter (the cards'). Raises ``ValueError`` (one line) for a checkpoint of the wrong kind, classes
+    that differ between the classifiers, or sizes that do not fit."""
     anchornet, anchornet_card = load_checkpoint(args.anchornet)
     _, glance_card = load_checkpoint(args.glance)
     _, patch_card = load_checkpoint(args.patch)
+    fallback_card = load_checkpoint(args.fallback)[1] if args.fallback else None
     if not isinstance(anchornet, AnchorNet):
         raise ValueError(f"{args.anchornet} is a {anchornet_card.kind} checkpoint, not an AnchorNet one")
-    for role, card in (("glance", glance_card), ("patch", patch_card)):
-        if card.kind != "classifier":
+    for role, card in (("glance", glance_card), ("patch", patch_card), ("fallback", fallback_card)):
+        if card is not None and card.kind != "classifier":
             raise ValueError(f"--{role} checkpoint is a {card.kind} checkpoint, not a classifier")
     class_names = _class_names(glance_card)
     if class_names != _class_names(patch_card):
         raise ValueError("the glance and patch classifiers must have the same classes (names and order)")
+    if fallback_card is not None and class_names != (fallback_names := _class_names(fallback_card)):
+        counts = (len(fallback_names), len(class_names))
+        how = f"{counts[0]} classes against {counts[1]}" if counts[0] != counts[1] else "other names or another order"
+        raise ValueError(
+            f"the fallback classifier must have the glance's classes (names and order): {args.fallback} has {how}"
+        )
     if glance_card.input_size != patch_card.input_size:
         raise ValueError(f"glance and patch input sizes differ: {glance_card.input_size} and {patch_card.input_size}")
     preprocessing = Preprocessing.from_dict(anchornet_card.preprocessing or {})
@@ -331,24 +387,26 @@ def serving_spec(args: ServeArgs) -> ServingSpec:
         max_aspect_ratio=args.max_aspect_ratio,
         models={
             "anchornet": {"arch": "anchornet", "input_size": size, "macs": int(anchornet_macs), "K": k},
-            "glance": {
-                "arch": glance_card.arch["name"],
-                "input_size": glance_card.input_size,
-                "macs": glance_card.macs,
-            },
-            "patch": {"arch": patch_card.arch["name"], "input_size": patch_card.input_size, "macs": patch_card.macs},
+            "glance": _classifier_info(glance_card),
+            "patch": _classifier_info(patch_card),
+            **({"fallback": _classifier_info(fallback_card)} if fallback_card is not None else {}),
         },
+        fallback_macs=int(fallback_card.macs) if fallback_card is not None else None,
     )
 
 
-def load_budgets(config: dict[str, Any], num_steps: int) -> tuple[dict[str, dict[str, Any]], str]:
-    """Named budgets and the default one from an ingress ``user_config``.
+def load_budgets(
+    config: dict[str, Any], num_steps: int, *, fallback: bool = False
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """Named budgets and the default one from an ingress ``user_config``, for ``num_steps`` steps (the last one the
+    fallback step when ``fallback``).
 
     ``config`` keys: ``thresholds_path`` (a saved thresholds JSON), ``budgets`` (``name -> [rho...]``, confidences,
     or ``name -> {log_odds: [...]}``, added after the file's), ``default_budget`` (else the middle budget of the
     file, else ``all-steps``). Two budgets are always there: ``all-steps`` (every ``rho = inf``) and
     ``glance-only`` (every ``rho = 0``). Each budget's ``thresholds`` are ``ExitThresholds``. Raises
-    ``ValueError`` for unknown keys, a wrong number of thresholds or an unknown default.
+    ``ValueError`` for unknown keys, a wrong number of thresholds (one line; it says so when they are those of the
+    cascade with the fallback step, or without it) or an unknown default.
     """
     unknown = set(config) - set(USER_CONFIG_KEYS)
     if unknown:
@@ -367,8 +425,10 @@ def load_budgets(config: dict[str, Any], num_steps: int) -> tuple[dict[str, dict
     for name, budget in budgets.items():
         rho = budget["thresholds"]
         if len(rho) != count:
+            hint = thresholds_hint(len(rho), num_steps - (2 if fallback else 1), fallback)
             raise ValueError(
                 f"budget {name!r} needs {count} thresholds (T = {num_steps} steps), got {list(rho.confidences)}"
+                + (f": {hint}" if hint else "")
             )
     # the middle of the file's sweep (cheap to costly); inline budgets never move the default
     default = config.get("default_budget") or (from_file[len(from_file) // 2] if from_file else "all-steps")
@@ -406,17 +466,19 @@ class LiveBudgets:
     error: str | None = None
 
     @classmethod
-    def load(cls, config: Mapping[str, Any] | None, num_steps: int) -> "LiveBudgets":
-        named, default = load_budgets(dict(config or {}), num_steps)
+    def load(cls, config: Mapping[str, Any] | None, num_steps: int, *, fallback: bool = False) -> "LiveBudgets":
+        named, default = load_budgets(dict(config or {}), num_steps, fallback=fallback)
         return cls(named=named, default=default)
 
 
-def reconfigured_budgets(current: LiveBudgets | None, config: Mapping[str, Any] | None, num_steps: int) -> LiveBudgets:
+def reconfigured_budgets(
+    current: LiveBudgets | None, config: Mapping[str, Any] | None, num_steps: int, *, fallback: bool = False
+) -> LiveBudgets:
     """The budgets after a ``user_config`` update. At start (``current`` is None) a bad config raises, failing the
     replica and so the deploy; on a running replica it is refused and logged: ``current`` stays, with ``error``
     saying why, so that a typo in a live update does not take the service down."""
     try:
-        return LiveBudgets.load(config, num_steps)
+        return LiveBudgets.load(config, num_steps, fallback=fallback)
     except Exception as err:  # a missing file, bad JSON, wrong thresholds, unknown keys: all refused alike
         if current is None:
             raise
@@ -606,7 +668,7 @@ def propose_patches(
 
 @serve.deployment
 class ClassifierDeployment:
-    """A downstream classifier (glance or patch): uint8 ``(3, H, W)`` in, float32 logits ``(C,)`` out.
+    """A downstream classifier (glance, patch or fallback): uint8 ``(3, H, W)`` in, float32 logits ``(C,)`` out.
 
     Images are resized to the checkpoint's ``input_size`` when they differ; concurrent calls share one batch.
     Over the handle, arrays as ``to_wire`` ships them (tensors are taken too); ``from_wire`` reads the output.
@@ -706,7 +768,8 @@ class InProcessModel:
 
 @dataclass(frozen=True)
 class ColocatedModels:
-    """What the ingress loads itself with ``colocate: true``: the checkpoints and each model's batching."""
+    """What the ingress loads itself with ``colocate: true``: the checkpoints and each model's batching (``fallback``
+    None: no fallback step)."""
 
     anchornet: str
     glance: str
@@ -716,17 +779,22 @@ class ColocatedModels:
     batching: dict[str, tuple[int, float]]  # role -> (max_batch_size, batch_wait_timeout_s)
     torch_threads: int = 1
     use_gpu: bool = False
+    fallback: str | None = None
 
-    def load(self) -> tuple[InProcessModel, InProcessModel, InProcessModel]:
-        """(glance, anchornet, patch), loaded in this process."""
+    def load(self) -> tuple[InProcessModel, InProcessModel, InProcessModel, InProcessModel | None]:
+        """(glance, anchornet, patch, fallback or None), loaded in this process."""
         torch.set_num_threads(self.torch_threads)
         anchornet = load_anchornet_on_replica(self.anchornet, self.use_gpu)
-        models = []
-        for role in ("glance", "patch"):
-            model, card = load_on_replica(getattr(self, role), self.use_gpu)
-            models.append(InProcessModel(partial(classify_images, model, card.input_size), *self.batching[role]))
+        classifiers: dict[str, InProcessModel] = {}
+        for role in ("glance", "patch", "fallback"):
+            checkpoint = getattr(self, role)
+            if checkpoint is not None:
+                model, card = load_on_replica(checkpoint, self.use_gpu)
+                forward = partial(classify_images, model, card.input_size)
+                classifiers[role] = InProcessModel(forward, *self.batching[role])
         propose = partial(propose_patches, anchornet, num_patches=self.num_patches, iou_threshold=self.iou_threshold)
-        return models[0], InProcessModel(propose, *self.batching["anchornet"]), models[1]
+        proposer = InProcessModel(propose, *self.batching["anchornet"])
+        return classifiers["glance"], proposer, classifiers["patch"], classifiers.get("fallback")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -770,7 +838,10 @@ class Classification(BaseModel):
     prediction: ClassScore
     top_k: list[ClassScore]
     confidence: float
-    exit_step: int = Field(description="1 = the glance, t >= 2 = after the (t-1)-th patch")
+    exit_step: int = Field(
+        description="1 = the glance, t >= 2 = after the (t-1)-th patch; with a fallback, T = num_patches + 2 is the "
+        "fallback step (whatever the number of patches seen)"
+    )
     num_steps: int
     macs: int = Field(description="multiply-accumulates spent on this image")
     gmacs: float
@@ -779,6 +850,9 @@ class Classification(BaseModel):
     log_odds: list[float | str] = Field(description="the same as log-odds: what the exits were decided on")
     patches: list[PatchInfo]
     patches_available: int | None = Field(description="patches AnchorNet proposed; null when it did not run")
+    fallback: bool = Field(
+        False, description="the fallback network decided (its prediction alone, on the whole image: the last step)"
+    )
     image_size: list[int] = Field(description="(width, height) as received")
     latency_ms: float = Field(description="time in the ingress, decoding included")
 
@@ -806,7 +880,8 @@ async def decode_request(request: Request, spec: ServingSpec | dict[str, Any]) -
 
 class ServerTiming:
     """Where a request's time went, as the ``Server-Timing`` response header (W3C Server Timing): ``decode``,
-    each model (``glance``, ``anchornet``, ``patch``, summed over steps) and ``app``, the whole handler.
+    each model (``glance``, ``anchornet``, ``patch`` summed over steps, ``fallback``) and ``app``, the whole
+    handler.
 
     A model's entry is its forward pass when it runs in this replica (``desc="forward"``; a batched forward is
     counted in full for every request that shared it), or the handle call as the ingress waited for it when it is
@@ -902,6 +977,79 @@ def _top_k(probs: torch.Tensor, names: list[str], labels: list[str], k: int) -> 
     return [_class_score(int(i), float(v), names, labels) for v, i in zip(values, indices, strict=True)]
 
 
+@dataclass(frozen=True)
+class EarlyExit:
+    """What the early-exit loop decided for one image (``early_exit_steps``)."""
+
+    exit_step: int
+    confidence: float
+    prediction: int
+    probabilities: torch.Tensor  # (C,) of the outputs the prediction comes from, for the top-k
+    patches: list[PatchInfo]
+    patches_available: int | None  # None: AnchorNet did not run
+    fallback: bool  # the fallback step decided
+    macs: int
+
+
+async def early_exit_steps(
+    spec: ServingSpec, rho: ExitThresholds, image: torch.Tensor, models: Mapping[str, Any], timing: ServerTiming
+) -> EarlyExit:
+    """Paper Alg. 1 on one preprocessed uint8 image ``(3, S, S)``, with the models the ingress calls (``models``:
+    role -> a handle or an ``InProcessModel``, through ``timing.call``).
+
+    The glance, then (unless it is confident) AnchorNet once and the patches one by one, summing ``z_t``, until
+    ``confidence(z_t) >= rho_t``; without a fallback the last patch, or the last one AnchorNet found, decides. With
+    one (``spec.has_fallback``), a sample still unsure after its last patch or whose patches ran out goes to the
+    fallback step ``T = num_patches + 2``: the fallback network's output alone on the whole image, not added to
+    ``z``, decides (its confidence that of one step seen). The MACs are those spent (``sample_macs``)."""
+    aggregate = spec.aggregate
+    z = step_contribution(await timing.call("glance", models["glance"], image), aggregate)
+    t, patches, available = 1, [], None
+    confidence, prediction = accumulated_confidence(z, t, aggregate)
+    decided = spec.num_steps == 1 or bool(confidence_log_odds(z, t, aggregate) >= rho.log_odds[0])
+    if not decided:
+        proposal = await timing.call("anchornet", models["anchornet"], image)
+        available = int(proposal["boxes"].shape[0])
+        for j in range(available):
+            t = j + 2
+            crop = proposal["crops"][j]  # to_wire ships a view's own bytes only (a tensor view: its storage)
+            z = z + step_contribution(await timing.call("patch", models["patch"], crop), aggregate)
+            confidence, prediction = accumulated_confidence(z, t, aggregate)
+            patches.append(PatchInfo(step=t, box=proposal["boxes"][j].tolist(), cam_score=float(proposal["scores"][j])))
+            if t == spec.num_steps or confidence_log_odds(z, t, aggregate) >= rho.log_odds[t - 1]:
+                decided = True
+                break
+    ran_anchornet = int(available is not None)
+    steps_in_z = t
+    fallback = not decided and spec.has_fallback
+    if fallback:
+        z = step_contribution(await timing.call("fallback", models["fallback"], image), aggregate)
+        t, steps_in_z = spec.num_steps, 1
+        confidence, prediction = accumulated_confidence(z, steps_in_z, aggregate)
+        macs = sample_macs(
+            t,
+            ran_anchornet,
+            spec.anchornet_macs,
+            spec.glance_macs,
+            spec.patch_macs,
+            patches_seen=len(patches),
+            ran_fallback=1,
+            fallback_macs=int(spec.fallback_macs or 0),
+        )
+    else:
+        macs = sample_macs(t, ran_anchornet, spec.anchornet_macs, spec.glance_macs, spec.patch_macs)
+    return EarlyExit(
+        exit_step=t,
+        confidence=float(confidence),
+        prediction=int(prediction),
+        probabilities=z.softmax(dim=-1) if aggregate == "logits" else z / steps_in_z,
+        patches=patches,
+        patches_available=available,
+        fallback=fallback,
+        macs=int(macs),
+    )
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -909,7 +1057,8 @@ class Ingress:
     the same models loaded in this replica).
 
     Model calls go through ``call_deployment`` (a lost replica is retried once; then 503 ``model_unavailable``
-    with ``Retry-After: retry_after_s``). Colocated, ``check_health`` fails once a model's passes keep failing."""
+    with ``Retry-After: retry_after_s``). Colocated, ``check_health`` fails once a model's passes keep failing.
+    ``fallback`` (a handle, or in ``colocated``) is there exactly when ``spec`` has a fallback step."""
 
     def __init__(
         self,
@@ -919,12 +1068,14 @@ class Ingress:
         patch: DeploymentHandle | None = None,
         colocated: ColocatedModels | None = None,
         retry_after_s: float = 1.0,
+        fallback: DeploymentHandle | None = None,
     ) -> None:
         self.glance: Any
         self.anchornet: Any
         self.patch: Any
+        self.fallback: Any = None
         if colocated is not None:
-            self.glance, self.anchornet, self.patch = colocated.load()
+            self.glance, self.anchornet, self.patch, self.fallback = colocated.load()
         elif glance is None or anchornet is None or patch is None:
             raise ValueError("Ingress needs the three model handles, or colocated models")
         else:
@@ -932,21 +1083,37 @@ class Ingress:
                 RetryingHandle(name, handle, retry_after_s)
                 for name, handle in (("glance", glance), ("anchornet", anchornet), ("patch", patch))
             )
+            if fallback is not None:
+                self.fallback = RetryingHandle("fallback", fallback, retry_after_s)
+        if (self.fallback is not None) != spec.has_fallback:
+            raise ValueError(
+                "the Ingress got a fallback model but its spec has no fallback step"
+                if self.fallback is not None
+                else "the Ingress's spec has a fallback step but it got no fallback model"
+            )
         self.layout = "colocated" if colocated is not None else "separate"
         self.spec = spec
-        self.budgets = LiveBudgets.load({}, spec.num_steps)  # the built-in budgets, until a user_config comes
+        # the built-in budgets, until a user_config comes
+        self.budgets = LiveBudgets.load({}, spec.num_steps, fallback=spec.has_fallback)
         self.configured = False
+
+    @property
+    def models(self) -> dict[str, Any]:
+        """Role -> the model the early-exit loop calls (no ``fallback`` without a fallback step)."""
+        models = {"glance": self.glance, "anchornet": self.anchornet, "patch": self.patch}
+        return models if self.fallback is None else {**models, "fallback": self.fallback}
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Live thresholds: ``user_config`` as ``load_budgets`` reads it. A bad one fails the replica at start;
         once it has started with a good one, a bad update is refused (``reconfigured_budgets``)."""
         current = self.budgets if self.configured else None
-        self.budgets = reconfigured_budgets(current, config, self.spec.num_steps)
+        self.budgets = reconfigured_budgets(current, config, self.spec.num_steps, fallback=self.spec.has_fallback)
         self.configured = True
 
     def check_health(self) -> None:
-        """Serve's health check: colocated, fails once one of the models in this replica keeps failing."""
-        for model in (self.glance, self.anchornet, self.patch):
+        """Serve's health check: colocated, fails once one of the models in this replica (the fallback too) keeps
+        failing."""
+        for model in self.models.values():
             if isinstance(model, InProcessModel):
                 model.failures.check()
 
@@ -963,6 +1130,7 @@ class Ingress:
                 "labels": spec.class_labels,
                 "num_steps": spec.num_steps,
                 "num_patches": spec.num_patches,
+                "fallback": spec.has_fallback,
                 "layout": self.layout,
                 "patch_size": spec.patch_size,
                 "min_image_side": spec.min_side,
@@ -1002,45 +1170,28 @@ class Ingress:
         timing = ServerTiming()
         spec, live = self.spec, self.budgets  # read once: reconfigure may replace it meanwhile
         thresholds_of = {name: b["thresholds"] for name, b in live.named.items()}
+        count = spec.num_steps - 1
         budget_name, rho = resolve_thresholds(
-            thresholds_of, live.default, spec.num_patches, budget, thresholds, log_odds
+            thresholds_of, live.default, count, budget, thresholds, log_odds, hint=spec.thresholds_hint
         )
         image, image_size, decode_ms = await decode_request(request, spec)
         timing.add("decode", decode_ms)
-
-        z = step_contribution(await timing.call("glance", self.glance, image), spec.aggregate)
-        t, patches, available = 1, [], None
-        confidence, prediction = accumulated_confidence(z, t, spec.aggregate)
-        if not (spec.num_steps == 1 or confidence_log_odds(z, t, spec.aggregate) >= rho.log_odds[0]):
-            proposal = await timing.call("anchornet", self.anchornet, image)
-            available = int(proposal["boxes"].shape[0])
-            for j in range(available):
-                t = j + 2
-                crop = proposal["crops"][j]  # to_wire ships a view's own bytes only (a tensor view: its storage)
-                z = z + step_contribution(await timing.call("patch", self.patch, crop), spec.aggregate)
-                confidence, prediction = accumulated_confidence(z, t, spec.aggregate)
-                patches.append(
-                    PatchInfo(step=t, box=proposal["boxes"][j].tolist(), cam_score=float(proposal["scores"][j]))
-                )
-                if t == spec.num_steps or confidence_log_odds(z, t, spec.aggregate) >= rho.log_odds[t - 1]:
-                    break
-        ran_anchornet = int(available is not None)
-        macs = sample_macs(t, ran_anchornet, spec.anchornet_macs, spec.glance_macs, spec.patch_macs)
-        probs = z.softmax(dim=-1) if spec.aggregate == "logits" else z / t
+        decision = await early_exit_steps(spec, rho, image, self.models, timing)
         names, labels = spec.class_names, spec.class_labels
         result = Classification(
-            prediction=_class_score(int(prediction), float(confidence), names, labels),
-            top_k=_top_k(probs, names, labels, top_k or spec.top_k),
-            confidence=float(confidence),
-            exit_step=t,
+            prediction=_class_score(decision.prediction, decision.confidence, names, labels),
+            top_k=_top_k(decision.probabilities, names, labels, top_k or spec.top_k),
+            confidence=decision.confidence,
+            exit_step=decision.exit_step,
             num_steps=spec.num_steps,
-            macs=int(macs),
-            gmacs=macs / 1e9,
+            macs=decision.macs,
+            gmacs=decision.macs / 1e9,
             budget=budget_name,
             thresholds=jsonable(list(rho.confidences)),
             log_odds=jsonable(list(rho.log_odds)),
-            patches=patches,
-            patches_available=available,
+            patches=decision.patches,
+            patches_available=decision.patches_available,
+            fallback=decision.fallback,
             image_size=image_size,
             latency_ms=timing.elapsed_ms(),
         )
@@ -1048,8 +1199,8 @@ class Ingress:
 
 
 def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
-    """The early-exit app: Glance, AnchorNet and Patch deployments behind the FastAPI ``Ingress`` (with
-    ``colocate``, the ingress alone, running the three models itself).
+    """The early-exit app: Glance, AnchorNet and Patch deployments (and Fallback, with ``args.fallback``) behind
+    the FastAPI ``Ingress`` (with ``colocate``, the ingress alone, running the models itself).
 
     Reads the checkpoint cards (class names, K, MACs, preprocessing) and checks the thresholds here, so that a
     bad configuration fails at deploy time rather than at the first request.
@@ -1057,11 +1208,13 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
     args = ServeArgs.model_validate(args) if isinstance(args, dict) else args
     spec = serving_spec(args)
     user_config = {"thresholds_path": args.thresholds, "default_budget": args.default_budget}
-    load_budgets(user_config, spec.num_steps)
+    load_budgets(user_config, spec.num_steps, fallback=spec.has_fallback)
     d = args.deployments
     ingress = Ingress.options(**d.ingress.options("Ingress"), user_config=user_config)
     if args.colocate:
         roles = {"glance": d.glance, "anchornet": d.anchornet, "patch": d.patch}
+        if args.fallback:
+            roles["fallback"] = d.fallback
         models = ColocatedModels(
             anchornet=args.anchornet,
             glance=args.glance,
@@ -1071,6 +1224,7 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
             batching={role: (o.max_batch_size, o.batch_wait_timeout_s) for role, o in roles.items()},
             torch_threads=d.ingress.torch_threads,
             use_gpu=d.ingress.num_gpus > 0,
+            fallback=args.fallback,
         )
         return ingress.bind(spec, colocated=models, retry_after_s=d.ingress.retry_after_s)
 
@@ -1090,7 +1244,10 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
         iou_threshold=args.iou_threshold,
     )
     patch = model(ClassifierDeployment, "Patch", d.patch, args.patch)
-    return ingress.bind(spec, glance=glance, anchornet=anchornet, patch=patch, retry_after_s=d.ingress.retry_after_s)
+    handles = {"glance": glance, "anchornet": anchornet, "patch": patch}
+    if args.fallback:
+        handles["fallback"] = model(ClassifierDeployment, "Fallback", d.fallback, args.fallback)
+    return ingress.bind(spec, **handles, retry_after_s=d.ingress.retry_after_s)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1236,7 +1393,7 @@ def _check_ingress_user_config(
     if config.get("thresholds_path"):
         config["thresholds_path"] = local_path(config["thresholds_path"])
     try:
-        load_budgets(config, args.num_patches + 1)
+        load_budgets(config, args.num_patches + (2 if args.fallback else 1), fallback=bool(args.fallback))
     except Exception as err:  # what reconfigure would raise at replica start
         return [*problems, f"{where}: {type(err).__name__}: {' '.join(str(err).split())}"]
     return problems
@@ -1249,7 +1406,8 @@ def _deployment_args(args: ServeArgs | BaselineArgs) -> dict[str, DeploymentArgs
     d = args.deployments
     if args.colocate:
         return {"Ingress": d.ingress}
-    return {"Ingress": d.ingress, "Glance": d.glance, "AnchorNet": d.anchornet, "Patch": d.patch}
+    models = {"Ingress": d.ingress, "Glance": d.glance, "AnchorNet": d.anchornet, "Patch": d.patch}
+    return {**models, "Fallback": d.fallback} if args.fallback else models
 
 
 def _check_shutdown_timeouts(

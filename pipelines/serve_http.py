@@ -15,7 +15,7 @@ import email.errors
 import email.policy
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from email.parser import BytesParser
 from typing import Any
 
@@ -215,8 +215,9 @@ def _parse_multipart(body: bytes, content_type: str) -> bytes:
     return payload if isinstance(payload, bytes) else b""
 
 
-def parse_thresholds(text: str, count: int) -> tuple[float, ...]:
-    """``"0.9,0.8,inf"`` to ``count`` floats ``rho_1..rho_count``; ``ApiError`` 400 when malformed."""
+def parse_thresholds(text: str, count: int, hint: Callable[[int], str | None] | None = None) -> tuple[float, ...]:
+    """``"0.9,0.8,inf"`` to ``count`` floats ``rho_1..rho_count``; ``ApiError`` 400 when malformed. ``hint`` (the
+    number given -> a reason or None) extends the message of a wrong count, e.g. the other cascade's count."""
     items = [item.strip() for item in text.split(",")]
     try:
         values = tuple(float(item) for item in items)
@@ -225,10 +226,12 @@ def parse_thresholds(text: str, count: int) -> tuple[float, ...]:
             400, "bad_thresholds", f"thresholds must be {count} comma-separated numbers (or inf), got {text!r}"
         ) from None
     if len(values) != count:
+        reason = hint(len(values)) if hint is not None else None
         raise ApiError(
             400,
             "bad_thresholds",
-            f"expected {count} thresholds rho_1..rho_{count} (one per step but the last), got {len(values)}",
+            f"expected {count} thresholds rho_1..rho_{count} (one per step but the last), got {len(values)}"
+            + (f": {reason}" if reason else ""),
         )
     if any(math.isnan(v) for v in values):
         raise ApiError(400, "bad_thresholds", "thresholds must not be NaN")
@@ -242,17 +245,19 @@ def resolve_thresholds(
     budget: str | None = None,
     thresholds: str | None = None,
     log_odds: str | None = None,
+    *,
+    hint: Callable[[int], str | None] | None = None,
 ) -> tuple[str | None, ExitThresholds]:
     """``(budget name or None, rho_1..rho_count)`` a request asks for: ``?budget=NAME``, ``?thresholds=...``
     (confidences), ``?log_odds=...`` (the same as log-odds, exact where confidences round to 1: what ``/info``
     and the response show), or the default budget; more than one of them, an unknown name or malformed
-    thresholds give ``ApiError`` 400."""
+    thresholds give ``ApiError`` 400 (a wrong count with ``hint``'s reason, see ``parse_thresholds``)."""
     if sum(value is not None for value in (budget, thresholds, log_odds)) > 1:
         raise ApiError(400, "bad_budget", "pass one of budget, thresholds or log_odds, not several")
     if thresholds is not None:
-        return None, ExitThresholds.from_confidences(parse_thresholds(thresholds, count))
+        return None, ExitThresholds.from_confidences(parse_thresholds(thresholds, count, hint))
     if log_odds is not None:
-        return None, ExitThresholds(parse_thresholds(log_odds, count))
+        return None, ExitThresholds(parse_thresholds(log_odds, count, hint))
     name = default_budget if budget is None else budget
     if name not in budgets:
         known = ", ".join(budgets) or "none"

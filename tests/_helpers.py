@@ -41,6 +41,19 @@ def tiny_serving_checkpoints(root: Path, classes: list[str]) -> dict[str, str]:
     return paths
 
 
+def tiny_fallback_checkpoint(root: Path, classes: list[str], input_size: int = 224, name: str = "fallback") -> str:
+    """An untrained MobileNetV3-small classifier at ``input_size`` for ``classes``, saved as ``root/<name>.pt``: the
+    Serve app's optional fallback step (a full-size classifier on the whole image); returns its path."""
+    from anchornet import build_classifier, save_checkpoint
+
+    torch.manual_seed(1)
+    path = str(root / f"{name}.pt")
+    save_checkpoint(
+        build_classifier("mobilenet_v3_small", len(classes)), path, input_size=input_size, class_names=classes
+    )
+    return path
+
+
 def max_live_shards(shards_in_order: list[int]) -> int:
     """The most shards "open" at once in a read order: begun (a sample read) and not yet finished (samples still
     to come). A reader that caches these loads every shard once."""

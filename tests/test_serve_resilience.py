@@ -261,19 +261,22 @@ def test_an_anchornet_replica_whose_model_keeps_failing_is_unhealthy(checkpoints
 @pytest.mark.usefixtures("in_a_replica")
 def test_a_colocated_ingress_whose_model_keeps_failing_is_unhealthy() -> None:
     broken = Broken()
-    models = [InProcessModel(lambda x: list(broken(x)), 2, 0.0) for _ in range(3)]
-    ingress = object.__new__(Ingress.func_or_class)  # check_health reads the three models only
-    ingress.glance, ingress.anchornet, ingress.patch = models
+    models = [InProcessModel(lambda x: list(broken(x)), 2, 0.0) for _ in range(4)]
+    ingress = object.__new__(Ingress.func_or_class)  # check_health reads the models only
+    ingress.glance, ingress.anchornet, ingress.patch, ingress.fallback = models
 
-    async def scenario() -> None:
+    async def scenario(failing: InProcessModel) -> None:
         for _ in range(UNHEALTHY_AFTER_FAILURES):
             with pytest.raises(RuntimeError):
-                await models[2].remote(torch.zeros(3, 8, 8))
+                await failing.remote(torch.zeros(3, 8, 8))
         with pytest.raises(RuntimeError, match="in a row failed"):
             ingress.check_health()
 
-    asyncio.run(scenario())
-    ingress.glance = ingress.anchornet = ingress.patch = FakeHandle()  # separate layout: nothing to check here
+    asyncio.run(scenario(models[2]))
+    models[2].failures.count = 0
+    ingress.check_health()
+    asyncio.run(scenario(models[3]))  # the fallback step's model counts too
+    ingress.glance = ingress.anchornet = ingress.patch = ingress.fallback = FakeHandle()  # separate: nothing here
     ingress.check_health()
 
 
