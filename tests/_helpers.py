@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,24 @@ def tiny_fallback_checkpoint(root: Path, classes: list[str], input_size: int = 2
         build_classifier("mobilenet_v3_small", len(classes)), path, input_size=input_size, class_names=classes
     )
     return path
+
+
+@contextmanager
+def serve_app_on_free_port(app_args: Any) -> Iterator[str]:
+    """``pipelines.serve.build_app(app_args)`` running on a free 127.0.0.1 port (Serve on the test session's Ray);
+    yields its URL and shuts Serve down after."""
+    from _s3 import free_port
+    from ray import serve
+
+    from pipelines.serve import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    serve.run(build_app(app_args), name="anchornet", route_prefix="/", blocking=False)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
 
 
 def max_live_shards(shards_in_order: list[int]) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from _helpers import asgi_request, tiny_serving_checkpoints
+from _helpers import asgi_request, serve_app_on_free_port, tiny_serving_checkpoints
 from fastapi import FastAPI, Request
 from PIL import Image
 
@@ -420,18 +420,8 @@ def _app_args(checkpoints: dict[str, str], layout: str, default_budget: str = "q
 @pytest.fixture(scope="module")
 def server(ray_local: None, checkpoints: dict[str, str], layout: str) -> Iterator[str]:
     """The app on a free 127.0.0.1 port, every replica on a tenth of a CPU."""
-    from _s3 import free_port
-    from ray import serve
-
-    from pipelines.serve import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-    serve.run(build_app(_app_args(checkpoints, layout)), name="anchornet", route_prefix="/", blocking=False)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with serve_app_on_free_port(_app_args(checkpoints, layout)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

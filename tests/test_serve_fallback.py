@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _helpers import tiny_fallback_checkpoint, tiny_serving_checkpoints
+from _helpers import serve_app_on_free_port, tiny_fallback_checkpoint, tiny_serving_checkpoints
 from PIL import Image
 
 from anchornet import (
@@ -317,18 +317,8 @@ def layout(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def server(ray_local: None, checkpoints: dict[str, str], layout: str) -> Iterator[str]:
     """The app with the fallback step on a free 127.0.0.1 port."""
-    from _s3 import free_port
-    from ray import serve
-
-    from pipelines.serve import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-    serve.run(build_app(_args(checkpoints, layout)), name="anchornet", route_prefix="/", blocking=False)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with serve_app_on_free_port(_args(checkpoints, layout)) as url:
+        yield url
 
 
 def _classify(url: str, data: bytes, **params: str) -> Any:
