@@ -121,7 +121,8 @@ class StepTable:
         ``fallback=True``: the last step is the fallback network (``EarlyExitClassifier(fallback_net=...)``), decided
         by its own output alone and reached by every sample (``last_step = T``). A sample out of patches goes on to
         it: its patch steps past the last valid one repeat that one's outcome (what anytime mode reports) with
-        log-odds ``-inf``, so that no threshold but 0 makes it exit there.
+        log-odds ``-inf``: no threshold makes it exit there (``exit_steps`` and ``fit_thresholds`` skip them), as
+        the engine sends it on to the fallback.
         """
         if step_logits.dim() != 3 or labels.shape != step_logits.shape[:1]:
             raise ValueError(
@@ -184,7 +185,8 @@ class StepTable:
         steps = torch.arange(1, self.num_steps + 1, device=self.confidence.device)
         # in the scores' own dtype, as the engine and Serve compare a float32 score with a threshold
         rho = torch.tensor([*rho, -math.inf], dtype=self.log_odds.dtype, device=self.confidence.device)
-        exits = (self.log_odds >= rho) | (steps >= self.last_step[:, None])
+        # log-odds -inf mark the patch steps a sample of a fallback table does not have: no threshold exits it there
+        exits = ((self.log_odds >= rho) & (self.log_odds > -math.inf)) | (steps >= self.last_step[:, None])
         exits[:, -1] = True
         return exits.long().argmax(dim=1) + 1
 
@@ -287,11 +289,12 @@ def fit_thresholds(table: StepTable, p_exit: Sequence[float]) -> ExitThresholds:
     for k in range(1, steps):
         score = table.log_odds[:, k - 1]
         forced = table.last_step == k
-        ranked = torch.where(forced, math.inf, score)[remaining].sort(descending=True).values
+        present = score > -math.inf  # not a missing patch step of a fallback table (StepTable.from_logits)
+        ranked = torch.where(forced, math.inf, score)[remaining & (present | forced)].sort(descending=True).values
         wanted = counts[k - 1]
         rho = math.inf if wanted == 0 or ranked.numel() == 0 else float(ranked[min(wanted, ranked.numel()) - 1])
         thresholds.append(rho)
-        remaining &= ~((score >= rho) | forced)
+        remaining &= ~(((score >= rho) & present) | forced)
     return ExitThresholds(tuple(thresholds))
 
 

@@ -20,6 +20,7 @@ from anchornet import (
     count_macs,
     cumulative_step_macs,
     evaluate_thresholds,
+    fit_thresholds,
     select_patches,
 )
 from anchornet.early_exit import sample_macs
@@ -199,3 +200,25 @@ def test_bad_fallbacks(nets) -> None:
         engine.thresholds = [0.5] * 3  # fitted without the fallback
     with pytest.raises(ValueError, match="fallback step must be finite"):
         StepTable.from_logits(torch.full((2, 3, 4), math.nan), torch.zeros(2, dtype=torch.long), fallback=True)
+
+
+def test_a_zero_threshold_does_not_exit_a_sample_at_a_patch_it_does_not_have(nets, images) -> None:
+    """rho = 0 exits every sample that reaches the step; one whose patches ran out goes on to the fallback."""
+    engine = _engine(nets)
+    outputs, selection = engine.step_logits(images)
+    assert (selection.num_valid < K_PATCHES).any(), "the test needs images with fewer windows"
+    table = StepTable.from_logits(outputs, torch.zeros(len(images), dtype=torch.long), fallback=True)
+    engine.thresholds = (*_mixed_thresholds(engine, images)[:-1], 0.0)
+    result = engine.predict(images)
+    assert torch.equal(table.exit_steps(engine.thresholds), result.exit_step)
+    assert (result.exit_step[selection.num_valid < K_PATCHES] == STEPS).any()
+
+
+def test_fitted_thresholds_never_come_from_a_missing_patch_step() -> None:
+    steps = torch.randn(4, 4, 3, generator=torch.Generator().manual_seed(0))
+    steps[0, 2] = math.nan  # sample 0 has one patch: step 3 is missing, it goes on to the fallback
+    table = StepTable.from_logits(steps, torch.zeros(4, dtype=torch.long), fallback=True)
+    assert table.log_odds[0, 2] == -math.inf
+    rho = fit_thresholds(table, [0.0, 0.0, 1.0, 0.0])  # everyone left is asked to exit at step 3
+    assert math.isfinite(rho.log_odds[2])
+    assert table.exit_steps(rho).tolist() == [4, 3, 3, 3]
