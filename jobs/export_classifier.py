@@ -53,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"export_classifier: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the output: a directory, no permission, an unreachable S3 bucket
+        print(f"export_classifier: error: cannot write {args.output}: {err}", file=sys.stderr)
+        return 1
     except (WeightsUnavailableError, ImportError) as err:
         print(f"export_classifier: error: --arch {args.arch}: {err}", file=sys.stderr)
         return 2

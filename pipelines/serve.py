@@ -369,6 +369,13 @@ def serving_spec(args: ServeArgs) -> ServingSpec:
     if preprocessing.image_size < k:
         raise ValueError(f"preprocessing image_size {preprocessing.image_size} is smaller than AnchorNet's K={k}")
     size = preprocessing.image_size
+    if fallback_card is not None and fallback_card.input_size != size:
+        # EarlyExitClassifier, and so jobs/evaluate.py --fallback, runs the fallback on the preprocessed image as is
+        raise ValueError(
+            f"the fallback classifier works at {fallback_card.input_size} px but the images are preprocessed to "
+            f"{size} px: export it with --input-size {size}, so that it runs (and costs) what the thresholds were "
+            "fitted with"
+        )
     anchornet_macs = anchornet_card.macs if anchornet_card.input_size == size else count_macs(anchornet, size)
     return ServingSpec(
         class_names=class_names,

@@ -45,6 +45,11 @@ def test_bad_inputs_fail_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
         err = capsys.readouterr().err
         assert err.startswith("export_classifier: error:") and message in err and len(err.splitlines()) == 1
     assert not Path(out).exists()
+    argv = ["--arch", "efficientnet_lite0", "--classes-from", str(source), "--output", str(tmp_path)]  # a directory
+    save_checkpoint(anchornet_test(2), source, class_names=WNIDS[:2])
+    assert export_classifier.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"export_classifier: error: cannot write {tmp_path}") and len(err.splitlines()) == 1
     with pytest.raises(SystemExit) as exit_info:
         export_classifier.main(["--arch", "nope", "--classes-from", str(source), "--output", out])
     assert exit_info.value.code == 2

@@ -106,7 +106,7 @@ def test_the_spec_counts_the_fallback_step_and_its_cost(checkpoints: dict[str, s
     assert spec.step_macs[:-1] == plain.step_macs  # the steps before it cost what they did
 
 
-def test_a_fallback_of_other_classes_or_kind_is_refused(checkpoints: dict[str, str], tmp_path: Path) -> None:
+def test_a_fallback_of_other_classes_kind_or_size_is_refused(checkpoints: dict[str, str], tmp_path: Path) -> None:
     from pipelines.serve import ServeArgs, build_app, serving_spec
 
     reordered = tiny_fallback_checkpoint(tmp_path, CLASSES[::-1], name="reordered")
@@ -115,6 +115,7 @@ def test_a_fallback_of_other_classes_or_kind_is_refused(checkpoints: dict[str, s
         (reordered, "other names or another order"),
         (fewer, "4 classes against 10"),
         (checkpoints["anchornet"], "not a classifier"),
+        (tiny_fallback_checkpoint(tmp_path, CLASSES, input_size=160, name="small"), "export it with --input-size"),
     ):
         with pytest.raises(ValueError, match=expected) as err:
             serving_spec(ServeArgs.model_validate(_args(checkpoints, fallback=fallback)))
