@@ -358,21 +358,21 @@ class EarlyExitClassifier(nn.Module):
             self.anchornet_macs, self.glance_macs, self.patch_macs, self.num_steps, self.fallback_macs
         )
 
+    def _macs_at(self, net: nn.Module, cache: dict[tuple[int, int], int], height: int, width: int) -> int:
+        """MACs of ``net`` on one ``height x width`` image, counted once per size."""
+        if (height, width) not in cache:
+            cache[height, width] = count_macs(net, (self.anchornet.config["in_channels"], height, width))
+        return cache[height, width]
+
     def _anchornet_cost(self, height: int, width: int) -> int:
         if self.patch_policy == "random":
             return 0
-        if (height, width) not in self._anchornet_macs:
-            channels = self.anchornet.config["in_channels"]
-            self._anchornet_macs[height, width] = count_macs(self.anchornet, (channels, height, width))
-        return self._anchornet_macs[height, width]
+        return self._macs_at(self.anchornet, self._anchornet_macs, height, width)
 
     def _fallback_cost(self, height: int, width: int) -> int:
         if self.fallback_net is None:
             return 0
-        if (height, width) not in self._fallback_macs:
-            channels = self.anchornet.config["in_channels"]
-            self._fallback_macs[height, width] = count_macs(self.fallback_net, (channels, height, width))
-        return self._fallback_macs[height, width]
+        return self._macs_at(self.fallback_net, self._fallback_macs, height, width)
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4:

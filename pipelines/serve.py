@@ -1026,25 +1026,22 @@ async def early_exit_steps(
             if t == spec.num_steps or confidence_log_odds(z, t, aggregate) >= rho.log_odds[t - 1]:
                 decided = True
                 break
-    ran_anchornet = int(available is not None)
     steps_in_z = t
     fallback = not decided and spec.has_fallback
     if fallback:
         z = step_contribution(await timing.call("fallback", models["fallback"], image), aggregate)
         t, steps_in_z = spec.num_steps, 1
         confidence, prediction = accumulated_confidence(z, steps_in_z, aggregate)
-        macs = sample_macs(
-            t,
-            ran_anchornet,
-            spec.anchornet_macs,
-            spec.glance_macs,
-            spec.patch_macs,
-            patches_seen=len(patches),
-            ran_fallback=1,
-            fallback_macs=int(spec.fallback_macs or 0),
-        )
-    else:
-        macs = sample_macs(t, ran_anchornet, spec.anchornet_macs, spec.glance_macs, spec.patch_macs)
+    macs = sample_macs(
+        t,
+        int(available is not None),
+        spec.anchornet_macs,
+        spec.glance_macs,
+        spec.patch_macs,
+        patches_seen=len(patches),
+        ran_fallback=int(fallback),
+        fallback_macs=int(spec.fallback_macs or 0),
+    )
     return EarlyExit(
         exit_step=t,
         confidence=float(confidence),
