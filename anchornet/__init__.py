@@ -21,7 +21,7 @@ from anchornet.early_exit import (
     confidence_log_odds,
     cumulative_step_macs,
 )
-from anchornet.fusion import fold_batchnorm, fold_normalize, prepare_for_inference
+from anchornet.fusion import fold_batchnorm, fold_normalize, prepare_classifier_for_inference, prepare_for_inference
 from anchornet.layers import MBConv, SqueezeExcite
 from anchornet.macs import count_macs
 from anchornet.model import TABLE1, AnchorNet, MBConvConfig, anchornet_test
@@ -82,6 +82,7 @@ __all__ = [
     "fold_normalize",
     "load_checkpoint",
     "load_thresholds",
+    "prepare_classifier_for_inference",
     "prepare_for_inference",
     "random_patches",
     "receptive_field_of",

@@ -16,6 +16,7 @@ from anchornet import (
     class_activation_map,
     fold_batchnorm,
     fold_normalize,
+    prepare_classifier_for_inference,
     prepare_for_inference,
 )
 from anchornet.preprocessing import to_float
@@ -64,6 +65,72 @@ def test_folded_classifier_computes_the_same_function(name: str, size: int, left
         torch.testing.assert_close(folded(x), model(x), rtol=1e-9, atol=1e-9)
     if left is not None:
         assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == left
+
+
+@pytest.mark.parametrize(("name", "size"), [("efficientnet_lite0", 95), ("mobilenet_v3_small", 96), ("resnet50", 64)])
+def test_traced_folding_folds_every_batchnorm_of_the_registered_classifiers(name: str, size: int) -> None:
+    """With an example input the pairs are found by running it: timm's attribute-held conv + BatchNormAct2d pairs
+    (its Conv2dSame stems included) fold too, and the activation stays."""
+    model = _with_statistics(build_classifier(name, 10)).double()
+    x = torch.rand(2, 3, size, size, dtype=torch.float64)
+    folded = fold_batchnorm(model, example=x[:1])
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-9, atol=1e-9)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) >= 30  # the input keeps its batch norms
+
+
+class _SharedConv(nn.Module):
+    """One convolution called twice, each time into its own batch norm: folding either would change the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv(x)) + self.bn2(self.conv(x))
+
+
+class _ConvOutputUsedTwice(nn.Module):
+    """A convolution whose output also skips its batch norm: not a foldable pair, and the check must say so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_traced_folding_leaves_a_convolution_called_twice_alone() -> None:
+    model = _with_statistics(_SharedConv()).double()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    folded = fold_batchnorm(model, example=x)
+    assert isinstance(folded.bn1, nn.BatchNorm2d) and isinstance(folded.bn2, nn.BatchNorm2d)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_traced_folding_refuses_a_convolution_whose_output_also_goes_elsewhere() -> None:
+    model = _with_statistics(_ConvOutputUsedTwice())
+    with pytest.raises(ValueError, match="changes its output"):
+        fold_batchnorm(model, example=torch.rand(1, 3, 16, 16))
+
+
+def test_prepared_classifier_is_folded_channels_last_and_gives_the_same_logits() -> None:
+    model = _with_statistics(build_classifier("efficientnet_lite0", 10))
+    prepared = prepare_classifier_for_inference(model, 95)
+    assert not prepared.training
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
+    convs = [m for m in prepared.modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the input is untouched
+    images = torch.rand(3, 3, 95, 95)
+    with torch.inference_mode():
+        expected = model(images)
+        got = prepared(images.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("batchnorm_first", [True, False])
@@ -119,3 +186,28 @@ def test_exact_float32_wins_over_a_global_tf32_setting() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["ieee", "ieee"]
+
+
+def test_classifier_inference_benchmark_times_both_models_and_prints_the_ratio(tmp_path, capsys) -> None:
+    """``benchmarks.classifier_inference``: one row per size and batch, eager and prepared side by side."""
+    import json
+
+    from anchornet import save_checkpoint
+    from benchmarks.classifier_inference import main
+
+    path, out = tmp_path / "c.pt", tmp_path / "out.json"
+    save_checkpoint(
+        _with_statistics(build_classifier("mobilenet_v3_small", 3)), path, input_size=32, class_names=["a", "b", "c"]
+    )
+    threads = torch.get_num_threads()
+    try:
+        args = ["--checkpoint", str(path), "--sizes", "32", "--batch-sizes", "1,2", "--rounds", "1", "--passes", "1"]
+        assert main([*args, "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["size"], row["batch"]) for row in rows] == [(32, 1), (32, 2)]
+    for row in rows:
+        assert row["speedup"] == pytest.approx(row["eager_ms_per_image"] / row["prepared_ms_per_image"], rel=0.01)
+        assert row["max_logit_difference"] < 1e-4
+    assert capsys.readouterr().out.count(" x 32") == 2

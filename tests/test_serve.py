@@ -21,6 +21,7 @@ import yaml
 from _helpers import asgi_request, serve_app_on_free_port, tiny_serving_checkpoints
 from fastapi import FastAPI, Request
 from PIL import Image
+from torch import nn
 
 from anchornet import (
     EarlyExitClassifier,
@@ -31,6 +32,7 @@ from anchornet import (
     load_checkpoint,
     save_thresholds,
 )
+from anchornet.early_exit import resize_square
 from anchornet.preprocessing import to_float
 from pipelines import serve_http
 from pipelines.serve_http import (
@@ -297,6 +299,25 @@ def test_classifier_outputs_own_their_storage() -> None:
     assert len(outputs) == 3
     for logits in outputs:
         assert logits.shape == (10,) and logits.untyped_storage().nbytes() == 10 * 4
+
+
+def test_replicas_run_the_classifier_folded_and_channels_last(tmp_path: Path) -> None:
+    """``load_on_replica`` gives the checkpoint's classifier as ``prepare_classifier_for_inference`` makes it: no
+    batch norm left, channels-last weights, and through ``classify_images`` the logits of the checkpoint's model."""
+    from pipelines.serve import classify_images, load_on_replica
+
+    classes = ["cls_a", "cls_b", "cls_c"]
+    path = tiny_serving_checkpoints(tmp_path, classes)["glance"]
+    model, card = load_on_replica(path, use_gpu=False)
+    assert card.input_size == 95 and not model.training
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    reference, _ = load_checkpoint(path)
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = reference.eval()(resize_square(to_float(images), 95))
+    torch.testing.assert_close(torch.stack(classify_images(model, 95, images)), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_handle_payloads_travel_as_arrays_and_come_back_as_tensors() -> None:
