@@ -202,6 +202,8 @@ class BudgetPoint:
         expected_macs: mean MACs per sample on the test table.
         accuracy: top-1 accuracy on the test table, in ``[0, 1]``.
         exit_fractions: fraction of test samples exiting at each step ``t = 1..T``.
+        num_patches, fallback: the cascade the thresholds were fitted for, as ``load_thresholds`` reads them from
+            a file that records it (``save_thresholds(..., num_patches=, fallback=)``); None: not recorded.
     """
 
     name: str
@@ -210,6 +212,8 @@ class BudgetPoint:
     expected_macs: float | None = None
     accuracy: float | None = None
     exit_fractions: tuple[float, ...] | None = None
+    num_patches: int | None = None
+    fallback: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.thresholds, ExitThresholds):  # confidences, as a hand-written budget gives them
@@ -351,7 +355,11 @@ def budgeted_search(
 
 
 def save_thresholds(
-    budgets: Iterable[BudgetPoint] | Mapping[str, Sequence[float] | ExitThresholds], path: str | os.PathLike[str]
+    budgets: Iterable[BudgetPoint] | Mapping[str, Sequence[float] | ExitThresholds],
+    path: str | os.PathLike[str],
+    *,
+    num_patches: int | None = None,
+    fallback: bool | None = None,
 ) -> None:
     """Write named budgets as JSON: ``{"format", "version": 2, "budgets": [{"name", "log_odds", "thresholds", ...}]}``.
 
@@ -359,11 +367,19 @@ def save_thresholds(
     confidences, for reading (those above log-odds of about 37 print as 1.0). ``budgets`` is a list of
     ``BudgetPoint`` or a mapping ``name -> thresholds`` (confidences or ``ExitThresholds``). JSON has no infinity,
     so infinite values are written as the strings ``"inf"`` and ``"-inf"``; fields that are ``None`` are left out.
+
+    ``num_patches`` and ``fallback`` record the cascade the budgets were fitted for (top-level keys): a server then
+    refuses them for another cascade, even one with as many thresholds (2 patches + fallback, 3 patches without).
+    With ``num_patches``, every budget must have ``num_patches`` thresholds, ``num_patches + 1`` with the fallback
+    step (``ValueError`` otherwise).
     """
     if isinstance(budgets, Mapping):
         budgets = [
             BudgetPoint(name=name, thresholds=check_thresholds(rho, len(rho) + 1)) for name, rho in budgets.items()
         ]
+    budgets = list(budgets)
+    if num_patches is not None:
+        _check_cascade(budgets, num_patches, bool(fallback), repr(os.fspath(path)))
     entries = []
     for point in budgets:
         entry: dict[str, object] = {
@@ -383,8 +399,24 @@ def save_thresholds(
     names = [e["name"] for e in entries]
     if len(set(names)) != len(names):
         raise ValueError(f"budget names must be unique, got {names}")
-    document = {"format": _FORMAT, "version": _VERSION, "budgets": entries}
+    document: dict[str, object] = {"format": _FORMAT, "version": _VERSION}
+    if num_patches is not None:
+        document["num_patches"] = num_patches
+    if fallback is not None:
+        document["fallback"] = fallback
+    document["budgets"] = entries
     _write_text(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+def _check_cascade(budgets: Sequence[BudgetPoint], num_patches: int, fallback: bool, where: str) -> None:
+    """``ValueError`` (one line) unless every budget has the thresholds of that cascade: ``T - 1`` of them."""
+    count = num_patches + (1 if fallback else 0)
+    for point in budgets:
+        if len(point.thresholds) != count:
+            cascade = f"num_patches={num_patches}" + (" with the fallback step" if fallback else "")
+            raise ValueError(
+                f"{where}: budget {point.name!r} has {len(point.thresholds)} thresholds, {cascade} needs {count}"
+            )
 
 
 def load_thresholds(path: str | os.PathLike[str]) -> dict[str, BudgetPoint]:
@@ -393,6 +425,9 @@ def load_thresholds(path: str | os.PathLike[str]) -> dict[str, BudgetPoint]:
     A budget's ``log_odds`` are what it applies; a budget with ``thresholds`` only (version 1 files, before
     2026-11-27, or a hand-written one) is read as those confidences. A version 1 threshold of exactly 1.0 is
     refused (``ValueError``): it relied on float32 rounding to 1.0, and means "no one exits" now.
+
+    A file that records its cascade (``num_patches``, ``fallback``) gives them to every budget, and each budget must
+    have that cascade's number of thresholds (``ValueError`` otherwise); older files leave both None.
     """
     document = json.loads(_read_text(path))
     if not isinstance(document, dict) or document.get("format") != _FORMAT:
@@ -400,6 +435,11 @@ def load_thresholds(path: str | os.PathLike[str]) -> dict[str, BudgetPoint]:
     version = document.get("version")
     if version not in (1, _VERSION):
         raise ValueError(f"unsupported {_FORMAT} version {version!r}, expected 1 or {_VERSION}")
+    num_patches, fallback = document.get("num_patches"), document.get("fallback")
+    if num_patches is not None and (type(num_patches) is not int or num_patches < 1):
+        raise ValueError(f"{os.fspath(path)!r}: num_patches must be a positive integer, got {num_patches!r}")
+    if fallback is not None and not isinstance(fallback, bool):
+        raise ValueError(f"{os.fspath(path)!r}: fallback must be true or false, got {fallback!r}")
     budgets: dict[str, BudgetPoint] = {}
     for entry in document["budgets"]:
         fractions = entry.get("exit_fractions")
@@ -421,7 +461,11 @@ def load_thresholds(path: str | os.PathLike[str]) -> dict[str, BudgetPoint]:
             expected_macs=entry.get("expected_macs"),
             accuracy=entry.get("accuracy"),
             exit_fractions=tuple(fractions) if fractions is not None else None,
+            num_patches=num_patches,
+            fallback=fallback if fallback is not None or num_patches is None else False,
         )
+    if num_patches is not None:
+        _check_cascade(list(budgets.values()), num_patches, bool(fallback), repr(os.fspath(path)))
     return budgets
 
 

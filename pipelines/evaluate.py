@@ -451,7 +451,12 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
     # Budgets fitted on the held-out split: the deployable thresholds of the serving application.
     budgets = budgeted_search(deployed_tables["holdout"], deployed_tables["test"], engine.step_macs)
     storage.makedirs(config.output)
-    save_thresholds(budgets, storage.join(config.output, "thresholds.json"))
+    save_thresholds(
+        budgets,
+        storage.join(config.output, "thresholds.json"),
+        num_patches=config.num_patches,
+        fallback=bool(config.fallback),
+    )
 
     # timed at the cheapest budget as accurate as the full network, else within 0.5 points, else the most accurate
     timing = _measure_time(engine, full, test_set, config, budgets, no_lower or match, full_macs)

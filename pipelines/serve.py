@@ -62,6 +62,7 @@ from ray.serve.handle import DeploymentHandle
 from torch import nn
 
 from anchornet import (
+    BudgetPoint,
     ImageDecodeError,
     Preprocessing,
     accumulated_confidence,
@@ -421,10 +422,12 @@ def load_budgets(
         raise ValueError(f"unknown user_config keys {sorted(unknown)}")
     count = num_steps - 1
     budgets: dict[str, dict[str, Any]] = {}
+    num_patches = num_steps - (2 if fallback else 1)
     if config.get("thresholds_path"):
         for name, point in load_thresholds(config["thresholds_path"]).items():
+            _check_fitted_cascade(config["thresholds_path"], point, num_patches, fallback)
             fields = {f.name: getattr(point, f.name) for f in dataclasses.fields(point)}
-            budgets[name] = {k: v for k, v in fields.items() if v is not None and k != "name"}
+            budgets[name] = {k: v for k, v in fields.items() if v is not None and k not in _CASCADE_FIELDS}
     from_file = list(budgets)
     for name, rho in (config.get("budgets") or {}).items():
         budgets[name] = {"thresholds": _inline_thresholds(name, rho)}
@@ -433,7 +436,7 @@ def load_budgets(
     for name, budget in budgets.items():
         rho = budget["thresholds"]
         if len(rho) != count:
-            hint = thresholds_hint(len(rho), num_steps - (2 if fallback else 1), fallback)
+            hint = thresholds_hint(len(rho), num_patches, fallback)
             raise ValueError(
                 f"budget {name!r} needs {count} thresholds (T = {num_steps} steps), got {list(rho.confidences)}"
                 + (f": {hint}" if hint else "")
@@ -443,6 +446,25 @@ def load_budgets(
     if default not in budgets:
         raise ValueError(f"default_budget {default!r} is not one of {list(budgets)}")
     return budgets, default
+
+
+_CASCADE_FIELDS = ("name", "num_patches", "fallback")  # a file's, not a budget's: left out of /info's budgets
+
+
+def _check_fitted_cascade(path: str, point: BudgetPoint, num_patches: int, fallback: bool) -> None:
+    """``ValueError`` (one line) when the file records the cascade its budgets were fitted for and it is not this
+    one: the same number of thresholds (2 patches + fallback, 3 patches without) would otherwise pass."""
+    if point.num_patches is None:
+        return  # written before files recorded it: only the count is checked
+    if (point.num_patches, bool(point.fallback)) != (num_patches, fallback):
+
+        def cascade(n: int, with_fallback: bool) -> str:
+            return f"num_patches={n} " + ("with" if with_fallback else "without") + " the fallback step"
+
+        raise ValueError(
+            f"{path} was fitted for {cascade(point.num_patches, bool(point.fallback))}, "
+            f"this app runs {cascade(num_patches, fallback)}"
+        )
 
 
 def _inline_thresholds(name: str, rho: Any) -> ExitThresholds:

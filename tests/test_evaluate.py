@@ -97,6 +97,7 @@ def test_report_end_to_end(setup: dict[str, Path], capsys: pytest.CaptureFixture
     assert all(0.0 <= float(r["top1"]) <= 1.0 for r in rows)
     budgets = load_thresholds(out / "thresholds.json")
     assert len(budgets) == 39 and all(len(b.thresholds) == 4 for b in budgets.values())
+    assert {(b.num_patches, b.fallback) for b in budgets.values()} == {(4, False)}  # the cascade, for Serve's check
     captured = capsys.readouterr()
     printed = captured.out
     assert "full-224:" in printed and "time_speedup_over_macs_speedup" in printed
@@ -128,6 +129,7 @@ def test_fallback_adds_a_curve_and_saves_its_budgets(setup: dict[str, Path], tmp
     assert len([r for r in fallback if r["protocol"] == "budgeted"]) == 39
     budgets = load_thresholds(paths["out"] / "thresholds.json")
     assert all(len(b.thresholds) == 3 for b in budgets.values())
+    assert {(b.num_patches, b.fallback) for b in budgets.values()} == {(2, True)}
     metrics = json.loads((paths["out"] / "metrics.json").read_text())
     assert metrics["config"]["fallback"] is True
     # timed at the cheapest budget at least as accurate as the full network, when one is (else none is named)

@@ -143,6 +143,27 @@ def test_thresholds_of_the_other_cascade_are_refused_with_a_hint(checkpoints: di
     assert len(budgets["q=0.50"]["thresholds"]) == len(budgets["all-steps"]["thresholds"]) == NUM_PATCHES + 1
 
 
+def test_a_file_fitted_for_another_cascade_is_refused_even_with_the_right_count(
+    checkpoints: dict[str, str], tmp_path: Path
+) -> None:
+    """A file that records its cascade (``jobs/evaluate.py`` writes it) is refused for another one in one line,
+    even where the count fits: NUM_PATCHES patches + fallback and NUM_PATCHES + 1 patches without both have
+    NUM_PATCHES + 1 thresholds. The recorded cascade stays out of ``/info``'s budgets."""
+    from pipelines.serve import load_budgets
+
+    path = str(tmp_path / "recorded.json")
+    save_thresholds({"q=0.50": [0.5, 0.4, 0.3, 0.2]}, path, num_patches=NUM_PATCHES, fallback=True)
+    budgets, _ = load_budgets({"thresholds_path": path}, T, fallback=True)
+    assert set(budgets["q=0.50"]) == {"thresholds"}
+    with pytest.raises(ValueError) as err:  # the same count of thresholds, another cascade
+        load_budgets({"thresholds_path": path}, NUM_PATCHES + 2, fallback=False)
+    message = str(err.value)
+    assert f"fitted for num_patches={NUM_PATCHES} with the fallback step" in message and "\n" not in message
+    assert f"runs num_patches={NUM_PATCHES + 1} without the fallback step" in message
+    unrecorded, _ = load_budgets({"thresholds_path": checkpoints["thresholds"]}, NUM_PATCHES + 2, fallback=False)
+    assert "q=0.50" in unrecorded  # a file without the record: checked by count only, as before
+
+
 def test_a_request_with_the_old_number_of_thresholds_gets_the_hint(checkpoints: dict[str, str]) -> None:
     from pipelines.serve import ServeArgs, serving_spec
 

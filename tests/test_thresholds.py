@@ -176,6 +176,34 @@ def test_json_round_trip_with_infinities(tmp_path) -> None:
     assert entry["log_odds"] == [0.0, pytest.approx(math.log(1.5)), pytest.approx(math.log(7 / 3)), "inf"]
 
 
+def test_a_file_records_the_cascade_it_was_fitted_for(tmp_path) -> None:
+    """``num_patches`` and ``fallback`` travel with the file into every budget; each budget must have that cascade's
+    count of thresholds, on save and on load; files without them load with both None."""
+    path = tmp_path / "thresholds.json"
+    save_thresholds({"a": [0.5, 0.6, 0.7], "b": [0.1, 0.2, 0.3]}, path, num_patches=2, fallback=True)
+    document = json.loads(path.read_text())
+    assert (document["num_patches"], document["fallback"]) == (2, True)
+    assert {(p.num_patches, p.fallback) for p in load_thresholds(path).values()} == {(2, True)}
+    save_thresholds({"a": [0.5, 0.6, 0.7]}, path, num_patches=3, fallback=False)
+    assert load_thresholds(path)["a"].fallback is False
+    with pytest.raises(ValueError, match=r"budget 'a' has 3 thresholds, num_patches=2 needs 2"):
+        save_thresholds({"a": [0.5, 0.6, 0.7]}, path, num_patches=2, fallback=False)
+    save_thresholds({"a": [0.5, 0.6, 0.7]}, path)
+    assert (load_thresholds(path)["a"].num_patches, load_thresholds(path)["a"].fallback) == (None, None)
+    for bad, match in [
+        ({"num_patches": 4}, "needs 4"),  # edited by hand: the count no longer fits
+        ({"num_patches": 0}, "positive integer"),
+        ({"num_patches": True}, "positive integer"),
+        ({"num_patches": 3, "fallback": "yes"}, "true or false"),
+    ]:
+        document = json.loads(path.read_text())
+        path.write_text(json.dumps({**document, **bad}))
+        with pytest.raises(ValueError, match=match) as err:
+            load_thresholds(path)
+        assert "\n" not in str(err.value)
+        save_thresholds({"a": [0.5, 0.6, 0.7]}, path)
+
+
 def test_version_1_files_hold_confidences(tmp_path) -> None:
     path = tmp_path / "v1.json"
     budgets = [{"name": "old", "thresholds": [0.9, 0.0, 0.99, "inf"], "q": 0.5}]
