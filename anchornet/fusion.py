@@ -93,9 +93,10 @@ def _is_foldable_batchnorm(module: nn.Module) -> bool:
 
 def _traced_conv_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
     """``(conv name, batch norm name)`` for every foldable batch norm fed straight by a foldable convolution, by
-    running ``example`` through ``model``. Modules called more than once are left out (folding one call would
-    change the others)."""
-    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # id of a conv output -> (conv, the output, kept alive)
+    running ``example`` through ``model``: the batch norm's input is the convolution's output tensor, not modified
+    in place since (its version counter, hence ``no_grad`` rather than ``inference_mode``, whose tensors have
+    none). Modules called more than once are left out (folding one call would change the others)."""
+    outputs: dict[int, tuple[str, torch.Tensor, int]] = {}  # id of a conv output -> (conv, the output, its version)
     feeds: list[tuple[str, str]] = []
     calls: dict[str, int] = {}
     handles = []
@@ -108,19 +109,20 @@ def _traced_conv_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> lis
 
             def after_conv(_module: nn.Module, _args: tuple, output: torch.Tensor, name: str = name) -> None:
                 count(name)
-                outputs[id(output)] = (name, output)
+                outputs[id(output)] = (name, output, output._version)  # the output kept alive: ids stay unique
 
             handles.append(module.register_forward_hook(after_conv))
         elif _is_foldable_batchnorm(module):
 
             def before_bn(_module: nn.Module, args: tuple, name: str = name) -> None:
                 count(name)
-                if (source := outputs.get(id(args[0]))) is not None and source[1] is args[0]:
+                source = outputs.get(id(args[0]))
+                if source is not None and source[1] is args[0] and source[2] == args[0]._version:
                     feeds.append((source[0], name))
 
             handles.append(module.register_forward_pre_hook(before_bn))
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             model(example)
     finally:
         for handle in handles:

@@ -103,6 +103,28 @@ class _ConvOutputUsedTwice(nn.Module):
         return self.bn(y) + y
 
 
+class _ResidualBeforeBatchNorm(nn.Module):
+    """A convolution whose output gets a residual added in place before its batch norm: not a foldable pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y += x
+        return self.bn(y)
+
+
+def test_traced_folding_leaves_a_convolution_output_changed_in_place_alone() -> None:
+    model = _with_statistics(_ResidualBeforeBatchNorm()).double()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    folded = fold_batchnorm(model, example=x)
+    assert isinstance(folded.bn, nn.BatchNorm2d)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
 def test_traced_folding_leaves_a_convolution_called_twice_alone() -> None:
     model = _with_statistics(_SharedConv()).double()
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
