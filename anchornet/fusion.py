@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
+from collections import Counter
 from typing import TypeVar
 
 import torch
@@ -53,21 +55,34 @@ def fold_batchnorm(model: M, example: torch.Tensor | None = None) -> M:
                     module._modules[first] = fuse_conv_bn_eval(conv, bn)
                     module._modules[second] = nn.Identity()
         return folded
+    pairs, expected = _traced_conv_batchnorm_pairs(folded, example)
+    if not isinstance(expected, torch.Tensor):
+        raise ValueError(
+            f"fold_batchnorm(model, example) checks the model's output: {type(model).__name__} returned a "
+            f"{type(expected).__name__}, not one tensor"
+        )
     modules = dict(folded.named_modules())
-    for conv_name, bn_name in _traced_conv_batchnorm_pairs(folded, example):
+    for conv_name, bn_name in pairs:
         conv, bn = modules[conv_name], modules[bn_name]
         weight, bias = fuse_conv_bn_weights(
             conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
         )
         conv.weight, conv.bias = weight, bias
-        parent_name, _, child = bn_name.rpartition(".")
-        setattr(modules[parent_name], child, _what_is_left(bn))
+        _replace_everywhere(folded, bn, _what_is_left(bn))
     with torch.inference_mode():
-        expected, got = copy.deepcopy(model).eval()(example), folded(example)
+        got = folded(example)
     scale = expected.abs().max().clamp_min(1.0)
     if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * float(scale)):
-        raise ValueError(f"folding the batch norms of this {type(model).__name__} changes its output; run it unfolded")
+        raise ValueError(f"folding the batch norms of this {type(model).__name__} changes its output")
     return folded
+
+
+def _replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is a child, under every parent that holds it (a module may have several)."""
+    for parent in root.modules():
+        for name, child in list(parent.named_children()):
+            if child is old:
+                setattr(parent, name, new)
 
 
 def _is_foldable_conv(module: nn.Module) -> bool:
@@ -91,11 +106,12 @@ def _is_foldable_batchnorm(module: nn.Module) -> bool:
     return module.track_running_stats and module.running_mean is not None
 
 
-def _traced_conv_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+def _traced_conv_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str, str]], object]:
     """``(conv name, batch norm name)`` for every foldable batch norm fed straight by a foldable convolution, by
     running ``example`` through ``model``: the batch norm's input is the convolution's output tensor, not modified
     in place since (its version counter, hence ``no_grad`` rather than ``inference_mode``, whose tensors have
-    none). Modules called more than once are left out (folding one call would change the others)."""
+    none). Modules called more than once, and a convolution that feeds several batch norms, are left out (folding
+    one would change the others). Also returns the model's output on ``example``, before any folding."""
     outputs: dict[int, tuple[str, torch.Tensor, int]] = {}  # id of a conv output -> (conv, the output, its version)
     feeds: list[tuple[str, str]] = []
     calls: dict[str, int] = {}
@@ -122,12 +138,14 @@ def _traced_conv_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> lis
 
             handles.append(module.register_forward_pre_hook(before_bn))
     try:
-        with torch.no_grad():
-            model(example)
+        with torch.inference_mode(False), torch.no_grad():
+            output = model(example)
     finally:
         for handle in handles:
             handle.remove()
-    return [(conv, bn) for conv, bn in feeds if calls[conv] == 1 and calls[bn] == 1]
+    fed = Counter(conv for conv, _ in feeds)
+    pairs = [(conv, bn) for conv, bn in feeds if calls[conv] == 1 and calls[bn] == 1 and fed[conv] == 1]
+    return pairs, output
 
 
 def fold_normalize(model: AnchorNet) -> AnchorNet:
@@ -180,13 +198,19 @@ def prepare_classifier_for_inference(model: M, input_size: int, device: torch.de
     """An inference-only copy of a downstream classifier as Serve runs it: batch norms folded (found by running one
     ``input_size`` image, ``fold_batchnorm(model, example)``), weights channels-last, on ``device``.
 
-    Feed it channels-last images. On one CPU thread and one image, EfficientNet-Lite0 took 6.7 ms against 10.4
-    eager at 95 x 95, and 15.5 against 20.7 at 224 (``benchmarks/classifier_inference.py``): eager NCHW runs its
-    1 x 1 convolutions on small feature maps through PyTorch's slow non-oneDNN path.
+    Feed it channels-last images. On one CPU thread and one image, EfficientNet-Lite0 took 5.8 ms against 10.0
+    eager at 95 x 95, and 15.3 against 20.7 at 224 (``benchmarks/classifier_inference.py``): eager NCHW runs its
+    1 x 1 convolutions on small feature maps through PyTorch's slow non-oneDNN path. A model whose batch norms do
+    not fold (``fold_batchnorm`` raises ``ValueError``) keeps them, with a ``RuntimeWarning``.
     """
     weight = next(model.parameters())
     example = torch.rand(1, 3, input_size, input_size, dtype=weight.dtype, device=weight.device)
-    return fold_batchnorm(model, example).to(torch.device(device), memory_format=torch.channels_last)
+    try:
+        prepared = fold_batchnorm(model, example)
+    except ValueError as err:  # an architecture whose pairs do not fold: served unfolded, still channels-last
+        warnings.warn(f"{err}; keeping its batch norms", RuntimeWarning, stacklevel=2)
+        prepared = copy.deepcopy(model).eval()
+    return prepared.to(torch.device(device), memory_format=torch.channels_last)
 
 
 def _exact_float32() -> None:

@@ -378,8 +378,14 @@ def save_thresholds(
             BudgetPoint(name=name, thresholds=check_thresholds(rho, len(rho) + 1)) for name, rho in budgets.items()
         ]
     budgets = list(budgets)
+    if num_patches is None and fallback is None:  # budgets loaded from a file that records them keep the record
+        recorded = {(point.num_patches, point.fallback) for point in budgets}
+        if len(recorded) == 1:
+            num_patches, fallback = recorded.pop()
+    where = repr(os.fspath(path))
+    _check_cascade_fields(num_patches, fallback, where)
     if num_patches is not None:
-        _check_cascade(budgets, num_patches, bool(fallback), repr(os.fspath(path)))
+        _check_cascade(budgets, num_patches, bool(fallback), where)
     entries = []
     for point in budgets:
         entry: dict[str, object] = {
@@ -406,6 +412,17 @@ def save_thresholds(
         document["fallback"] = fallback
     document["budgets"] = entries
     _write_text(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+def _check_cascade_fields(num_patches: object, fallback: object, where: str) -> None:
+    """``ValueError`` (one line) unless ``num_patches`` is None or a positive integer, ``fallback`` None or a bool,
+    and ``fallback`` comes with ``num_patches``."""
+    if num_patches is not None and (type(num_patches) is not int or num_patches < 1):
+        raise ValueError(f"{where}: num_patches must be a positive integer, got {num_patches!r}")
+    if fallback is not None and not isinstance(fallback, bool):
+        raise ValueError(f"{where}: fallback must be true or false, got {fallback!r}")
+    if fallback is not None and num_patches is None:
+        raise ValueError(f"{where}: fallback is recorded only with num_patches")
 
 
 def _check_cascade(budgets: Sequence[BudgetPoint], num_patches: int, fallback: bool, where: str) -> None:
@@ -436,10 +453,7 @@ def load_thresholds(path: str | os.PathLike[str]) -> dict[str, BudgetPoint]:
     if version not in (1, _VERSION):
         raise ValueError(f"unsupported {_FORMAT} version {version!r}, expected 1 or {_VERSION}")
     num_patches, fallback = document.get("num_patches"), document.get("fallback")
-    if num_patches is not None and (type(num_patches) is not int or num_patches < 1):
-        raise ValueError(f"{os.fspath(path)!r}: num_patches must be a positive integer, got {num_patches!r}")
-    if fallback is not None and not isinstance(fallback, bool):
-        raise ValueError(f"{os.fspath(path)!r}: fallback must be true or false, got {fallback!r}")
+    _check_cascade_fields(num_patches, fallback, repr(os.fspath(path)))
     budgets: dict[str, BudgetPoint] = {}
     for entry in document["budgets"]:
         fractions = entry.get("exit_fractions")

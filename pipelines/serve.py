@@ -452,19 +452,28 @@ _CASCADE_FIELDS = ("name", "num_patches", "fallback")  # a file's, not a budget'
 
 
 def _check_fitted_cascade(path: str, point: BudgetPoint, num_patches: int, fallback: bool) -> None:
-    """``ValueError`` (one line) when the file records the cascade its budgets were fitted for and it is not this
-    one: the same number of thresholds (2 patches + fallback, 3 patches without) would otherwise pass."""
+    """``ValueError`` (one line, with what to do) when the file records the cascade its budgets were fitted for and
+    it is not this one: the same number of thresholds (2 patches + fallback, 3 patches without) would otherwise
+    pass."""
     if point.num_patches is None:
         return  # written before files recorded it: only the count is checked
-    if (point.num_patches, bool(point.fallback)) != (num_patches, fallback):
+    fitted = (point.num_patches, bool(point.fallback))
+    if fitted == (num_patches, fallback):
+        return
 
-        def cascade(n: int, with_fallback: bool) -> str:
-            return f"num_patches={n} " + ("with" if with_fallback else "without") + " the fallback step"
+    def cascade(n: int, with_fallback: bool) -> str:
+        return f"num_patches={n} " + ("with" if with_fallback else "without") + " the fallback step"
 
-        raise ValueError(
-            f"{path} was fitted for {cascade(point.num_patches, bool(point.fallback))}, "
-            f"this app runs {cascade(num_patches, fallback)}"
+    if fitted[1] != fallback:
+        hint = (
+            "refit with jobs/evaluate.py --fallback"
+            if fallback
+            else "serve with its --fallback checkpoint, or use thresholds fitted without it"
         )
+    else:
+        hint = f"serve with num_patches={fitted[0]}, or refit with jobs/evaluate.py --num-patches {num_patches}"
+    this = cascade(num_patches, fallback)
+    raise ValueError(f"{path!r} was fitted for {cascade(*fitted)}, this app runs {this}: {hint}")
 
 
 def _inline_thresholds(name: str, rho: Any) -> ExitThresholds:
@@ -652,8 +661,8 @@ def model_device(use_gpu: bool) -> torch.device:
 
 def load_on_replica(checkpoint: str, use_gpu: bool) -> tuple[nn.Module, Any]:
     """A classifier checkpoint ready for serving on the replica's device (``model_device``), and its card:
-    ``anchornet.prepare_classifier_for_inference``, batch norms folded and weights channels-last (1.3x to 2x faster
-    on one CPU thread; the same function up to float32 rounding)."""
+    ``anchornet.prepare_classifier_for_inference``, batch norms folded and weights channels-last (1.35x to 3x faster
+    on one CPU thread, docs/serving.md; the same function up to float32 rounding)."""
     model, card = load_checkpoint(checkpoint)
     return prepare_classifier_for_inference(model, card.input_size, model_device(use_gpu)), card
 

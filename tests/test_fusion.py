@@ -125,6 +125,69 @@ def test_traced_folding_leaves_a_convolution_output_changed_in_place_alone() -> 
         torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
 
 
+class _OneConvTwoBatchNorms(nn.Module):
+    """One convolution's output into two batch norms: folding it for one would change the other's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn1(y) * self.bn2(y)
+
+
+class _SharedBatchNorm(nn.Module):
+    """A block held by two parents (the same module object), its pair folded once and replaced under both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        block = nn.Sequential(nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3))
+        self.first, self.alias = nn.ModuleDict({"block": block}), nn.ModuleDict({"block": block})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alias["block"](x)
+
+
+def test_traced_folding_leaves_a_convolution_feeding_two_batchnorms_alone_and_folds_aliases_once() -> None:
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    for build, left in ((_OneConvTwoBatchNorms, 2), (_SharedBatchNorm, 0)):
+        model = _with_statistics(build()).double()
+        folded = fold_batchnorm(model, example=x)
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == left
+        with torch.inference_mode():
+            torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_traced_folding_works_under_inference_mode_and_refuses_a_tuple_output() -> None:
+    model = _with_statistics(build_classifier("mobilenet_v3_small", 3))
+    with torch.inference_mode():  # as a model loaded for inference would be folded
+        folded = fold_batchnorm(model, example=torch.rand(1, 3, 32, 32))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.bn(self.conv(x)), x
+
+    with pytest.raises(ValueError, match="returned a tuple, not one tensor"):
+        fold_batchnorm(Pair(), example=torch.rand(1, 3, 8, 8))
+
+
+def test_a_classifier_whose_batchnorms_do_not_fold_is_prepared_with_them(recwarn) -> None:
+    """prepare_classifier_for_inference keeps the batch norms (and says so) rather than fail a replica's start."""
+    model = _with_statistics(_ConvOutputUsedTwice())
+    prepared = prepare_classifier_for_inference(model, 16)
+    assert isinstance(prepared.bn, nn.BatchNorm2d)
+    assert any("changes its output; keeping its batch norms" in str(w.message) for w in recwarn)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(prepared(x.contiguous(memory_format=torch.channels_last)), model(x))
+
+
 def test_traced_folding_leaves_a_convolution_called_twice_alone() -> None:
     model = _with_statistics(_SharedConv()).double()
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64)

@@ -159,7 +159,7 @@ def test_a_file_fitted_for_another_cascade_is_refused_even_with_the_right_count(
         load_budgets({"thresholds_path": path}, NUM_PATCHES + 2, fallback=False)
     message = str(err.value)
     assert f"fitted for num_patches={NUM_PATCHES} with the fallback step" in message and "\n" not in message
-    assert f"runs num_patches={NUM_PATCHES + 1} without the fallback step" in message
+    assert f"runs num_patches={NUM_PATCHES + 1} without the fallback step: serve with its --fallback" in message
     unrecorded, _ = load_budgets({"thresholds_path": checkpoints["thresholds"]}, NUM_PATCHES + 2, fallback=False)
     assert "q=0.50" in unrecorded  # a file without the record: checked by count only, as before
 
@@ -210,7 +210,9 @@ def test_serve_config_checks_the_fallback_deployment_and_thresholds() -> None:
         return str(REPO / path.removeprefix(mount)) if path.startswith(mount) else path
 
     problems = "\n".join(check_serve_config(config, local_path=local))
-    assert "needs 5 thresholds" in problems and "refit with jobs/evaluate.py --fallback" in problems, problems
+    # the shipped file records its cascade: refused for it, with the hint, before its count is looked at
+    assert "fitted for num_patches=4 without the fallback step" in problems, problems
+    assert "this app runs num_patches=4 with the fallback step: refit with jobs/evaluate.py --fallback" in problems
 
 
 def test_jobs_serve_and_the_load_test_take_a_fallback() -> None:

@@ -188,6 +188,11 @@ def test_a_file_records_the_cascade_it_was_fitted_for(tmp_path) -> None:
     assert load_thresholds(path)["a"].fallback is False
     with pytest.raises(ValueError, match=r"budget 'a' has 3 thresholds, num_patches=2 needs 2"):
         save_thresholds({"a": [0.5, 0.6, 0.7]}, path, num_patches=2, fallback=False)
+    save_thresholds(list(load_thresholds(path).values()), path)  # loaded budgets keep their record
+    assert (load_thresholds(path)["a"].num_patches, load_thresholds(path)["a"].fallback) == (3, False)
+    for num_patches, fallback in [(0, False), (True, False), (None, True), (3, "yes")]:
+        with pytest.raises(ValueError, match=r"num_patches|fallback"):
+            save_thresholds({"a": [0.5, 0.6, 0.7]}, path, num_patches=num_patches, fallback=fallback)
     save_thresholds({"a": [0.5, 0.6, 0.7]}, path)
     assert (load_thresholds(path)["a"].num_patches, load_thresholds(path)["a"].fallback) == (None, None)
     for bad, match in [
@@ -195,6 +200,7 @@ def test_a_file_records_the_cascade_it_was_fitted_for(tmp_path) -> None:
         ({"num_patches": 0}, "positive integer"),
         ({"num_patches": True}, "positive integer"),
         ({"num_patches": 3, "fallback": "yes"}, "true or false"),
+        ({"fallback": True}, "only with num_patches"),
     ]:
         document = json.loads(path.read_text())
         path.write_text(json.dumps({**document, **bad}))
