@@ -114,24 +114,21 @@ def _traced_conv_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> tup
     one would change the others). Also returns the model's output on ``example``, before any folding."""
     outputs: dict[int, tuple[str, torch.Tensor, int]] = {}  # id of a conv output -> (conv, the output, its version)
     feeds: list[tuple[str, str]] = []
-    calls: dict[str, int] = {}
+    calls: Counter[str] = Counter()
     handles = []
-
-    def count(name: str) -> None:
-        calls[name] = calls.get(name, 0) + 1
 
     for name, module in model.named_modules():
         if _is_foldable_conv(module):
 
             def after_conv(_module: nn.Module, _args: tuple, output: torch.Tensor, name: str = name) -> None:
-                count(name)
+                calls[name] += 1
                 outputs[id(output)] = (name, output, output._version)  # the output kept alive: ids stay unique
 
             handles.append(module.register_forward_hook(after_conv))
         elif _is_foldable_batchnorm(module):
 
             def before_bn(_module: nn.Module, args: tuple, name: str = name) -> None:
-                count(name)
+                calls[name] += 1
                 source = outputs.get(id(args[0]))
                 if source is not None and source[1] is args[0] and source[2] == args[0]._version:
                     feeds.append((source[0], name))

@@ -455,7 +455,7 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
         budgets,
         storage.join(config.output, "thresholds.json"),
         num_patches=config.num_patches,
-        fallback=bool(config.fallback),
+        fallback=config.fallback,
     )
 
     # timed at the cheapest budget as accurate as the full network, else within 0.5 points, else the most accurate

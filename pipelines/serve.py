@@ -320,16 +320,20 @@ def thresholds_hint(count: int, num_patches: int, fallback: bool) -> str | None:
     """The hint of a wrong number of thresholds that is the other cascade's: fitted without the fallback step they
     are ``num_patches``, with it ``num_patches + 1``."""
     if fallback and count == num_patches:
-        return (
-            "thresholds fitted without the fallback step have num_patches thresholds; with it num_patches + 1: "
-            "refit with jobs/evaluate.py --fallback"
-        )
-    if not fallback and count == num_patches + 1:
-        return (
-            "num_patches + 1 thresholds are those of a cascade with the fallback step: serve with its --fallback "
-            "checkpoint, or use thresholds fitted without it (num_patches)"
-        )
-    return None
+        why = "thresholds fitted without the fallback step have num_patches thresholds; with it num_patches + 1"
+    elif not fallback and count == num_patches + 1:
+        why = "num_patches + 1 thresholds are those of a cascade with the fallback step (num_patches without it)"
+    else:
+        return None
+    return f"{why}: {_other_cascade_advice(fallback)}"
+
+
+def _other_cascade_advice(fallback: bool) -> str:
+    """What to do with thresholds fitted with the fallback step when the app has none (``fallback`` False), or
+    fitted without it when the app has one."""
+    if fallback:
+        return "refit with jobs/evaluate.py --fallback"
+    return "serve with its --fallback checkpoint, or use thresholds fitted without it"
 
 
 def _class_names(card: Any) -> list[str]:
@@ -465,11 +469,7 @@ def _check_fitted_cascade(path: str, point: BudgetPoint, num_patches: int, fallb
         return f"num_patches={n} " + ("with" if with_fallback else "without") + " the fallback step"
 
     if fitted[1] != fallback:
-        hint = (
-            "refit with jobs/evaluate.py --fallback"
-            if fallback
-            else "serve with its --fallback checkpoint, or use thresholds fitted without it"
-        )
+        hint = _other_cascade_advice(fallback)
     else:
         hint = f"serve with num_patches={fitted[0]}, or refit with jobs/evaluate.py --num-patches {num_patches}"
     this = cascade(num_patches, fallback)
