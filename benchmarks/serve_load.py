@@ -76,6 +76,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-replicas", type=int, default=1, help="= --max-replicas: fixed replicas, no scaling")
     parser.add_argument("--max-replicas", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument(
+        "--runtime", choices=("torch", "onnxruntime"), default="torch", help="what runs the models, both apps"
+    )
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="@serve.batch wait of every model, both apps")
     parser.add_argument(
         "--layouts", default="separate,colocated", help="early-exit layouts to load, comma-separated, in order"
@@ -140,6 +143,7 @@ def _deployment(args: argparse.Namespace, target: int, max_ongoing: int = 32) ->
         "num_cpus": args.replica_cpus,
         "max_ongoing_requests": max_ongoing,
         "torch_threads": args.torch_threads,
+        "runtime": args.runtime,
         "batch_wait_timeout_s": args.batch_wait_ms / 1e3,
         "autoscaling_config": {
             "min_replicas": args.min_replicas,
@@ -318,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "min_replicas": args.min_replicas,
         "max_replicas": args.max_replicas,
         "torch_threads": args.torch_threads,
+        "runtime": args.runtime,
         "batch_wait_ms": args.batch_wait_ms,
         "high_throughput": args.high_throughput,
         "fallback": args.fallback,

@@ -56,6 +56,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="@serve.batch wait of the model deployments")
     parser.add_argument("--colocate", action="store_true", help="the models inside the ingress replica")
     parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="what runs the models, in the replicas and in process",
+    )
+    parser.add_argument(
         "--high-throughput", action="store_true", help="Ray Serve's high-throughput mode (HAProxy ingress)"
     )
     parser.add_argument(
@@ -69,11 +75,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _deployment(batch_wait_ms: float, num_gpus: float = 0.0) -> dict[str, Any]:
+def _deployment(batch_wait_ms: float, num_gpus: float = 0.0, runtime: str = "torch") -> dict[str, Any]:
     return {
         "num_cpus": 0.25,
         "num_gpus": num_gpus,
         "torch_threads": 1,
+        "runtime": runtime,
         "batch_wait_timeout_s": batch_wait_ms / 1e3,
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
     }
@@ -129,7 +136,7 @@ def serve_latencies(
     from pipelines.serve_http import parse_server_timing
 
     preprocessing = Preprocessing.from_dict(load_checkpoint(paths["anchornet"])[1].preprocessing or {})
-    deployment = _deployment(args.batch_wait_ms, args.num_gpus)
+    deployment = _deployment(args.batch_wait_ms, args.num_gpus, args.runtime)
     app = build_app(
         {
             "anchornet": paths["anchornet"],
@@ -190,6 +197,7 @@ def inprocess_times(
     exit_steps: list[int],
     num_patches: int,
     use_gpu: bool = False,
+    runtime: str = "torch",
 ) -> list[dict[str, float]]:
     """Decode and model time of each image, doing what the deployments did for it: ``{"decode_ms", "model_ms",
     "glance_ms"}`` (the glance's forward pass alone)."""
@@ -199,10 +207,10 @@ def inprocess_times(
     from pipelines.serve import classify_images, load_anchornet_on_replica, load_on_replica, propose_patches
 
     torch.set_num_threads(1)
-    anchornet = load_anchornet_on_replica(paths["anchornet"], use_gpu)  # as the replicas load them
+    anchornet = load_anchornet_on_replica(paths["anchornet"], use_gpu, runtime)  # as the replicas load them
     card = load_checkpoint(paths["anchornet"])[1]
-    glance, glance_card = load_on_replica(paths["glance"], use_gpu)
-    patch, patch_card = load_on_replica(paths["patch"], use_gpu)
+    glance, glance_card = load_on_replica(paths["glance"], use_gpu, runtime)
+    patch, patch_card = load_on_replica(paths["patch"], use_gpu, runtime)
     preprocessing = Preprocessing.from_dict(card.preprocessing or {})  # as the ingress does
 
     def run(data: bytes, exit_step: int) -> dict[str, float]:
@@ -242,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = checkpoints(given, classes, Path(tmp), IMAGENETTE_INDICES)
         served = serve_latencies(args, paths, images, params)
         steps = [r["exit_step"] for r in served]
-        local = inprocess_times(paths, images, steps, num_patches=4, use_gpu=args.num_gpus > 0)
+        local = inprocess_times(paths, images, steps, num_patches=4, use_gpu=args.num_gpus > 0, runtime=args.runtime)
     http = [r["ms"] for r in served]
     decode = [r["decode_ms"] for r in local]
     model = [r["model_ms"] for r in local]
@@ -252,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": f"{cpu_name()}, {os.cpu_count()} CPUs",
         "layout": "colocated" if args.colocate else "separate",
         "high_throughput": args.high_throughput,
+        "runtime": args.runtime,
         "torch": torch.__version__,
         "images": len(images),
         "request": params,

@@ -66,7 +66,6 @@ from anchornet import (
     ImageDecodeError,
     Preprocessing,
     accumulated_confidence,
-    class_activation_map,
     class_labels,
     count_macs,
     crop_patches,
@@ -88,6 +87,7 @@ from anchornet.early_exit import (
 )
 from anchornet.model import AnchorNet
 from anchornet.preprocessing import DEFAULT_MAX_ASPECT_RATIO, to_float
+from pipelines.onnx_runtime import CamAndLogits, OnnxRuntimeModel, Runtime, require_onnxruntime
 from pipelines.serve_http import (
     ApiError,
     install_error_handlers,
@@ -171,6 +171,11 @@ class DeploymentArgs(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="model deployments: largest @serve.batch")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="model deployments: wait to fill a batch")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
+    runtime: Runtime = Field(
+        "torch",
+        description="what runs the replica's models: torch, or onnxruntime (CPU only, pip install "
+        "'anchornet[onnx]'; the same function, 2-3x faster on one thread and a small image: docs/serving.md)",
+    )
 
     @model_validator(mode="after")
     def _check_autoscaling(self) -> "DeploymentArgs":
@@ -180,6 +185,8 @@ class DeploymentArgs(BaseModel):
         AutoscalingConfig(**self.autoscaling_config)
         if self.max_queued_requests == 0:
             raise ValueError("max_queued_requests must be -1 (unbounded), null (2 x max_ongoing_requests) or >= 1")
+        if self.runtime == "onnxruntime" and self.num_gpus > 0:
+            raise ValueError("runtime onnxruntime runs on the CPU: use runtime torch for a deployment on a GPU")
         return self
 
     @property
@@ -252,7 +259,8 @@ class ServeArgs(BaseModel):
     colocate: bool = Field(
         False,
         description="run the models (the fallback too) inside the ingress replica (no handle calls; the ingress's "
-        "resources, autoscaling and torch_threads cover them; each model keeps its deployment's batching settings)",
+        "resources, autoscaling, torch_threads and runtime cover them; each model keeps its deployment's batching "
+        "settings)",
     )
     deployments: DeploymentsArgs = Field(default_factory=DeploymentsArgs)
 
@@ -399,13 +407,22 @@ def serving_spec(args: ServeArgs) -> ServingSpec:
         max_pixels=args.max_pixels,
         max_aspect_ratio=args.max_aspect_ratio,
         models={
-            "anchornet": {"arch": "anchornet", "input_size": size, "macs": int(anchornet_macs), "K": k},
-            "glance": _classifier_info(glance_card),
-            "patch": _classifier_info(patch_card),
-            **({"fallback": _classifier_info(fallback_card)} if fallback_card is not None else {}),
+            role: {**info, "runtime": _runtime_of(args, role)}
+            for role, info in {
+                "anchornet": {"arch": "anchornet", "input_size": size, "macs": int(anchornet_macs), "K": k},
+                "glance": _classifier_info(glance_card),
+                "patch": _classifier_info(patch_card),
+                **({"fallback": _classifier_info(fallback_card)} if fallback_card is not None else {}),
+            }.items()
         },
         fallback_macs=int(fallback_card.macs) if fallback_card is not None else None,
     )
+
+
+def _runtime_of(args: ServeArgs, role: str) -> str:
+    """What runs the model of ``role``: its deployment's runtime, or colocated, the ingress's."""
+    deployments = args.deployments
+    return (deployments.ingress if args.colocate else getattr(deployments, role)).runtime
 
 
 def load_budgets(
@@ -659,22 +676,35 @@ def model_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda")
 
 
-def load_on_replica(checkpoint: str, use_gpu: bool) -> tuple[nn.Module, Any]:
+def load_on_replica(checkpoint: str, use_gpu: bool, runtime: Runtime = "torch") -> tuple[nn.Module, Any]:
     """A classifier checkpoint ready for serving on the replica's device (``model_device``), and its card:
     ``anchornet.prepare_classifier_for_inference``, batch norms folded and weights channels-last (1.35x to 3x faster
-    on one CPU thread, docs/serving.md; the same function up to float32 rounding)."""
+    on one CPU thread, docs/serving.md; the same function up to float32 rounding). ``runtime="onnxruntime"``: that
+    model run by ONNX Runtime (``pipelines.onnx_runtime``), on the CPU."""
     model, card = load_checkpoint(checkpoint)
-    return prepare_classifier_for_inference(model, card.input_size, model_device(use_gpu)), card
+    prepared = prepare_classifier_for_inference(model, card.input_size, model_device(use_gpu))
+    if runtime == "onnxruntime":
+        prepared = OnnxRuntimeModel(prepared, _example(2, card.input_size))
+    return prepared, card
 
 
-def load_anchornet_on_replica(checkpoint: str, use_gpu: bool) -> AnchorNet:
-    """An AnchorNet checkpoint ready for serving on the replica's device: ``anchornet.prepare_for_inference``, the
-    same folded, channels-last, exact-float32 model the precompute job runs (up to float32 rounding with the batch
-    shape: the job runs 16 images per pass, a replica the batch it formed)."""
+def load_anchornet_on_replica(checkpoint: str, use_gpu: bool, runtime: Runtime = "torch") -> CamAndLogits:
+    """An AnchorNet checkpoint ready for serving on the replica's device, as a module that gives ``(cam, logits)``
+    of float images: ``anchornet.prepare_for_inference``, the same folded, channels-last, exact-float32 model the
+    precompute job runs (up to float32 rounding with the batch shape: the job runs 16 images per pass, a replica
+    the batch it formed). ``runtime="onnxruntime"``: run by ONNX Runtime, on the CPU (its CAM within 1e-3)."""
     model, card = load_checkpoint(checkpoint)
     if not isinstance(model, AnchorNet):
         raise ValueError(f"{checkpoint} is a {card.kind} checkpoint, not an AnchorNet one")
-    return prepare_for_inference(model, model_device(use_gpu))
+    cam = CamAndLogits(prepare_for_inference(model, model_device(use_gpu)))
+    if runtime == "onnxruntime":
+        cam = OnnxRuntimeModel(cam, _example(2, card.input_size), dynamic_dims=(0, 2, 3))
+    return cam
+
+
+def _example(batch: int, size: int) -> torch.Tensor:
+    """Random float images in [0, 1), the same each call: the example a model is exported and checked on."""
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -693,13 +723,13 @@ def classify_images(model: nn.Module, input_size: int, images: torch.Tensor) -> 
 
 @torch.inference_mode()
 def propose_patches(
-    model: AnchorNet, images: torch.Tensor, num_patches: int, iou_threshold: float
+    model: CamAndLogits, images: torch.Tensor, num_patches: int, iou_threshold: float
 ) -> list[dict[str, torch.Tensor]]:
-    """What the AnchorNet deployment computes for a batch: CAM (Eq. 2), NMS-selected boxes and their crops
-    (on the CPU, wherever the model runs)."""
+    """What the AnchorNet deployment computes for a batch: CAM (Eq. 2, ``load_anchornet_on_replica``'s model),
+    NMS-selected boxes and their crops (on the CPU, wherever the model runs)."""
     receptive_field = model.receptive_field
     nhwc = images.to(_device_of(model), non_blocking=True).contiguous(memory_format=torch.channels_last)
-    cam, _ = class_activation_map(model, to_float(nhwc))
+    cam, _ = model(to_float(nhwc))
     selection = select_patches(cam.cpu(), receptive_field, num_patches, iou_threshold)
     crops = crop_patches(images, selection.boxes, size=receptive_field.size)
     return [
@@ -723,9 +753,10 @@ class ClassifierDeployment:
         batch_wait_timeout_s: float = 0.005,
         torch_threads: int = 1,
         use_gpu: bool = False,
+        runtime: Runtime = "torch",
     ) -> None:
         torch.set_num_threads(torch_threads)
-        self.model, self.card = load_on_replica(checkpoint, use_gpu)
+        self.model, self.card = load_on_replica(checkpoint, use_gpu, runtime)
         self.input_size = self.card.input_size
         self.failures = FailureStreak()
         self.__call__.set_max_batch_size(max_batch_size)
@@ -760,9 +791,10 @@ class AnchorNetDeployment:
         batch_wait_timeout_s: float = 0.005,
         torch_threads: int = 1,
         use_gpu: bool = False,
+        runtime: Runtime = "torch",
     ) -> None:
         torch.set_num_threads(torch_threads)
-        self.model = load_anchornet_on_replica(checkpoint, use_gpu)
+        self.model = load_anchornet_on_replica(checkpoint, use_gpu, runtime)
         self.num_patches = num_patches
         self.iou_threshold = iou_threshold
         self.failures = FailureStreak()
@@ -822,16 +854,17 @@ class ColocatedModels:
     torch_threads: int = 1
     use_gpu: bool = False
     fallback: str | None = None
+    runtime: Runtime = "torch"
 
     def load(self) -> tuple[InProcessModel, InProcessModel, InProcessModel, InProcessModel | None]:
         """(glance, anchornet, patch, fallback or None), loaded in this process."""
         torch.set_num_threads(self.torch_threads)
-        anchornet = load_anchornet_on_replica(self.anchornet, self.use_gpu)
+        anchornet = load_anchornet_on_replica(self.anchornet, self.use_gpu, self.runtime)
         classifiers: dict[str, InProcessModel] = {}
         for role in ("glance", "patch", "fallback"):
             checkpoint = getattr(self, role)
             if checkpoint is not None:
-                model, card = load_on_replica(checkpoint, self.use_gpu)
+                model, card = load_on_replica(checkpoint, self.use_gpu, self.runtime)
                 forward = partial(classify_images, model, card.input_size)
                 classifiers[role] = InProcessModel(forward, *self.batching[role])
         propose = partial(propose_patches, anchornet, num_patches=self.num_patches, iou_threshold=self.iou_threshold)
@@ -1242,13 +1275,16 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
     the FastAPI ``Ingress`` (with ``colocate``, the ingress alone, running the models itself).
 
     Reads the checkpoint cards (class names, K, MACs, preprocessing) and checks the thresholds here, so that a
-    bad configuration fails at deploy time rather than at the first request.
+    bad configuration fails at deploy time rather than at the first request. ``RuntimeError`` (one line) when a
+    deployment's runtime is onnxruntime and it is not installed.
     """
     args = ServeArgs.model_validate(args) if isinstance(args, dict) else args
+    d = args.deployments
+    if any(o.runtime == "onnxruntime" for o in (d.ingress, d.glance, d.anchornet, d.patch, d.fallback)):
+        require_onnxruntime()
     spec = serving_spec(args)
     user_config = {"thresholds_path": args.thresholds, "default_budget": args.default_budget}
     load_budgets(user_config, spec.num_steps, fallback=spec.has_fallback)
-    d = args.deployments
     ingress = Ingress.options(**d.ingress.options("Ingress"), user_config=user_config)
     if args.colocate:
         roles = {"glance": d.glance, "anchornet": d.anchornet, "patch": d.patch}
@@ -1264,14 +1300,14 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
             torch_threads=d.ingress.torch_threads,
             use_gpu=d.ingress.num_gpus > 0,
             fallback=args.fallback,
+            runtime=d.ingress.runtime,
         )
         return ingress.bind(spec, colocated=models, retry_after_s=d.ingress.retry_after_s)
 
     def model(deployment: Any, name: str, opts: DeploymentArgs, checkpoint: str, **kwargs: Any) -> Any:
         batching = {"max_batch_size": opts.max_batch_size, "batch_wait_timeout_s": opts.batch_wait_timeout_s}
-        return deployment.options(**opts.options(name)).bind(
-            checkpoint, **kwargs, **batching, torch_threads=opts.torch_threads, use_gpu=opts.num_gpus > 0
-        )
+        runtime = {"torch_threads": opts.torch_threads, "use_gpu": opts.num_gpus > 0, "runtime": opts.runtime}
+        return deployment.options(**opts.options(name)).bind(checkpoint, **kwargs, **batching, **runtime)
 
     glance = model(ClassifierDeployment, "Glance", d.glance, args.glance)
     anchornet = model(
@@ -1324,9 +1360,10 @@ class FullClassifier:
         batch_wait_timeout_s: float = 0.005,
         torch_threads: int = 1,
         use_gpu: bool = False,
+        runtime: Runtime = "torch",
     ) -> None:
         torch.set_num_threads(torch_threads)
-        self.model, card = load_on_replica(checkpoint, use_gpu)
+        self.model, card = load_on_replica(checkpoint, use_gpu, runtime)
         self.input_size = card.input_size
         self.class_names = _class_names(card)
         self.class_labels = class_labels(self.class_names)
@@ -1378,6 +1415,8 @@ class FullClassifier:
 def build_baseline_app(args: BaselineArgs | dict[str, Any]) -> serve.Application:
     args = BaselineArgs.model_validate(args) if isinstance(args, dict) else args
     opts = args.deployment
+    if opts.runtime == "onnxruntime":
+        require_onnxruntime()
     return FullClassifier.options(**opts.options("FullClassifier")).bind(
         args.classifier,
         top_k=args.top_k,
@@ -1388,6 +1427,7 @@ def build_baseline_app(args: BaselineArgs | dict[str, Any]) -> serve.Application
         batch_wait_timeout_s=opts.batch_wait_timeout_s,
         torch_threads=opts.torch_threads,
         use_gpu=opts.num_gpus > 0,
+        runtime=opts.runtime,
     )
 
 

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +20,15 @@ IMAGENETTE = SHARED_DATA / "imagenette"
 # inherits it: no token auth for local test clusters, quiet logs, and the AWS chain pointed at the local S3
 # server (started on this port only by the tests that ask for it).
 _S3_PORT = free_port()
+_ONNX_CACHE = tempfile.mkdtemp(prefix="anchornet-onnx-cache-")
+atexit.register(shutil.rmtree, _ONNX_CACHE, ignore_errors=True)
 os.environ.update(
     {
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_DEDUP_LOGS": "0",
         "RAY_memory_monitor_refresh_ms": "0",
+        "ANCHORNET_ONNX_CACHE": _ONNX_CACHE,  # ONNX Runtime exports of this session's models, not the user's cache
         **s3_env(f"http://127.0.0.1:{_S3_PORT}"),
     }
 )
