@@ -296,3 +296,27 @@ def test_classifier_inference_benchmark_times_both_models_and_prints_the_ratio(t
         assert row["speedup"] == pytest.approx(row["eager_ms_per_image"] / row["prepared_ms_per_image"], rel=0.01)
         assert row["max_logit_difference"] < 1e-4
     assert capsys.readouterr().out.count(" x 32") == 2
+
+
+@pytest.mark.slow
+def test_classifier_inference_benchmark_times_onnx_runtime_and_anchornet(tmp_path, capsys) -> None:
+    """``--runtime onnxruntime`` adds ONNX Runtime's column; an AnchorNet checkpoint is timed as CAM and logits."""
+    import json
+
+    from anchornet import anchornet_test, save_checkpoint
+    from benchmarks.classifier_inference import main
+
+    path, out = tmp_path / "a.pt", tmp_path / "out.json"
+    save_checkpoint(anchornet_test(3), path, class_names=["a", "b", "c"])
+    threads = torch.get_num_threads()
+    try:
+        args = ["--checkpoint", str(path), "--sizes", "112", "--batch-sizes", "1", "--rounds", "1", "--passes", "1"]
+        assert main([*args, "--runtime", "onnxruntime", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["onnxruntime_speedup"] == pytest.approx(
+        row["eager_ms_per_image"] / row["onnxruntime_ms_per_image"], rel=0.01
+    )
+    assert row["onnxruntime_max_difference"] < 1e-3 and row["max_logit_difference"] < 1e-3
+    assert "onnxruntime" in capsys.readouterr().out
