@@ -22,6 +22,9 @@ With a ``fallback`` checkpoint (our extension of Alg. 1) there is one more, last
 sample still unsure after its last patch, or whose patches ran out, is decided by the fallback network alone on the
 whole preprocessed image (``early_exit_steps``); the thresholds are then ``num_patches + 1``, fitted with it.
 
+Each deployment runs its models on torch (prepared: folded, channels-last) or, with ``runtime: onnxruntime``, on
+ONNX Runtime on the CPU (``pipelines.onnx_runtime``: the same models exported, checked and cached at load).
+
 Build it with ``build_app(ServeArgs(...))`` (``serve_config.yaml`` fills the same args for ``serve deploy``).
 ``high_throughput_env()`` is the environment of Ray Serve's high-throughput mode (HAProxy in place of the
 Python HTTP proxy), for ``ray start`` or an embedded ``ray.init`` (``jobs/serve.py --high-throughput``).
