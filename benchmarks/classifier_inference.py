@@ -94,6 +94,13 @@ def versions(model: nn.Module, size: int, runtime: str) -> dict[str, nn.Module]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.runtime == "onnxruntime":
+        from pipelines.onnx_runtime import require_onnxruntime
+
+        try:
+            require_onnxruntime()
+        except RuntimeError as err:
+            raise SystemExit(f"classifier_inference: {err}") from None
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint)
     sizes = [int(s) for s in args.sizes.split(",")]

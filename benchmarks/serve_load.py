@@ -253,6 +253,13 @@ def _timeline(samples: list[tuple[float, dict[str, int]]], every: int = 5) -> st
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.runtime == "onnxruntime":
+        from pipelines.onnx_runtime import require_onnxruntime
+
+        try:
+            require_onnxruntime()
+        except RuntimeError as err:
+            raise SystemExit(f"serve_load: {err}") from None
     unknown = set(args.layouts.split(",")) - {"separate", "colocated"}
     if unknown:
         raise SystemExit(f"serve_load: unknown --layouts {sorted(unknown)}: use separate and/or colocated")

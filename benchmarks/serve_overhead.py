@@ -233,6 +233,15 @@ def inprocess_times(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.runtime == "onnxruntime":
+        from pipelines.onnx_runtime import require_onnxruntime
+
+        try:
+            require_onnxruntime()
+        except RuntimeError as err:
+            raise SystemExit(f"serve_overhead: {err}") from None
+        if args.num_gpus > 0:
+            raise SystemExit("serve_overhead: --runtime onnxruntime runs on the CPU; drop --num-gpus")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if problem := budget_problem(args.budget, args.thresholds):
         raise SystemExit(f"serve_overhead: {problem}")

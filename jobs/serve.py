@@ -71,7 +71,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("torch", "onnxruntime"),
         default="torch",
         help="what runs the models: torch, or ONNX Runtime on the CPU (pip install 'anchornet[onnx]'; the same "
-        "function, 2-3x faster on one thread and small images; each replica exports its models at start, ~5 s each)",
+        "function, 1.6-3x faster on one thread; the first replica on a node exports its models, ~5 s each, and "
+        "caches them in $ANCHORNET_ONNX_CACHE, else ~/.cache/anchornet/onnx)",
     )
     parser.add_argument(
         "--high-throughput",

@@ -1,9 +1,10 @@
 """ONNX Runtime as the CPU runtime of a served model: the same function, a fraction of PyTorch's per-operator cost.
 
 On one CPU thread and one image, PyTorch spends most of a small network's pass outside the arithmetic: a 95 x 95
-EfficientNet-Lite0 pass is 0.18 of a 224 pass in MACs but took 0.38 of its time (5.8 against 15.3 ms, folded and
-channels-last). Exported to ONNX and run by ONNX Runtime's CPU provider it took about 2 ms, and AnchorNet's CAM of
-one 224 image 1.6 ms against 3.3 (``benchmarks/classifier_inference.py --runtime onnxruntime``).
+EfficientNet-Lite0 pass is 0.18 of a 224 pass in MACs but took 0.37 of its time (5.66 against 15.32 ms, folded and
+channels-last). Exported to ONNX and run by ONNX Runtime's CPU provider it took 1.77 ms (0.19 of the 224 pass's
+9.26), and AnchorNet's CAM of one 224 image 1.64 ms against 2.82 (``benchmarks/classifier_inference.py --runtime
+onnxruntime``, docs/serving.md).
 
 ``OnnxRuntimeModel(model, example)`` exports ``model`` with torch's ONNX exporter (``torch.onnx.export(...,
 dynamo=True)``, the batch dimension dynamic), opens an ONNX Runtime session on it and checks it against ``model``
@@ -115,6 +116,9 @@ class OnnxRuntimeModel(nn.Module):
         super().__init__()
         if example.dim() == 0 or len(example) < 2:
             raise ValueError(f"the example batch must hold at least 2 inputs (the dynamic batch), got {len(example)}")
+        devices = {t.device.type for t in itertools.chain(model.parameters(), model.buffers(), [example])}
+        if devices != {"cpu"}:
+            raise ValueError(f"ONNX Runtime runs models on the CPU here; this one is on {sorted(devices)}")
         model = model.eval()
         self.source = model
         self.threads = threads or torch.get_num_threads()
@@ -124,16 +128,21 @@ class OnnxRuntimeModel(nn.Module):
         expected = (expected,) if self.single else tuple(expected)
         entry = None
         if cache:
-            entry = Path(cache_dir or default_cache_dir()) / f"{export_key(model, example, dynamic_dims)}.onnx"
-        if entry is not None and entry.is_file():
             try:
-                self._open(entry.read_bytes())
-                problem = self._mismatch(example, expected, rtol)
-            except Exception as err:  # a truncated or foreign file: whatever ONNX Runtime raises, export again
-                problem = f"unreadable: {err}".splitlines()[0]
-            if problem is None:
-                return
-            logger.warning("cached %s does not fit %s (%s): exporting again", entry, type(model).__name__, problem)
+                entry = Path(cache_dir or default_cache_dir()) / f"{export_key(model, example, dynamic_dims)}.onnx"
+                cached = entry.read_bytes() if entry.is_file() else None
+            except (OSError, RuntimeError) as err:  # unreadable, or no home directory to put the cache in
+                warnings.warn(f"not using the ONNX export cache: {err}", RuntimeWarning, stacklevel=2)
+                entry = cached = None
+            if cached is not None:
+                try:
+                    self._open(cached)
+                    problem = self._mismatch(example, expected, rtol)
+                except Exception as err:  # a truncated or foreign file: whatever ONNX Runtime raises, export again
+                    problem = f"unreadable: {err}".splitlines()[0]
+                if problem is None:
+                    return
+                logger.warning("cached %s does not fit %s (%s): exporting again", entry, type(model).__name__, problem)
         data = export_onnx(model, example, dynamic_dims)
         self._open(data)
         if (problem := self._mismatch(example, expected, rtol)) is not None:
@@ -150,6 +159,16 @@ class OnnxRuntimeModel(nn.Module):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.onnx_model = data  # what the session runs: kept so that a copy (pickle, deepcopy) can open its own
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["session"]  # an ONNX Runtime session cannot be pickled; the copy opens one on the same bytes
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._open(self.onnx_model)
 
     def _mismatch(self, example: torch.Tensor, expected: tuple[torch.Tensor, ...], rtol: float) -> str | None:
         """What of the session's outputs on ``example`` differs from ``expected``; None when they match."""
@@ -168,6 +187,8 @@ class OnnxRuntimeModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name.startswith("__"):
+                raise
             return getattr(super().__getattr__("source"), name)
 
     def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -203,12 +224,16 @@ def export_key(model: nn.Module, example: torch.Tensor, dynamic_dims: tuple[int,
 def _write_atomically(path: Path, data: bytes) -> None:
     """``data`` to ``path`` through a temporary file and a rename, so that a concurrent reader (another replica)
     sees the whole file or none; warns, and writes nothing, when the directory cannot be written."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", delete=False) as tmp:
             tmp.write(data)
+        os.chmod(tmp.name, 0o644)  # readable by whoever shares the cache, as a plain file would be
         os.replace(tmp.name, path)
     except OSError as err:
+        if tmp is not None:
+            Path(tmp.name).unlink(missing_ok=True)
         warnings.warn(f"could not cache the exported model in {path.parent}: {err}", RuntimeWarning, stacklevel=3)
 
 

@@ -422,6 +422,24 @@ def serving_spec(args: ServeArgs) -> ServingSpec:
     )
 
 
+def _runtimes_used(args: ServeArgs) -> set[str]:
+    """The runtimes ``args`` will load models on. Raises ``ValueError`` (one line) for a model deployment that sets a
+    runtime other than the ingress's when colocated, where the ingress's runtime runs every model."""
+    d = args.deployments
+    models = {"glance": d.glance, "anchornet": d.anchornet, "patch": d.patch}
+    if args.fallback:
+        models["fallback"] = d.fallback
+    if not args.colocate:
+        return {o.runtime for o in models.values()}
+    ignored = [r for r, o in models.items() if "runtime" in o.model_fields_set and o.runtime != d.ingress.runtime]
+    if ignored:
+        raise ValueError(
+            f"colocated, the ingress's runtime ({d.ingress.runtime}) runs every model: set runtime on "
+            f"deployments.ingress, not on {', '.join(ignored)}"
+        )
+    return {d.ingress.runtime}
+
+
 def _runtime_of(args: ServeArgs, role: str) -> str:
     """What runs the model of ``role``: its deployment's runtime, or colocated, the ingress's."""
     deployments = args.deployments
@@ -719,7 +737,9 @@ def classify_images(model: nn.Module, input_size: int, images: torch.Tensor) -> 
     """What a classifier deployment computes for a batch: uint8 ``(B, 3, H, W)`` -> ``B`` float32 logits
     (on the CPU, wherever the model runs, each in its own storage)."""
     images = images.to(_device_of(model), non_blocking=True)
-    inputs = resize_square(to_float(images), input_size).contiguous(memory_format=torch.channels_last)
+    inputs = resize_square(to_float(images), input_size)
+    if not isinstance(model, OnnxRuntimeModel):  # ONNX Runtime takes NCHW
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
     logits = model(inputs).float().cpu()
     return [row.clone() for row in logits]  # each its own storage: a view would pickle the whole batch
 
@@ -731,8 +751,10 @@ def propose_patches(
     """What the AnchorNet deployment computes for a batch: CAM (Eq. 2, ``load_anchornet_on_replica``'s model),
     NMS-selected boxes and their crops (on the CPU, wherever the model runs)."""
     receptive_field = model.receptive_field
-    nhwc = images.to(_device_of(model), non_blocking=True).contiguous(memory_format=torch.channels_last)
-    cam, _ = model(to_float(nhwc))
+    inputs = images.to(_device_of(model), non_blocking=True)
+    if not isinstance(model, OnnxRuntimeModel):  # ONNX Runtime takes NCHW
+        inputs = inputs.contiguous(memory_format=torch.channels_last)  # before to_float: a quarter of the bytes
+    cam, _ = model(to_float(inputs))
     selection = select_patches(cam.cpu(), receptive_field, num_patches, iou_threshold)
     crops = crop_patches(images, selection.boxes, size=receptive_field.size)
     return [
@@ -1282,12 +1304,12 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
     deployment's runtime is onnxruntime and it is not installed.
     """
     args = ServeArgs.model_validate(args) if isinstance(args, dict) else args
-    d = args.deployments
-    if any(o.runtime == "onnxruntime" for o in (d.ingress, d.glance, d.anchornet, d.patch, d.fallback)):
+    if "onnxruntime" in _runtimes_used(args):
         require_onnxruntime()
     spec = serving_spec(args)
     user_config = {"thresholds_path": args.thresholds, "default_budget": args.default_budget}
     load_budgets(user_config, spec.num_steps, fallback=spec.has_fallback)
+    d = args.deployments
     ingress = Ingress.options(**d.ingress.options("Ingress"), user_config=user_config)
     if args.colocate:
         roles = {"glance": d.glance, "anchornet": d.anchornet, "patch": d.patch}

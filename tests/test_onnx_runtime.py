@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -236,3 +238,93 @@ def test_the_default_cache_follows_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("ANCHORNET_ONNX_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "anchornet" / "onnx"
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_colocated_models_load_on_the_ingress_runtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runtime: str
+) -> None:
+    """``ColocatedModels.load`` hands its runtime to every loader (the fallback's too); a model deployment that sets
+    another runtime than the ingress's is refused in one line when colocated, since it would be ignored."""
+    import pipelines.serve as serve_module
+    from pipelines.serve import ColocatedModels, build_app
+
+    paths = tiny_serving_checkpoints(tmp_path, ["a", "b"])
+    seen: list[tuple[str, str]] = []
+    load, load_anchornet = serve_module.load_on_replica, serve_module.load_anchornet_on_replica
+
+    def recording(real: Callable[..., Any]) -> Callable[..., Any]:
+        def loader(checkpoint: str, use_gpu: bool, runtime: str = "torch") -> Any:
+            seen.append((Path(checkpoint).stem, runtime))
+            return real(checkpoint, use_gpu)  # torch: the point is what was asked for
+
+        return loader
+
+    monkeypatch.setattr(serve_module, "load_on_replica", recording(load))
+    monkeypatch.setattr(serve_module, "load_anchornet_on_replica", recording(load_anchornet))
+    batching = dict.fromkeys(("glance", "anchornet", "patch", "fallback"), (4, 0.0))
+    models = ColocatedModels(
+        paths["anchornet"], paths["glance"], paths["patch"], 2, 0.3, batching, fallback=paths["glance"], runtime=runtime
+    )
+    assert all(model is not None for model in models.load())
+    assert sorted(seen) == sorted(
+        [("anchornet", runtime), ("glance", runtime), ("patch", runtime), ("glance", runtime)]
+    )
+    args = {**paths, "num_patches": 2, "colocate": True, "deployments": {"patch": {"runtime": "onnxruntime"}}}
+    message = r"colocated, the ingress's runtime \(torch\) runs every model: .* not on patch"
+    with pytest.raises(ValueError, match=message):
+        build_app(args)
+
+
+def test_a_copy_opens_its_own_session(small: torch.nn.Module) -> None:
+    """deepcopy and pickle (Ray ships models that way) give a working model: the ONNX bytes travel, the session is
+    opened again; dunder lookups are not forwarded to the source model."""
+    import pickle
+
+    from pipelines.onnx_runtime import OnnxRuntimeModel
+
+    model = OnnxRuntimeModel(small, torch.rand(2, 3, 95, 95), cache=False)
+    images = torch.rand(3, 3, 95, 95)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert copied.session is not model.session
+        torch.testing.assert_close(copied(images), model(images), rtol=0, atol=0)
+    with pytest.raises(AttributeError):
+        model.__missing_dunder__  # noqa: B018
+
+
+def test_a_model_off_the_cpu_is_refused_in_one_line(small: torch.nn.Module) -> None:
+    from pipelines.onnx_runtime import OnnxRuntimeModel
+
+    with pytest.raises(ValueError, match=r"runs models on the CPU here; this one is on \['cpu', 'meta'\]"):
+        OnnxRuntimeModel(copy.deepcopy(small).to("meta"), torch.rand(2, 3, 95, 95))
+
+
+def test_no_cache_directory_means_no_cache(small: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a home directory (``Path.home()`` raises), the model is exported and served, with a warning."""
+    import pipelines.onnx_runtime as runtime
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("ANCHORNET_ONNX_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(runtime.Path, "home", staticmethod(no_home))
+    with pytest.warns(RuntimeWarning, match="not using the ONNX export cache: Could not determine home directory"):
+        model = runtime.OnnxRuntimeModel(small, torch.rand(2, 3, 95, 95))
+    assert model(torch.rand(1, 3, 95, 95)).shape == (1, 7)
+
+
+def test_the_builders_bind_each_deployment_to_its_runtime(tmp_path: Path) -> None:
+    """Separate layout: each model deployment gets its own runtime; the baseline's FullClassifier gets its own."""
+    from pipelines.serve import build_app, build_baseline_app
+
+    paths = tiny_serving_checkpoints(tmp_path, ["a", "b"])
+    on_ort = {"runtime": "onnxruntime"}
+    args = {**paths, "num_patches": 2, "deployments": {"anchornet": on_ort, "patch": on_ort}}
+    ingress = build_app(args)._bound_deployment.init_kwargs
+    bound = {role: ingress[role]._bound_deployment.init_kwargs["runtime"] for role in ("glance", "anchornet", "patch")}
+    assert bound == {"glance": "torch", "anchornet": "onnxruntime", "patch": "onnxruntime"}
+    colocated = build_app({**paths, "colocate": True, "deployments": {"ingress": on_ort}})
+    assert colocated._bound_deployment.init_kwargs["colocated"].runtime == "onnxruntime"
+    baseline = build_baseline_app({"classifier": paths["glance"], "deployment": on_ort})
+    assert baseline._bound_deployment.init_kwargs["runtime"] == "onnxruntime"

@@ -424,11 +424,11 @@ def layout(request: pytest.FixtureRequest) -> str:
 
 def _app_args(checkpoints: dict[str, str], layout: str, default_budget: str = "q=0.50") -> dict[str, Any]:
     """``build_app`` args of the test app in ``layout``, every replica on a tenth of a CPU. The colocated app runs
-    its models on ONNX Runtime (``runtime: onnxruntime``, the CPU layout's fast runtime), the separate one on torch:
-    every HTTP test covers both runtimes."""
+    its models on ONNX Runtime (``runtime: onnxruntime``, the CPU layout's fast runtime); the separate one its glance
+    deployment, the others on torch: every HTTP test covers both runtimes (``ColocatedModels`` with torch:
+    ``test_colocated_models_load_on_the_ingress_runtime``)."""
     deployments = {name: _tiny() for name in ("ingress", "glance", "anchornet", "patch")}
-    if layout == "colocated":
-        deployments["ingress"]["runtime"] = "onnxruntime"
+    deployments["ingress" if layout == "colocated" else "glance"]["runtime"] = "onnxruntime"
     return {
         "anchornet": checkpoints["anchornet"],
         "glance": checkpoints["glance"],
@@ -484,10 +484,10 @@ def test_health_info_and_openapi(server: str, layout: str) -> None:
     assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok"}
     info = requests.get(f"{server}/info", timeout=30).json()
     assert info["layout"] == layout
-    runtime = "onnxruntime" if layout == "colocated" else "torch"
-    assert {role: m["runtime"] for role, m in info["models"].items()} == dict.fromkeys(
-        ("anchornet", "glance", "patch"), runtime
-    )
+    runtimes = {"anchornet": "torch", "glance": "onnxruntime", "patch": "torch"}
+    if layout == "colocated":
+        runtimes = dict.fromkeys(runtimes, "onnxruntime")
+    assert {role: m["runtime"] for role, m in info["models"].items()} == runtimes
     deployments = set(serve.status().applications["anchornet"].deployments)
     assert deployments == ({"Ingress"} if layout == "colocated" else {"Ingress", "Glance", "AnchorNet", "Patch"})
     assert info["classes"] == CLASSES and info["labels"] == CLASSES  # not WordNet ids: labelled by their names

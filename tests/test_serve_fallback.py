@@ -100,7 +100,8 @@ def test_the_spec_counts_the_fallback_step_and_its_cost(checkpoints: dict[str, s
         macs["anchornet"], macs["glance"], macs["patch"], T, fallback_macs=macs["fallback"]
     )
     assert spec.step_macs[-1] == macs["glance"] + macs["anchornet"] + NUM_PATCHES * macs["patch"] + macs["fallback"]
-    assert spec.models["fallback"] == {"arch": "mobilenet_v3_small", "input_size": 224, "macs": macs["fallback"]}
+    fallback = {"arch": "mobilenet_v3_small", "input_size": 224, "macs": macs["fallback"], "runtime": "torch"}
+    assert spec.models["fallback"] == fallback
     plain = serving_spec(ServeArgs.model_validate(_args(checkpoints, fallback=None)))
     assert not plain.has_fallback and plain.num_steps == NUM_PATCHES + 1 and "fallback" not in plain.models
     assert spec.step_macs[:-1] == plain.step_macs  # the steps before it cost what they did
@@ -369,7 +370,8 @@ def test_info_shows_the_fallback_step(server: str, checkpoints: dict[str, str], 
     info = requests.get(f"{server}/info", timeout=30).json()
     macs = _macs(checkpoints)
     assert (info["fallback"], info["num_steps"], info["layout"]) == (True, T, layout)
-    assert info["models"]["fallback"] == {"arch": "mobilenet_v3_small", "input_size": 224, "macs": macs["fallback"]}
+    fallback = {"arch": "mobilenet_v3_small", "input_size": 224, "macs": macs["fallback"], "runtime": "torch"}
+    assert info["models"]["fallback"] == fallback
     assert len(info["step_macs"]) == T and info["step_macs"][-1] - info["step_macs"][-2] == macs["fallback"]
     assert len(info["budgets"]["q=0.50"]["thresholds"]) == NUM_PATCHES + 1
     deployments = set(serve.status().applications["anchornet"].deployments)

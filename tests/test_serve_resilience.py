@@ -245,7 +245,9 @@ def test_a_classifier_replica_whose_model_keeps_failing_is_unhealthy(checkpoints
 @pytest.mark.usefixtures("in_a_replica")
 def test_an_anchornet_replica_whose_model_keeps_failing_is_unhealthy(checkpoints: dict[str, str]) -> None:
     replica = AnchorNetDeployment.func_or_class(checkpoints["anchornet"], num_patches=1, max_batch_size=2)
-    object.__setattr__(replica.model, "forward_features", Broken())  # an instance attribute, not a submodule
+    # the replica's model is CamAndLogits around the AnchorNet; break the AnchorNet's features (an instance
+    # attribute, not a submodule)
+    object.__setattr__(replica.model.model, "forward_features", Broken())
     image = torch.zeros(3, 224, 224, dtype=torch.uint8).numpy()
 
     async def scenario() -> None:
