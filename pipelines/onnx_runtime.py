@@ -43,6 +43,7 @@ __all__ = [
     "default_cache_dir",
     "export_key",
     "export_onnx",
+    "prune_cache",
     "require_onnxruntime",
 ]
 
@@ -131,6 +132,8 @@ class OnnxRuntimeModel(nn.Module):
             try:
                 entry = Path(cache_dir or default_cache_dir()) / f"{export_key(model, example, dynamic_dims)}.onnx"
                 cached = entry.read_bytes() if entry.is_file() else None
+                if cached is not None:
+                    os.utime(entry)  # recently used: the last to go when the cache is pruned
             except (OSError, RuntimeError) as err:  # unreadable, or no home directory to put the cache in
                 warnings.warn(f"not using the ONNX export cache: {err}", RuntimeWarning, stacklevel=2)
                 entry = cached = None
@@ -235,6 +238,34 @@ def _write_atomically(path: Path, data: bytes) -> None:
         if tmp is not None:
             Path(tmp.name).unlink(missing_ok=True)
         warnings.warn(f"could not cache the exported model in {path.parent}: {err}", RuntimeWarning, stacklevel=3)
+        return
+    prune_cache(path.parent, keep=path)
+
+
+def prune_cache(directory: Path, max_bytes: int | None = None, keep: Path | None = None) -> list[Path]:
+    """Remove the least recently used exports (``*.onnx``, by modification time, which a cache hit refreshes) until
+    the cache holds at most ``max_bytes`` (default ``$ANCHORNET_ONNX_CACHE_MAX_BYTES``, else 2 GiB: about 150
+    Lite0 exports); ``keep`` stays whatever its age. Returns what was removed. Files that vanish meanwhile (another
+    replica pruning) are skipped."""
+    limit = int(os.environ.get("ANCHORNET_ONNX_CACHE_MAX_BYTES", 2 * 1024**3)) if max_bytes is None else max_bytes
+    entries = []
+    for path in directory.glob("*.onnx"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        entries.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, path in sorted(entries):
+        if total <= limit:
+            break
+        if path == keep:
+            continue
+        path.unlink(missing_ok=True)
+        total -= size
+        removed.append(path)
+    return removed
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, dynamic_dims: tuple[int, ...] = (0,)) -> bytes:

@@ -328,3 +328,29 @@ def test_the_builders_bind_each_deployment_to_its_runtime(tmp_path: Path) -> Non
     assert colocated._bound_deployment.init_kwargs["colocated"].runtime == "onnxruntime"
     baseline = build_baseline_app({"classifier": paths["glance"], "deployment": on_ort})
     assert baseline._bound_deployment.init_kwargs["runtime"] == "onnxruntime"
+
+
+def test_the_cache_is_pruned_least_recently_used_first(
+    small: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond ``$ANCHORNET_ONNX_CACHE_MAX_BYTES`` the oldest exports go first; a cache hit makes an entry recent, and
+    the entry just written stays."""
+    import os
+
+    from pipelines.onnx_runtime import OnnxRuntimeModel, export_key, prune_cache
+
+    for age, name in enumerate(["c", "b", "a"]):  # a oldest
+        (tmp_path / f"{name}.onnx").write_bytes(b"x" * 100)
+        os.utime(tmp_path / f"{name}.onnx", (1000 + age * 10, 1000 + age * 10))
+    assert prune_cache(tmp_path, max_bytes=250) == [tmp_path / "c.onnx"]
+    assert prune_cache(tmp_path, max_bytes=0, keep=tmp_path / "a.onnx") == [tmp_path / "b.onnx"]
+    example = torch.rand(2, 3, 95, 95)
+    model = OnnxRuntimeModel(small, example, cache_dir=tmp_path)  # written, then the cache pruned: "a" stays
+    entry = tmp_path / f"{export_key(small, example, (0,))}.onnx"
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == sorted(["a.onnx", entry.name])
+    os.utime(entry, (0, 0))
+    OnnxRuntimeModel(small, example, cache_dir=tmp_path)  # a hit: the entry is recent again
+    assert entry.stat().st_mtime > 1000
+    monkeypatch.setenv("ANCHORNET_ONNX_CACHE_MAX_BYTES", str(entry.stat().st_size))
+    assert prune_cache(tmp_path, keep=entry) == [tmp_path / "a.onnx"]
+    assert model(torch.rand(1, 3, 95, 95)).shape == (1, 7)
