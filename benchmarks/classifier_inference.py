@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from benchmarks._machine import cpu_name
+from benchmarks._runtime import add_runtime_argument, check_runtime
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -35,11 +36,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (Serve's replicas use 1)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per setting")
     parser.add_argument("--passes", type=int, default=20, help="forward passes per round and model")
-    parser.add_argument(
-        "--runtime",
-        choices=("torch", "onnxruntime"),
-        default="torch",
-        help="onnxruntime: also time the prepared model run by ONNX Runtime (pip install 'anchornet[onnx]')",
+    add_runtime_argument(
+        parser, "onnxruntime: also time the prepared model run by ONNX Runtime (pip install 'anchornet[onnx]')"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser.parse_args(argv)
@@ -94,13 +92,7 @@ def versions(model: nn.Module, size: int, runtime: str) -> dict[str, nn.Module]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.runtime == "onnxruntime":
-        from pipelines.onnx_runtime import require_onnxruntime
-
-        try:
-            require_onnxruntime()
-        except RuntimeError as err:
-            raise SystemExit(f"classifier_inference: {err}") from None
+    check_runtime("classifier_inference", args.runtime)
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint)
     sizes = [int(s) for s in args.sizes.split(",")]

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks._runtime import add_runtime_argument, check_runtime
+
 IMAGENETTE_INDICES = "0,217,482,491,497,566,569,571,574,701"
 
 
@@ -76,9 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-replicas", type=int, default=1, help="= --max-replicas: fixed replicas, no scaling")
     parser.add_argument("--max-replicas", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument(
-        "--runtime", choices=("torch", "onnxruntime"), default="torch", help="what runs the models, both apps"
-    )
+    add_runtime_argument(parser, "what runs the models, both apps")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="@serve.batch wait of every model, both apps")
     parser.add_argument(
         "--layouts", default="separate,colocated", help="early-exit layouts to load, comma-separated, in order"
@@ -253,13 +253,7 @@ def _timeline(samples: list[tuple[float, dict[str, int]]], every: int = 5) -> st
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.runtime == "onnxruntime":
-        from pipelines.onnx_runtime import require_onnxruntime
-
-        try:
-            require_onnxruntime()
-        except RuntimeError as err:
-            raise SystemExit(f"serve_load: {err}") from None
+    check_runtime("serve_load", args.runtime)
     unknown = set(args.layouts.split(",")) - {"separate", "colocated"}
     if unknown:
         raise SystemExit(f"serve_load: unknown --layouts {sorted(unknown)}: use separate and/or colocated")

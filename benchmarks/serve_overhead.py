@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._machine import cpu_name
+from benchmarks._runtime import add_runtime_argument, check_runtime
 from benchmarks.serve_load import IMAGENETTE_INDICES, budget_problem, checkpoints, load_images
 
 MODELS = ("glance", "anchornet", "patch")  # their Server-Timing entries
@@ -55,12 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rho", type=float, default=0.6, help="threshold of every step without --thresholds")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="@serve.batch wait of the model deployments")
     parser.add_argument("--colocate", action="store_true", help="the models inside the ingress replica")
-    parser.add_argument(
-        "--runtime",
-        choices=("torch", "onnxruntime"),
-        default="torch",
-        help="what runs the models, in the replicas and in process",
-    )
+    add_runtime_argument(parser, "what runs the models, in the replicas and in process")
     parser.add_argument(
         "--high-throughput", action="store_true", help="Ray Serve's high-throughput mode (HAProxy ingress)"
     )
@@ -233,15 +229,9 @@ def inprocess_times(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.runtime == "onnxruntime":
-        from pipelines.onnx_runtime import require_onnxruntime
-
-        try:
-            require_onnxruntime()
-        except RuntimeError as err:
-            raise SystemExit(f"serve_overhead: {err}") from None
-        if args.num_gpus > 0:
-            raise SystemExit("serve_overhead: --runtime onnxruntime runs on the CPU; drop --num-gpus")
+    check_runtime("serve_overhead", args.runtime)
+    if args.runtime == "onnxruntime" and args.num_gpus > 0:
+        raise SystemExit("serve_overhead: --runtime onnxruntime runs on the CPU; drop --num-gpus")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if problem := budget_problem(args.budget, args.thresholds):
         raise SystemExit(f"serve_overhead: {problem}")

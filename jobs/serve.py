@@ -30,6 +30,8 @@ def _seconds(text: str) -> float:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from pipelines.onnx_runtime import RUNTIMES
+
     parser = argparse.ArgumentParser(prog="serve", description=__doc__.splitlines()[0])
     parser.add_argument("--anchornet", required=True, help="AnchorNet checkpoint")
     parser.add_argument("--glance", required=True, help="f_glance checkpoint")
@@ -68,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--runtime",
-        choices=("torch", "onnxruntime"),
+        choices=RUNTIMES,
         default="torch",
         help="what runs the models: torch, or ONNX Runtime on the CPU (pip install 'anchornet[onnx]'; the same "
         "function, 1.6-3x faster on one thread; the first replica on a node exports its models, ~5 s each, and "

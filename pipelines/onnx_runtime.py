@@ -27,7 +27,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Runtime = Literal["torch", "onnxruntime"]
-RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime")
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 
 _PACKAGES = ("onnxruntime", "onnx", "onnxscript")
 
@@ -127,25 +127,16 @@ class OnnxRuntimeModel(nn.Module):
             expected = model(example)
         self.single = isinstance(expected, torch.Tensor)
         expected = (expected,) if self.single else tuple(expected)
-        entry = None
-        if cache:
+        entry, cached = _cache_lookup(cache_dir, export_key(model, example, dynamic_dims)) if cache else (None, None)
+        if cached is not None:
             try:
-                entry = Path(cache_dir or default_cache_dir()) / f"{export_key(model, example, dynamic_dims)}.onnx"
-                cached = entry.read_bytes() if entry.is_file() else None
-                if cached is not None:
-                    os.utime(entry)  # recently used: the last to go when the cache is pruned
-            except (OSError, RuntimeError) as err:  # unreadable, or no home directory to put the cache in
-                warnings.warn(f"not using the ONNX export cache: {err}", RuntimeWarning, stacklevel=2)
-                entry = cached = None
-            if cached is not None:
-                try:
-                    self._open(cached)
-                    problem = self._mismatch(example, expected, rtol)
-                except Exception as err:  # a truncated or foreign file: whatever ONNX Runtime raises, export again
-                    problem = f"unreadable: {err}".splitlines()[0]
-                if problem is None:
-                    return
-                logger.warning("cached %s does not fit %s (%s): exporting again", entry, type(model).__name__, problem)
+                self._open(cached)
+                problem = self._mismatch(example, expected, rtol)
+            except Exception as err:  # a truncated or foreign file: whatever ONNX Runtime raises, export again
+                problem = f"unreadable: {err}".splitlines()[0]
+            if problem is None:
+                return
+            logger.warning("cached %s does not fit %s (%s): exporting again", entry, type(model).__name__, problem)
         data = export_onnx(model, example, dynamic_dims)
         self._open(data)
         if (problem := self._mismatch(example, expected, rtol)) is not None:
@@ -222,6 +213,22 @@ def export_key(model: nn.Module, example: torch.Tensor, dynamic_dims: tuple[int,
         digest.update(repr((name, tuple(tensor.shape), str(tensor.dtype))).encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+def _cache_lookup(cache_dir: str | Path | None, key: str) -> tuple[Path | None, bytes | None]:
+    """``(entry, its bytes)`` of ``key`` in the cache (``default_cache_dir()`` unless given); the bytes are None when
+    there is no entry yet, and both are None, with a warning, when the cache cannot be used (unreadable, or no home
+    directory to put it in). A hit marks the entry recently used, the last to go when the cache is pruned."""
+    try:
+        entry = Path(cache_dir or default_cache_dir()) / f"{key}.onnx"
+        if not entry.is_file():
+            return entry, None
+        cached = entry.read_bytes()
+        os.utime(entry)
+    except (OSError, RuntimeError) as err:
+        warnings.warn(f"not using the ONNX export cache: {err}", RuntimeWarning, stacklevel=3)
+        return None, None
+    return entry, cached
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -426,18 +426,16 @@ def _runtimes_used(args: ServeArgs) -> set[str]:
     """The runtimes ``args`` will load models on. Raises ``ValueError`` (one line) for a model deployment that sets a
     runtime other than the ingress's when colocated, where the ingress's runtime runs every model."""
     d = args.deployments
-    models = {"glance": d.glance, "anchornet": d.anchornet, "patch": d.patch}
-    if args.fallback:
-        models["fallback"] = d.fallback
-    if not args.colocate:
-        return {o.runtime for o in models.values()}
-    ignored = [r for r, o in models.items() if "runtime" in o.model_fields_set and o.runtime != d.ingress.runtime]
-    if ignored:
-        raise ValueError(
-            f"colocated, the ingress's runtime ({d.ingress.runtime}) runs every model: set runtime on "
-            f"deployments.ingress, not on {', '.join(ignored)}"
-        )
-    return {d.ingress.runtime}
+    roles = ["glance", "anchornet", "patch", *(["fallback"] if args.fallback else [])]
+    if args.colocate:
+        options = {role: getattr(d, role) for role in roles}
+        ignored = [r for r, o in options.items() if "runtime" in o.model_fields_set and o.runtime != d.ingress.runtime]
+        if ignored:
+            raise ValueError(
+                f"colocated, the ingress's runtime ({d.ingress.runtime}) runs every model: set runtime on "
+                f"deployments.ingress, not on {', '.join(ignored)}"
+            )
+    return {_runtime_of(args, role) for role in roles}
 
 
 def _runtime_of(args: ServeArgs, role: str) -> str:
@@ -732,15 +730,20 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _in_layout(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``images`` in the memory layout ``model`` reads fastest: channels-last for the prepared torch models, as they
+    are (NCHW) for ONNX Runtime, which copies its input to NCHW anyway."""
+    if isinstance(model, OnnxRuntimeModel):
+        return images
+    return images.contiguous(memory_format=torch.channels_last)
+
+
 @torch.inference_mode()
 def classify_images(model: nn.Module, input_size: int, images: torch.Tensor) -> list[torch.Tensor]:
     """What a classifier deployment computes for a batch: uint8 ``(B, 3, H, W)`` -> ``B`` float32 logits
     (on the CPU, wherever the model runs, each in its own storage)."""
     images = images.to(_device_of(model), non_blocking=True)
-    inputs = resize_square(to_float(images), input_size)
-    if not isinstance(model, OnnxRuntimeModel):  # ONNX Runtime takes NCHW
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    logits = model(inputs).float().cpu()
+    logits = model(_in_layout(model, resize_square(to_float(images), input_size))).float().cpu()
     return [row.clone() for row in logits]  # each its own storage: a view would pickle the whole batch
 
 
@@ -751,9 +754,7 @@ def propose_patches(
     """What the AnchorNet deployment computes for a batch: CAM (Eq. 2, ``load_anchornet_on_replica``'s model),
     NMS-selected boxes and their crops (on the CPU, wherever the model runs)."""
     receptive_field = model.receptive_field
-    inputs = images.to(_device_of(model), non_blocking=True)
-    if not isinstance(model, OnnxRuntimeModel):  # ONNX Runtime takes NCHW
-        inputs = inputs.contiguous(memory_format=torch.channels_last)  # before to_float: a quarter of the bytes
+    inputs = _in_layout(model, images.to(_device_of(model), non_blocking=True))  # uint8: a quarter of the bytes
     cam, _ = model(to_float(inputs))
     selection = select_patches(cam.cpu(), receptive_field, num_patches, iou_threshold)
     crops = crop_patches(images, selection.boxes, size=receptive_field.size)

@@ -33,6 +33,17 @@ def small() -> torch.nn.Module:
     return torch.nn.Sequential(*layers, torch.nn.Linear(8, 7)).eval()
 
 
+class Shifted(torch.nn.Module):
+    """``model``'s outputs + 0.5: what a wrong export would give."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images) + 0.5
+
+
 def test_a_classifier_gives_the_same_logits_at_any_batch_size(classifier: torch.nn.Module) -> None:
     from pipelines.onnx_runtime import OnnxRuntimeModel
 
@@ -69,11 +80,7 @@ def test_anchornet_cam_and_logits_at_any_image_size() -> None:
 def test_an_export_that_differs_is_refused(small: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     import pipelines.onnx_runtime as runtime
 
-    class Shifted(torch.nn.Module):  # its logits + 0.5: what a wrong export would give
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            return small(images) + 0.5
-
-    other = Shifted()
+    other = Shifted(small)
     export = runtime.export_onnx
     monkeypatch.setattr(runtime, "export_onnx", lambda model, example, dims: export(other, example, dims))
     message = r"ONNX Runtime's output 0 \(largest difference 0\.5\) of this .* differs from PyTorch's"
@@ -205,11 +212,7 @@ def test_a_bad_cache_entry_is_exported_again(
     example = torch.rand(2, 3, 95, 95)
     path = tmp_path / f"{export_key(small, example, (0,))}.onnx"
 
-    class Shifted(torch.nn.Module):
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            return small(images) + 0.5
-
-    bad = b"not an onnx model" if entry == "garbage" else export_onnx(Shifted(), example)
+    bad = b"not an onnx model" if entry == "garbage" else export_onnx(Shifted(small), example)
     path.write_bytes(bad)
     with caplog.at_level("WARNING", logger="pipelines.onnx_runtime"):
         model = OnnxRuntimeModel(small, example, cache_dir=tmp_path)
