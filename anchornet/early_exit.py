@@ -20,6 +20,7 @@ It trades the paper's fixed end point for the full network's accuracy on the few
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -231,6 +232,8 @@ class EarlyExitResult:
         boxes: half-open windows ``(x0, y0, x1, y1)`` of the patches the sample looked at, best first,
             ``(B, k, 4)``; NaN in the slots it did not look at.
         scores: CAM scores of those patches, ``(B, k)``; NaN likewise (and always for random patches).
+        patches_available: valid patches the selection offered the sample (``PatchSelection.num_valid``), ``(B,)``;
+            -1 where there was no selection (the sample exited at the glance).
     """
 
     prediction: torch.Tensor
@@ -240,6 +243,7 @@ class EarlyExitResult:
     logits: torch.Tensor
     boxes: torch.Tensor
     scores: torch.Tensor
+    patches_available: torch.Tensor
 
 
 class EarlyExitClassifier(nn.Module):
@@ -301,6 +305,7 @@ class EarlyExitClassifier(nn.Module):
         self.glance_net = glance_net
         self.patch_net = patch_net
         self.fallback_net = fallback_net
+        self.cam_net: nn.Module | None = None  # set by run_on; None: class_activation_map(anchornet, .)
         self.receptive_field = anchornet.receptive_field
         self.num_patches = num_patches
         self.iou_threshold = iou_threshold
@@ -358,6 +363,28 @@ class EarlyExitClassifier(nn.Module):
             self.anchornet_macs, self.glance_macs, self.patch_macs, self.num_steps, self.fallback_macs
         )
 
+    def run_on(
+        self,
+        *,
+        cam: nn.Module | None = None,
+        glance: nn.Module | None = None,
+        patch: nn.Module | None = None,
+        fallback: nn.Module | None = None,
+    ) -> EarlyExitClassifier:
+        """This engine with some of its forward passes run by other modules that compute the same functions
+        (prepared, compiled or exported copies, e.g. ONNX Runtime sessions): the same thresholds, settings and MACs,
+        counted on the original networks. ``cam`` maps images to ``(cam, logits)`` as
+        ``class_activation_map(anchornet, images)`` does. The engine itself is not changed."""
+        if fallback is not None and self.fallback_net is None:
+            raise ValueError("run_on got a fallback module but this engine has no fallback step")
+        engine = copy.copy(self)
+        engine._modules = dict(self._modules)  # a shallow copy of a module shares its submodule dict
+        given = {"cam_net": cam, "glance_net": glance, "patch_net": patch, "fallback_net": fallback}
+        for name, module in given.items():
+            if module is not None:
+                setattr(engine, name, module)
+        return engine
+
     def _macs_at(self, net: nn.Module, cache: dict[tuple[int, int], int], height: int, width: int) -> int:
         """MACs of ``net`` on one ``height x width`` image, counted once per size."""
         if (height, width) not in cache:
@@ -393,7 +420,7 @@ class EarlyExitClassifier(nn.Module):
 
     def _select(self, images: torch.Tensor) -> PatchSelection:
         """AnchorNet's patches of ``images``: CAM of its own top-1 class, then greedy NMS, best first."""
-        cam, _ = class_activation_map(self.anchornet, images)
+        cam, _ = self.cam_net(images) if self.cam_net is not None else class_activation_map(self.anchornet, images)
         return select_patches(cam, self.receptive_field, self.num_patches, self.iou_threshold)
 
     def _patches(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -402,12 +429,25 @@ class EarlyExitClassifier(nn.Module):
             crop_patches(images, boxes[:, None], size=self.receptive_field.size)[:, 0], self.patch_size
         )
 
-    def forward(self, images: torch.Tensor, *, exit_at: int | None = None) -> EarlyExitResult:
-        return self.predict(images, exit_at=exit_at)
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        exit_at: int | None = None,
+        thresholds: Sequence[float] | ExitThresholds | None = None,
+    ) -> EarlyExitResult:
+        return self.predict(images, exit_at=exit_at, thresholds=thresholds)
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor, *, exit_at: int | None = None) -> EarlyExitResult:
-        """Alg. 1 on a batch ``(B, C, H, W)`` with ``H, W >= K``.
+    def predict(
+        self,
+        images: torch.Tensor,
+        *,
+        exit_at: int | None = None,
+        thresholds: Sequence[float] | ExitThresholds | None = None,
+    ) -> EarlyExitResult:
+        """Alg. 1 on a batch ``(B, C, H, W)`` with ``H, W >= K``, with ``thresholds`` for this call when given
+        (else ``self.thresholds``).
 
         ``exit_at=t`` (1..T) is anytime mode: every sample exits at step ``t`` whatever its confidence. A sample
         with fewer valid patches than ``num_patches`` (``PatchSelection.num_valid``) exits at its last available
@@ -416,6 +456,7 @@ class EarlyExitClassifier(nn.Module):
         """
         self._check_images(images)
         steps, last_patch_step = self.num_steps, self.num_patches + 1
+        rho = self._thresholds if thresholds is None else check_thresholds(thresholds, steps)
         if exit_at is not None and not (isinstance(exit_at, int) and 1 <= exit_at <= steps):
             raise ValueError(f"exit_at must be an int step in 1..{steps} (T = {steps}), got {exit_at!r}")
         # A sample out of patches exits where it is, unless a fallback step is still ahead of it.
@@ -432,6 +473,7 @@ class EarlyExitClassifier(nn.Module):
         scores = torch.full((batch, k), float("nan"), dtype=z.dtype, device=device)
         ran_anchornet = torch.zeros(batch, dtype=torch.bool, device=device)
         patches_seen = torch.zeros(batch, dtype=torch.long, device=device)
+        patches_available = torch.full((batch,), -1, dtype=torch.long, device=device)
         active = torch.arange(batch, device=device)  # rows of the batch still undecided, in order
         fallback_rows: list[torch.Tensor] = []  # rows whose patches ran out, bound for the fallback
 
@@ -440,7 +482,7 @@ class EarlyExitClassifier(nn.Module):
                 return torch.full(z_t.shape[:1], t >= exit_at, dtype=torch.bool, device=device)
             if t == steps:
                 return torch.ones(z_t.shape[:1], dtype=torch.bool, device=device)
-            return confidence_log_odds(z_t, t, self.aggregate) >= self._thresholds.log_odds[t - 1]
+            return confidence_log_odds(z_t, t, self.aggregate) >= rho.log_odds[t - 1]
 
         def record(t: int, stop: torch.Tensor, step_confidence: torch.Tensor, step_prediction: torch.Tensor) -> None:
             rows = active[stop]
@@ -460,6 +502,7 @@ class EarlyExitClassifier(nn.Module):
             sub_images = images.index_select(0, active)
             selection = _index_selection(drawn, active) if drawn is not None else self._select(sub_images)
             ran_anchornet[active] = self.patch_policy == "anchornet"
+            patches_available[active] = selection.num_valid.to(device=device, dtype=torch.long)
             last_step = 1 + selection.num_valid
             # Only possible without any valid patch: such a sample exits at step 1, having paid for AnchorNet
             # (or goes on to the fallback).
@@ -522,6 +565,7 @@ class EarlyExitClassifier(nn.Module):
             logits=logits,
             boxes=boxes,
             scores=scores,
+            patches_available=patches_available,
         )
 
     @torch.inference_mode()

@@ -335,3 +335,69 @@ def test_confidences_that_round_to_one_exit_by_their_log_odds(images) -> None:
     assert torch.equal(result.exit_step == 1, exited)
     assert (result.exit_step[~exited] == 2).all()  # one patch adds 20 or more
     assert (result.confidence == 1.0).all()  # reported as the confidence it is
+
+
+def _same_result(got, want) -> None:
+    for name in ("prediction", "exit_step", "macs", "patches_available"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for name in ("confidence", "logits", "boxes", "scores"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), equal_nan=True)
+
+
+def test_thresholds_for_one_call_leave_the_engine_as_it_was(nets, images) -> None:
+    engine = _engine(nets)
+    mixed = _mixed_thresholds(engine, images)
+    got = engine.predict(images, thresholds=mixed)
+    assert engine.thresholds.confidences == (0.5,) * 4  # unchanged
+    engine.thresholds = mixed
+    _same_result(got, engine.predict(images))
+    assert len(set(got.exit_step.tolist())) >= 3
+    with pytest.raises(ValueError):
+        engine.predict(images, thresholds=(0.5,) * 3)  # T - 1 = 4 thresholds
+
+
+def test_patches_available_says_what_the_selection_offered(nets, images) -> None:
+    engine = _engine(nets, iou_threshold=0.3)
+    mixed = _mixed_thresholds(engine, images)
+    result = engine.predict(images, thresholds=mixed)
+    _, selection = engine.step_logits(images)
+    at_glance = result.exit_step == 1
+    assert at_glance.any() and (~at_glance).any()
+    assert (result.patches_available[at_glance] == -1).all()
+    assert torch.equal(result.patches_available[~at_glance], selection.num_valid[~at_glance])
+    looked = (~result.boxes[..., 0].isnan()).sum(dim=1)
+    assert (looked[~at_glance] <= result.patches_available[~at_glance]).all()
+
+
+class _Counted(nn.Module):
+    """``forward`` of another module (or AnchorNet's CAM), its calls counted: a stand-in for a compiled or exported
+    copy."""
+
+    def __init__(self, module: nn.Module, cam: bool = False) -> None:
+        super().__init__()
+        self.module, self.cam, self.calls = module, cam, 0
+
+    def forward(self, x: torch.Tensor):
+        self.calls += 1
+        return class_activation_map(self.module, x) if self.cam else self.module(x)
+
+
+def test_run_on_other_modules_gives_the_same_result_and_leaves_the_engine(nets, images) -> None:
+    anchornet, glance_net, patch_net = nets
+    engine = _engine(nets)
+    mixed = _mixed_thresholds(engine, images)
+    cam, glance, patch = _Counted(anchornet, cam=True), _Counted(glance_net), _Counted(patch_net)
+    other = engine.run_on(cam=cam, glance=glance, patch=patch)
+    got = other.predict(images, thresholds=mixed)
+    _same_result(got, engine.predict(images, thresholds=mixed))
+    patch_steps = int((~got.boxes[..., 0].isnan()).sum(dim=1).max())  # one pass per step anyone reached
+    assert (cam.calls, glance.calls, patch.calls) == (1, 1, patch_steps) and patch_steps >= 2
+    assert engine.glance_net is glance_net and engine.patch_net is patch_net and engine.cam_net is None
+    assert (other.glance_macs, other.patch_macs, other.step_macs, other.thresholds) == (
+        engine.glance_macs,
+        engine.patch_macs,
+        engine.step_macs,
+        engine.thresholds,
+    )
+    with pytest.raises(ValueError, match="no fallback step"):
+        engine.run_on(fallback=glance_net)

@@ -265,11 +265,11 @@ def test_colocated_models_load_on_the_ingress_runtime(
 
     monkeypatch.setattr(serve_module, "load_on_replica", recording(load))
     monkeypatch.setattr(serve_module, "load_anchornet_on_replica", recording(load_anchornet))
-    batching = dict.fromkeys(("glance", "anchornet", "patch", "fallback"), (4, 0.0))
     models = ColocatedModels(
-        paths["anchornet"], paths["glance"], paths["patch"], 2, 0.3, batching, fallback=paths["glance"], runtime=runtime
+        paths["anchornet"], paths["glance"], paths["patch"], 2, 0.3, fallback=paths["glance"], runtime=runtime
     )
-    assert all(model is not None for model in models.load())
+    cascade = models.load()
+    assert cascade.engine.has_fallback and cascade.engine.num_patches == 2
     assert sorted(seen) == sorted(
         [("anchornet", runtime), ("glance", runtime), ("patch", runtime), ("glance", runtime)]
     )

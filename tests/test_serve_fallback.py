@@ -187,7 +187,7 @@ def test_build_app_adds_the_fallback_to_either_layout(checkpoints: dict[str, str
     assert fallback.name == "Fallback" and fallback.init_args == (checkpoints["fallback"],)
     assert fallback.ray_actor_options["num_cpus"] == 0.1
     colocated = build_app(_args(checkpoints))._bound_deployment.init_kwargs["colocated"]
-    assert colocated.fallback == checkpoints["fallback"] and "fallback" in colocated.batching
+    assert colocated.fallback == checkpoints["fallback"]
     plain = build_app(_args(checkpoints, layout="separate", fallback=None, thresholds=checkpoints["old_thresholds"]))
     assert "fallback" not in plain._bound_deployment.init_kwargs
 

@@ -26,16 +26,17 @@ from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from anchornet import Preprocessing
+from anchornet.early_exit import ExitThresholds
 from pipelines.serve import (
     AUTOSCALING_DELAYS,
     UNHEALTHY_AFTER_FAILURES,
     AnchorNetDeployment,
     BaselineArgs,
     ClassifierDeployment,
+    ColocatedModels,
     DeploymentArgs,
     FailureStreak,
     Ingress,
-    InProcessModel,
     RetryingHandle,
     ServeArgs,
     ServerTiming,
@@ -261,24 +262,39 @@ def test_an_anchornet_replica_whose_model_keeps_failing_is_unhealthy(checkpoints
 
 
 @pytest.mark.usefixtures("in_a_replica")
-def test_a_colocated_ingress_whose_model_keeps_failing_is_unhealthy() -> None:
-    broken = Broken()
-    models = [InProcessModel(lambda x: list(broken(x)), 2, 0.0) for _ in range(4)]
-    ingress = object.__new__(Ingress.func_or_class)  # check_health reads the models only
-    ingress.glance, ingress.anchornet, ingress.patch, ingress.fallback = models
+def test_a_colocated_ingress_whose_model_keeps_failing_is_unhealthy(tmp_path: Path) -> None:
+    """Colocated, the models run in the ingress as one ``InProcessCascade``: once any of its forward passes (the
+    fallback step's too) keeps failing, the ingress's health check fails; one good batch makes it healthy again."""
+    from _helpers import tiny_fallback_checkpoint
 
-    async def scenario(failing: InProcessModel) -> None:
+    paths = tiny_serving_checkpoints(tmp_path, CLASSES)
+    fallback = tiny_fallback_checkpoint(tmp_path, CLASSES)
+    models = ColocatedModels(paths["anchornet"], paths["glance"], paths["patch"], 2, 0.3, 2, 0.0, fallback=fallback)
+    cascade = models.load()
+    ingress = object.__new__(Ingress.func_or_class)  # check_health reads the cascade only
+    ingress.cascade = cascade
+    image = torch.zeros(3, 224, 224, dtype=torch.uint8)
+    every_step = ExitThresholds.from_confidences([1.0] * 3)  # no one exits before the fallback
+
+    async def scenario(role: str) -> None:
+        runner = getattr(cascade.engine, role)
+        working, runner.model = runner.model, Broken()
         for _ in range(UNHEALTHY_AFTER_FAILURES):
-            with pytest.raises(RuntimeError):
-                await failing.remote(torch.zeros(3, 8, 8))
+            with pytest.raises(RuntimeError, match="CUDA error"):
+                await cascade.decide(image, every_step)
         with pytest.raises(RuntimeError, match="in a row failed"):
             ingress.check_health()
+        runner.model = working
+        decision, spent = await cascade.decide(image, every_step)
+        assert decision.fallback and list(spent) == ["glance", "anchornet", "patch", "fallback"]
+        ingress.check_health()
 
-    asyncio.run(scenario(models[2]))
-    models[2].failures.count = 0
-    ingress.check_health()
-    asyncio.run(scenario(models[3]))  # the fallback step's model counts too
-    ingress.glance = ingress.anchornet = ingress.patch = ingress.fallback = FakeHandle()  # separate: nothing here
+    async def every_model() -> None:  # one event loop: @serve.batch's queue is bound to the first one
+        for role in ("glance_net", "cam_net", "patch_net", "fallback_net"):
+            await scenario(role)
+
+    asyncio.run(every_model())
+    ingress.cascade = None  # separate: nothing in this replica to check
     ingress.check_health()
 
 
