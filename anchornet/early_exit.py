@@ -306,6 +306,8 @@ class EarlyExitClassifier(nn.Module):
         self.patch_net = patch_net
         self.fallback_net = fallback_net
         self.cam_net: nn.Module | None = None  # set by run_on; None: class_activation_map(anchornet, .)
+        # what the fallback's MACs are counted on, whatever run_on puts in its place (not a second submodule)
+        object.__setattr__(self, "_fallback_counted", fallback_net)
         self.receptive_field = anchornet.receptive_field
         self.num_patches = num_patches
         self.iou_threshold = iou_threshold
@@ -378,7 +380,9 @@ class EarlyExitClassifier(nn.Module):
         if fallback is not None and self.fallback_net is None:
             raise ValueError("run_on got a fallback module but this engine has no fallback step")
         engine = copy.copy(self)
-        engine._modules = dict(self._modules)  # a shallow copy of a module shares its submodule dict
+        for name, value in vars(self).items():  # a shallow copy shares nn.Module's dicts: submodules, hooks, caches
+            if isinstance(value, (dict, set)):
+                object.__setattr__(engine, name, type(value)(value))
         given = {"cam_net": cam, "glance_net": glance, "patch_net": patch, "fallback_net": fallback}
         for name, module in given.items():
             if module is not None:
@@ -397,9 +401,9 @@ class EarlyExitClassifier(nn.Module):
         return self._macs_at(self.anchornet, self._anchornet_macs, height, width)
 
     def _fallback_cost(self, height: int, width: int) -> int:
-        if self.fallback_net is None:
+        if self._fallback_counted is None:
             return 0
-        return self._macs_at(self.fallback_net, self._fallback_macs, height, width)
+        return self._macs_at(self._fallback_counted, self._fallback_macs, height, width)
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4:

@@ -859,6 +859,7 @@ class ColocatedModels:
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.005
     aggregate: Aggregate = "logits"
+    image_size: int = 224  # the preprocessed images' side, where AnchorNet and the fallback are charged
     torch_threads: int = 1
     use_gpu: bool = False
     fallback: str | None = None
@@ -888,6 +889,7 @@ class ColocatedModels:
             self.iou_threshold,
             patch_size=patch_size,
             aggregate=self.aggregate,
+            image_size=(self.image_size, self.image_size),
             fallback_net=in_torch(nets["fallback"]) if "fallback" in nets else None,
         )
         return InProcessCascade(
@@ -1143,16 +1145,21 @@ async def early_exit_steps(
 
 class _Runner(nn.Module):
     """One of the cascade's models as ``InProcessCascade`` runs it: the input in the layout the model reads fastest
-    (``_in_layout``), the forward pass timed into ``spent[role]`` (milliseconds)."""
+    (``_in_layout``); each pass timed (milliseconds, appended to ``passes``: one per call of a ``predict``, so the
+    patch classifier's in step order; on a GPU the timer waits for the pass) and counted in ``failures``."""
 
-    def __init__(self, model: nn.Module, role: str, spent: dict[str, float]) -> None:
+    def __init__(self, model: nn.Module, clock: Callable[[], float] = time.perf_counter) -> None:
         super().__init__()
-        self.model, self.role, self.spent = model, role, spent
+        self.model, self.clock = model, clock
+        self.passes: list[float] = []
+        self.failures = FailureStreak()
 
     def forward(self, images: torch.Tensor) -> Any:
-        start = time.perf_counter()
-        output = self.model(_in_layout(self.model, images))
-        self.spent[self.role] = self.spent.get(self.role, 0.0) + (time.perf_counter() - start) * 1e3
+        start = self.clock()
+        output = self.failures.run(self.model, _in_layout(self.model, images))
+        if images.is_cuda:
+            torch.cuda.synchronize(images.device)
+        self.passes.append((self.clock() - start) * 1e3)
         return output
 
 
@@ -1162,13 +1169,12 @@ class InProcessCascade:
     Concurrent requests are batched (``@serve.batch``, run on the event loop) and decided by one
     ``EarlyExitClassifier.predict`` per batch and per thresholds among them: they share each step's forward pass,
     the glance's for all of them, AnchorNet's for those still unsure, each patch step's for those unsure after it.
-    On CPU nodes that is 1.2-1.4 ms less CPU per request at four to eight requests in flight than one batching
+    On CPU nodes that is 1.1-1.4 ms less CPU per request at four to eight requests in flight than one batching
     queue per step (docs/serving.md). The passes run on ``nets`` and ``cam`` (``load_on_replica`` /
     ``load_anchornet_on_replica``: torch or ONNX Runtime); a decision equals ``early_exit_steps`` on the same
-    models. ``failures`` counts failed batches in a row, for the ingress's ``check_health``.
+    models. A group whose ``predict`` fails fails its own requests only; ``runners`` (role -> ``_Runner``) count
+    each model's failed passes in a row, for the ingress's ``check_health``.
     """
-
-    ROLES = ("glance", "anchornet", "patch", "fallback")
 
     def __init__(
         self,
@@ -1179,30 +1185,42 @@ class InProcessCascade:
         batch_wait_timeout_s: float,
         device: torch.device,
     ) -> None:
-        self.spent: dict[str, float] = {}
+        self.runners = {role: _Runner(net) for role, net in {"anchornet": cam, **nets}.items()}
         self.engine = engine.run_on(
-            cam=_Runner(cam, "anchornet", self.spent),
-            **{role: _Runner(net, role, self.spent) for role, net in nets.items()},
+            cam=self.runners["anchornet"],
+            **{role: self.runners[role] for role in ("glance", "patch", "fallback") if role in nets},
         )
         self.device = device
-        self.failures = FailureStreak()
         self._decide = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)(self._run)
 
-    async def decide(self, image: torch.Tensor, rho: ExitThresholds) -> tuple[EarlyExit, dict[str, float]]:
-        """The decision for one preprocessed uint8 image ``(3, S, S)`` under ``rho``, and the milliseconds of each
-        model's forward passes it took part in (role -> ms; a batched pass counted in full for every request in
-        it)."""
-        return await self._decide((image, rho))
+    def check(self) -> None:
+        """``RuntimeError`` (one line) once one of the models' passes keep failing (``FailureStreak.check``)."""
+        for runner in self.runners.values():
+            runner.failures.check()
 
-    async def _run(self, items: list[tuple[torch.Tensor, ExitThresholds]]) -> list[tuple[EarlyExit, dict[str, float]]]:
+    async def decide(self, image: torch.Tensor, rho: ExitThresholds) -> tuple[EarlyExit, dict[str, float]]:
+        """The decision for one preprocessed uint8 image ``(3, S, S)`` under ``rho``, and the milliseconds of the
+        forward passes it took part in (role -> ms: the patch steps it saw, summed; a batched pass counted in full
+        for every request in it)."""
+        decided = await self._decide((image, rho))
+        if isinstance(decided, Exception):
+            raise decided
+        return decided
+
+    async def _run(self, items: list[tuple[torch.Tensor, ExitThresholds]]) -> list[Any]:
         groups: dict[tuple[ExitThresholds, tuple[int, ...]], list[int]] = {}
         for i, (image, rho) in enumerate(items):
             groups.setdefault((rho, tuple(image.shape)), []).append(i)
         decided: list[Any] = [None] * len(items)
         for (rho, _), indices in groups.items():
-            images = torch.stack([items[i][0] for i in indices]).to(self.device, non_blocking=True)
-            self.spent.clear()
-            result = self.failures.run(self._predict, images, rho)
+            for runner in self.runners.values():
+                runner.passes.clear()
+            try:
+                result = self._predict(torch.stack([items[i][0] for i in indices]).to(self.device), rho)
+            except Exception as err:  # this group's requests fail; the others in the batch go on
+                for i in indices:
+                    decided[i] = err
+                continue
             for row, i in enumerate(indices):
                 decided[i] = self._decision(result, row)
         return decided
@@ -1222,7 +1240,6 @@ class InProcessCascade:
             for j in seen
         ]
         z = result.logits[row]
-        used = {"glance": True, "anchornet": available >= 0, "patch": bool(seen), "fallback": fallback}
         decision = EarlyExit(
             exit_step=t,
             confidence=float(result.confidence[row]),
@@ -1233,7 +1250,9 @@ class InProcessCascade:
             fallback=fallback,
             macs=int(result.macs[row]),
         )
-        return decision, {role: self.spent[role] for role in self.ROLES if used[role]}
+        passes = {"glance": 1, "anchornet": int(available >= 0), "patch": len(seen), "fallback": int(fallback)}
+        spent = {role: sum(self.runners[role].passes[:n]) for role, n in passes.items() if n}
+        return decision, spent
 
 
 @serve.deployment
@@ -1260,6 +1279,11 @@ class Ingress:
         self.models: dict[str, RetryingHandle] = {}  # role -> handle, in the separate layout
         self.cascade: InProcessCascade | None = None
         if colocated is not None:
+            if (colocated.num_patches, colocated.aggregate) != (spec.num_patches, spec.aggregate):
+                raise ValueError(
+                    f"the colocated models run {colocated.num_patches} patches with aggregate {colocated.aggregate!r} "
+                    f"but the spec says {spec.num_patches} and {spec.aggregate!r}"
+                )
             self.cascade = colocated.load()
             has_fallback = self.cascade.engine.has_fallback
         elif glance is None or anchornet is None or patch is None:
@@ -1290,7 +1314,7 @@ class Ingress:
     def check_health(self) -> None:
         """Serve's health check: colocated, fails once the forward passes in this replica keep failing."""
         if self.cascade is not None:
-            self.cascade.failures.check()
+            self.cascade.check()
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -1404,6 +1428,7 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
             max_batch_size=d.ingress.max_batch_size,
             batch_wait_timeout_s=d.ingress.batch_wait_timeout_s,
             aggregate=args.aggregate,
+            image_size=Preprocessing.from_dict(spec.preprocessing).image_size,
             torch_threads=d.ingress.torch_threads,
             use_gpu=d.ingress.num_gpus > 0,
             fallback=args.fallback,

@@ -401,3 +401,25 @@ def test_run_on_other_modules_gives_the_same_result_and_leaves_the_engine(nets, 
     )
     with pytest.raises(ValueError, match="no fallback step"):
         engine.run_on(fallback=glance_net)
+
+
+def test_run_on_shares_no_hooks_and_counts_macs_on_the_originals(nets, images) -> None:
+    """A hook on the copy does not fire on the engine; the fallback's MACs at a new image size are counted on the
+    original network, not on the module that runs it (an exported copy would count 0)."""
+    anchornet, glance_net, patch_net = nets
+    fallback_net = _tiny_classifier().double().eval()
+    engine = EarlyExitClassifier(anchornet, glance_net, patch_net, (1.0,) * 5, K_PATCHES, fallback_net=fallback_net)
+    runs = _Counted(fallback_net)
+    other = engine.run_on(fallback=runs)
+    fired: list[str] = []
+    other.register_forward_hook(lambda *_: fired.append("copy"))
+    engine.predict(images)
+    assert fired == []
+    result = other.predict(images)  # at SIZE = 160, a size the constructor (224) did not count
+    assert runs.calls == 1  # the fallback pass, and no pass for counting
+    costs, looked = _costs(nets), (~result.boxes[..., 0].isnan()).sum(dim=1)
+    fallback_at_size = count_macs(fallback_net, SIZE)
+    assert (result.exit_step == K_PATCHES + 2).all()
+    assert result.macs.tolist() == [
+        costs["anchornet"] + costs["glance"] + int(n) * costs["patch"] + fallback_at_size for n in looked
+    ]
