@@ -869,13 +869,9 @@ class ColocatedModels:
         """The models loaded in this process, as the deployments load them, in one ``InProcessCascade``."""
         torch.set_num_threads(self.torch_threads)
         cam = load_anchornet_on_replica(self.anchornet, self.use_gpu, self.runtime)
-        nets: dict[str, nn.Module] = {}
-        for role in ("glance", "patch", "fallback"):
-            checkpoint = getattr(self, role)
-            if checkpoint is not None:
-                nets[role], card = load_on_replica(checkpoint, self.use_gpu, self.runtime)
-                if role == "glance":
-                    patch_size = card.input_size
+        checkpoints = {"glance": self.glance, "patch": self.patch, "fallback": self.fallback}
+        loaded = {role: load_on_replica(path, self.use_gpu, self.runtime) for role, path in checkpoints.items() if path}
+        nets = {role: model for role, (model, _) in loaded.items()}
 
         def in_torch(model: nn.Module) -> nn.Module:  # the MACs are counted on the torch modules
             return model.source if isinstance(model, OnnxRuntimeModel) else model
@@ -884,10 +880,10 @@ class ColocatedModels:
             in_torch(cam).model,
             in_torch(nets["glance"]),
             in_torch(nets["patch"]),
-            [math.inf] * (self.num_patches + (2 if self.fallback else 1) - 1),  # every request brings its own
+            [math.inf] * (self.num_patches + int(self.fallback is not None)),  # every request brings its own
             self.num_patches,
             self.iou_threshold,
-            patch_size=patch_size,
+            patch_size=loaded["glance"][1].input_size,
             aggregate=self.aggregate,
             image_size=(self.image_size, self.image_size),
             fallback_net=in_torch(nets["fallback"]) if "fallback" in nets else None,

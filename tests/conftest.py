@@ -39,6 +39,18 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def serve_replica_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``@serve.batch`` reads of its replica (to warn about batches over max_ongoing_requests), for batching
+    tested outside a Serve replica."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+
+
 @pytest.fixture(scope="session")
 def imagenette() -> Path:
     """The real imagenette tree beside the checkout (../shared/data/imagenette); skip when absent."""

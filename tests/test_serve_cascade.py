@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import math
 from functools import partial
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,15 +33,6 @@ BUDGETS = {
     "every-step": ExitThresholds.from_confidences([math.inf] * (NUM_PATCHES + 1)),
     "middle": ExitThresholds.from_confidences([0.4, 0.45, 0.5]),
 }
-
-
-@pytest.fixture
-def in_a_replica(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What ``@serve.batch`` reads of its replica (to warn about batches over max_ongoing_requests)."""
-    from ray import serve
-
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
-    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
 
 
 def _varied(cascade: InProcessCascade) -> InProcessCascade:
@@ -128,7 +118,7 @@ def _counted(cascade: InProcessCascade) -> list[int]:
     return sizes
 
 
-@pytest.mark.usefixtures("in_a_replica")
+@pytest.mark.usefixtures("serve_replica_context")
 def test_concurrent_requests_share_passes_and_each_gets_its_own_decision(cascade_args: ColocatedModels) -> None:
     cascade = _varied(cascade_args.load())
     images = _images(5)  # 15 requests: one batch of at most max_batch_size 16
@@ -158,7 +148,7 @@ def test_concurrent_requests_share_passes_and_each_gets_its_own_decision(cascade
     assert {1, NUM_PATCHES + 2} <= exits  # the glance and the fallback both decided some
 
 
-@pytest.mark.usefixtures("in_a_replica")
+@pytest.mark.usefixtures("serve_replica_context")
 def test_a_decision_is_the_engines(cascade_args: ColocatedModels) -> None:
     """Against ``EarlyExitClassifier.predict`` on the batch of float images: exits, predictions, MACs, patches, the
     probabilities (softmax of the accumulated logits, or the fallback's own) and which models each request ran."""
@@ -197,7 +187,7 @@ class _InProcess:
         return to_wire(self.forward(from_wire(item)[None])[0])
 
 
-@pytest.mark.usefixtures("in_a_replica")
+@pytest.mark.usefixtures("serve_replica_context")
 @pytest.mark.parametrize("aggregate", ["logits", "probs"])
 def test_the_cascade_decides_as_the_step_by_step_loop(paths: dict[str, str], aggregate: str) -> None:
     """``InProcessCascade`` against ``early_exit_steps`` (the separate layout's loop) over the same models: every
@@ -242,7 +232,7 @@ def test_the_cascade_decides_as_the_step_by_step_loop(paths: dict[str, str], agg
     assert {1, NUM_PATCHES + 2} <= exits and exits & {2, 3}, exits  # the glance, a patch and the fallback decided
 
 
-@pytest.mark.usefixtures("in_a_replica")
+@pytest.mark.usefixtures("serve_replica_context")
 def test_on_onnxruntime_the_sessions_run_the_passes(paths: dict[str, str], cascade_args: ColocatedModels) -> None:
     from pipelines.onnx_runtime import OnnxRuntimeModel
 
@@ -271,7 +261,7 @@ class _Clock:
         return self.now
 
 
-@pytest.mark.usefixtures("in_a_replica")
+@pytest.mark.usefixtures("serve_replica_context")
 def test_a_request_is_charged_the_passes_it_took_part_in(cascade_args: ColocatedModels) -> None:
     """Server-Timing: each model's passes of the request's group, the patch steps only as far as the request went
     (a step that ran for others after it exited is not its)."""
@@ -303,7 +293,7 @@ class _Broken(torch.nn.Module):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
-@pytest.mark.usefixtures("in_a_replica")
+@pytest.mark.usefixtures("serve_replica_context")
 def test_a_failing_model_fails_only_the_requests_that_reach_it(cascade_args: ColocatedModels) -> None:
     """A broken patch classifier fails the requests of the budgets that reach it; the others in the same batches
     are answered, and their successes do not reset the patch classifier's failure count: the health check fails."""

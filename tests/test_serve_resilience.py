@@ -188,16 +188,10 @@ class Broken(torch.nn.Module):
 
 
 @pytest.fixture
-def in_a_replica(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """What ``@serve.batch`` reads of its replica (to warn about batches over max_ongoing_requests); afterwards the
-    batch queues of the deployment classes are dropped: ``@serve.batch`` keeps one per class, and a class holding
-    one (bound to this test's event loop) could no longer be pickled for a deployment."""
-    from types import SimpleNamespace
-
-    from ray import serve
-
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
-    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+def in_a_replica(serve_replica_context: None) -> Iterator[None]:
+    """``serve_replica_context``; afterwards the batch queues of the deployment classes are dropped:
+    ``@serve.batch`` keeps one per class, and a class holding one (bound to this test's event loop) could no longer
+    be pickled for a deployment."""
     yield
     for deployment in (ClassifierDeployment, AnchorNetDeployment):
         deployment.func_or_class.__call__.set_max_batch_size.__self__._queue = None
