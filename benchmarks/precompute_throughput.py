@@ -18,7 +18,8 @@ temporary tree):
 
 then prints images/s of (a) and (b) (over the span from the first shard's start to the last shard's end, so actor
 start-up is left out; wall time including start-up beside it), the ratio (b)/(a), the peak resident memory
-of the driver and its Ray processes, and the crop encodings measured on the job's own patches.
+of the driver and its Ray processes, the crop encodings measured on the job's own patches, and (on the CPU) the
+ceiling of the ratio that (c) and (d) leave: one actor's decode time per image against that plus (c) and (d).
 
     python -m benchmarks.precompute_throughput --data ../shared/data/imagenette/val --limit 1000
 
@@ -355,6 +356,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"gather {nchw_ms:.2f} ms/image, as the job does it (NHWC, crops by slices) {nhwc_ms:.2f} ms/image: "
         f"{nchw_ms / nhwc_ms:.2f}x"
     )
+    if num_gpus == 0:
+        # Each actor's core either decodes or does the rest; even if nothing but the forward pass (c) cost anything,
+        # (b)/(a) could not exceed decode / (decode + forward) per image and actor
+        decode_ms = 1e3 / _per_actor_rate(decode_reports)
+        print(
+            f"  ceiling of (b)/(a) on these cores: decode {decode_ms:.2f} ms/image and actor, with the forward pass "
+            f"(c) alone {decode_ms / (decode_ms + folded_ms):.0%}, with (d) too "
+            f"{decode_ms / (decode_ms + folded_ms + nhwc_ms):.0%}; 60 % needs everything after decoding within "
+            f"{decode_ms * 2 / 3:.2f} ms/image"
+        )
     print(
         f"  peak RSS, driver + Ray processes: (a) {mem_decode.peak_total / 2**20:.0f} MiB, "
         f"(b) {mem_full.peak_total / 2**20:.0f} MiB; largest single process (b) {mem_full.peak_single / 2**20:.0f} MiB"
