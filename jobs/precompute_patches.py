@@ -59,7 +59,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     res = parser.add_argument_group("resources")
     res.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local Ray)")
     res.add_argument("--workers", type=int, default=1, help="actors in the pool")
-    res.add_argument("--num-cpus-per-worker", type=float, default=1.0, help="CPUs per actor (also decode threads)")
+    res.add_argument(
+        "--num-cpus-per-worker",
+        type=float,
+        default=1.0,
+        help="CPUs per actor (its decode threads and forward passes side by side)",
+    )
     res.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="GPUs per actor (0 on CPU machines)")
     res.add_argument("--batch-size", type=int, default=64, help="images per mini-batch (AnchorNet: 16 per pass)")
     res.add_argument("--max-shards", type=int, default=None, help="write at most this many shards in this run")

@@ -169,7 +169,10 @@ class PrecomputeConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.num_patches >= 1, f"--num-patches must be at least 1, got {self.num_patches}"),
+            (
+                1 <= self.num_patches <= schema.MAX_PATCHES,
+                f"--num-patches must be in [1, {schema.MAX_PATCHES}], got {self.num_patches}",
+            ),
             (0.0 <= self.iou_threshold <= 1.0, f"--iou-threshold must be in [0, 1], got {self.iou_threshold}"),
             (self.shard_size >= 1, f"--shard-size must be at least 1, got {self.shard_size}"),
             (self.shard_order in ("mixed", "sorted"), f"unknown --shard-order {self.shard_order!r}"),
@@ -332,12 +335,12 @@ def plan_job(config: PrecomputeConfig) -> JobPlan:
         raise PrecomputeError(f"input not found: {config.input}") from err
     except (OSError, ValueError) as err:
         raise PrecomputeError(f"bad input {config.input}: {_one_line(err)}") from err
-    preprocessing = Preprocessing.from_dict(card.preprocessing) if card.preprocessing else Preprocessing()
     rf = model.receptive_field
     try:
+        preprocessing = Preprocessing.from_dict(card.preprocessing) if card.preprocessing else Preprocessing()
         grid = rf.grid(preprocessing.image_size, preprocessing.image_size)
-    except ValueError as err:
-        raise PrecomputeError(f"bad checkpoint: {_one_line(err)}") from err
+    except (ValueError, TypeError, KeyError) as err:
+        raise PrecomputeError(f"bad checkpoint: {config.anchornet}: {_one_line(err)}") from err
     return JobPlan(
         config=config,
         index=index,
@@ -444,15 +447,20 @@ _SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 
 
 def list_done_shards(output: str) -> set[int]:
-    """Indices of the shard files present under ``<output>/shards`` (every present file is complete)."""
-    fs, path = storage.resolve(storage.join(output, schema.SHARDS_DIR))
-    entries = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    done = set()
-    for entry in entries:
-        match = _SHARD_RE.match(entry.base_name)
-        if entry.type == pafs.FileType.File and match:
-            done.add(int(match.group(1)))
-    return done
+    """Indices of the shards whose file is under ``<output>/shards`` and whose errors file is under
+    ``<output>/errors`` (both complete when present: the errors file is written first, the shard moved in last).
+    A shard whose errors file was lost since is done again."""
+
+    def present(folder: str) -> set[int]:
+        fs, path = storage.resolve(storage.join(output, folder))
+        entries = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+        return {
+            int(match.group(1))
+            for entry in entries
+            if entry.type == pafs.FileType.File and (match := _SHARD_RE.match(entry.base_name))
+        }
+
+    return present(schema.SHARDS_DIR) & present(schema.ERRORS_DIR)
 
 
 def _log(config: PrecomputeConfig, message: str) -> None:
@@ -663,19 +671,28 @@ class _Decoded:
     reason: str | None = None
 
 
-def batch_invariant_cam(model: AnchorNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_invariant_cam(
+    model: AnchorNet, images: torch.Tensor, pool: ThreadPoolExecutor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``class_activation_map`` of uint8 ``images`` run ``FORWARD_BATCH`` at a time (the last pass zero-padded), so
-    that each image's CAM and logits are the same bits in any batch. Returns ``(cam, logits)`` for the images."""
-    cams, logits = [], []
-    for start in range(0, len(images), FORWARD_BATCH):
-        chunk = images[start : start + FORWARD_BATCH]
+    that each image's CAM and logits are the same bits in any batch. Returns ``(cam, logits)`` for the images.
+
+    On the CPU, run it with one torch thread: oneDNN splits a pass differently over 3, 5 or 6 threads than over 1
+    (CAMs up to 2e-5 apart). ``pool`` runs the passes side by side instead, each on one thread of its own, so the
+    bits do not depend on how many there are."""
+
+    def one_pass(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(chunk)
         if n < FORWARD_BATCH:
             padding = chunk.new_zeros((FORWARD_BATCH - n, *chunk.shape[1:]))
             chunk = torch.cat([chunk, padding]).contiguous(memory_format=torch.channels_last)
-        cam, logit = class_activation_map(model, to_float(chunk))  # to float after NHWC: a quarter of the bytes
-        cams.append(cam[:n])
-        logits.append(logit[:n])
+        with torch.inference_mode():  # thread-local: a pool thread needs its own
+            cam, logits = class_activation_map(model, to_float(chunk))  # to float after NHWC: a quarter of the bytes
+        return cam[:n], logits[:n]
+
+    chunks = [images[start : start + FORWARD_BATCH] for start in range(0, len(images), FORWARD_BATCH)]
+    passes = list(pool.map(one_pass, chunks)) if pool is not None and len(chunks) > 1 else map(one_pass, chunks)
+    cams, logits = zip(*passes, strict=True)
     return torch.cat(cams), torch.cat(logits)
 
 
@@ -685,7 +702,7 @@ class ShardWriter:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         threads = max(1, int(spec["num_cpus"]))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(1)  # the rows' bits depend on torch's thread count: the CPUs run passes side by side
         data = storage.read_bytes(spec["anchornet"])
         if hashlib.sha256(data).hexdigest() != spec["checkpoint_id"]:
             raise RuntimeError(f"{spec['anchornet']} changed while the job was running (sha256 differs)")
@@ -701,6 +718,9 @@ class ShardWriter:
         self.out_fs, self.out_root = storage.resolve(spec["output"])
         self.remote_output = storage.is_remote(spec["output"])
         self.pool = ThreadPoolExecutor(max(2, threads), thread_name_prefix="decode")
+        self.forward_pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="forward") if threads > 1 and not use_cuda else None
+        )
         self.read_pool = (
             ThreadPoolExecutor(REMOTE_READ_THREADS, thread_name_prefix="read") if self.remote_input else None
         )
@@ -804,7 +824,9 @@ class ShardWriter:
         images_cpu = torch.stack([d.image.permute(1, 2, 0) for d in decoded]).permute(0, 3, 1, 2)
         images = images_cpu.to(self.device)
         with torch.inference_mode():
-            cam, logits = batch_invariant_cam(self.model, images.contiguous(memory_format=torch.channels_last))
+            cam, logits = batch_invariant_cam(
+                self.model, images.contiguous(memory_format=torch.channels_last), self.forward_pool
+            )
             selection = select_patches(cam, self.model.receptive_field, spec["num_patches"], spec["iou_threshold"])
             crops = crop_patches(images, selection.boxes, size=k)
             # on the CPU whatever the model's device: the GPU's antialiased resize rounds differently, and the rows
@@ -845,7 +867,18 @@ class ShardWriter:
     # -- writing -----------------------------------------------------------------------------------------
 
     def write_shard(self, shard: int, items: Sequence[tuple[str, int]]) -> tuple[int, int]:
-        """Write ``shards/part-{shard}.parquet`` (and its errors file first); returns (rows, errors)."""
+        """Write ``shards/part-{shard}.parquet`` (and its errors file first); returns (rows, errors).
+
+        ``ShardError`` when the output cannot be written (a full disk, an S3 PUT refused): like a read that kept
+        failing, the shard is reported, tried again (``shard_retries``) and left for a re-run, while the other
+        actors go on."""
+        try:
+            return self._write_shard(shard, items)
+        except OSError as err:  # reads never get here: _fetch turns their errors into rows or ShardError
+            uri = storage.join(self.spec["output"], schema.SHARDS_DIR, schema.shard_name(shard))
+            raise ShardError(f"cannot write {uri}: {_one_line(err)}") from err
+
+    def _write_shard(self, shard: int, items: Sequence[tuple[str, int]]) -> tuple[int, int]:
         name = schema.shard_name(shard)
         final = f"{self.out_root}/{schema.SHARDS_DIR}/{name}"
         if self.remote_output:

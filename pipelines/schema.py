@@ -25,6 +25,7 @@ from torchvision.io import ImageReadMode, decode_image, encode_jpeg
 
 __all__ = [
     "ERRORS_SCHEMA",
+    "MAX_PATCHES",
     "SCHEMA_VERSION",
     "Encoding",
     "decode_crop",
@@ -44,6 +45,8 @@ MANIFEST_FILE = "manifest.json"
 ERRORS_FILE = "errors.parquet"
 SHARDS_DIR = "shards"
 ERRORS_DIR = "errors"
+#: The most patches a row can hold: ``num_patches`` is an int8 column.
+MAX_PATCHES = 127
 
 
 def shard_name(index: int) -> str:

@@ -34,7 +34,9 @@ from pipelines.precompute import (
     JobPlan,
     PrecomputeConfig,
     PrecomputeError,
+    ShardError,
     ShardWriter,
+    list_done_shards,
     plan_job,
     run_precompute,
 )
@@ -171,6 +173,55 @@ def test_rows_do_not_depend_on_the_batch_size(tree: Path, checkpoint: Path, tmp_
     for size in (1, 5):
         parts = [writer.process(decoded[i : i + size]).to_pylist() for i in range(0, len(decoded), size)]
         assert [row for part in parts for row in part] == whole
+
+
+def test_rows_do_not_depend_on_the_cpus_per_actor(tree: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """An actor with 3 CPUs writes the rows of one with 1, bit for bit: its forward passes run side by side on one
+    torch thread each (torch's own 3 threads split a pass differently: CAMs up to 2e-5 apart)."""
+    shipped = REPO / "checkpoints/anchornet.pt"
+    rows = {}
+    for cpus in (1.0, 3.0):
+        plan = plan_job(_config(tree, tmp_path / "out", shipped, num_cpus_per_worker=cpus))
+        writer = ShardWriter(plan.worker_spec())
+        assert torch.get_num_threads() == 1
+        assert (writer.forward_pool is None) == (cpus == 1.0)
+        items = [item for i in range(plan.num_shards) for item in plan.shard_items(i)]
+        decoded = [d for d in map(writer._load, items) if d.image is not None] * 3
+        assert len(decoded) > 2 * FORWARD_BATCH, "the images must span three forward passes"
+        rows[cpus] = writer.process(decoded).to_pylist()
+    assert rows[1.0] == rows[3.0]
+
+
+def test_bad_checkpoint_cards_and_options_fail_in_one_line(tree: Path, tmp_path: Path) -> None:
+    payload = torch.load(REPO / "checkpoints/anchornet.pt", map_location="cpu", weights_only=True)
+    for preprocessing, problem in (
+        ({"image_size": 224, "resize_size": 256, "interpolation": "lanczos"}, "lanczos"),
+        ({"image_size": 300, "resize_size": 256}, "image_size"),
+    ):
+        payload["card"]["preprocessing"] = preprocessing
+        path = tmp_path / "card.pt"
+        torch.save(payload, path)
+        with pytest.raises(PrecomputeError, match=f"bad checkpoint: {path}: .*{problem}") as err:
+            plan_job(_config(tree, tmp_path / "out", path))
+        assert "\n" not in str(err.value)
+    # the int8 num_patches column: refused up front, not by every shard's Arrow conversion in the actors
+    with pytest.raises(PrecomputeError, match=rf"--num-patches must be in \[1, {schema.MAX_PATCHES}\], got 200"):
+        _config(tree, tmp_path / "out", REPO / "checkpoints/anchornet.pt", num_patches=200)
+    _config(tree, tmp_path / "out", REPO / "checkpoints/anchornet.pt", num_patches=schema.MAX_PATCHES)
+
+
+def test_an_output_write_error_fails_the_shard_only(tree: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """A shard the output will not take (here a directory where its errors file goes) is a ``ShardError``, reported
+    and retried like a failed read, not an exception that stops every actor's work."""
+    out = tmp_path / "out"
+    plan = plan_job(_config(tree, out, checkpoint))
+    writer = ShardWriter(plan.worker_spec())
+    (out / schema.ERRORS_DIR / schema.errors_name(1)).mkdir(parents=True)
+    with pytest.raises(ShardError, match=r"cannot write .*part-00001\.parquet: .*[Ii]s a directory") as err:
+        writer.write_shard(1, plan.shard_items(1))
+    assert "\n" not in str(err.value)
+    assert not (out / schema.SHARDS_DIR / schema.shard_name(1)).exists()
+    assert writer.write_shard(0, plan.shard_items(0))[0] > 0  # the actor goes on
 
 
 def test_mixed_shards_hold_every_class(tree: Path, checkpoint: Path, tmp_path: Path) -> None:
@@ -347,6 +398,19 @@ def test_lost_shard_is_rewritten_alone(reference: Path, tree: Path, checkpoint: 
     assert {k: v for k, v in _files(out / "shards").items() if k in before} == before
     ids = [r["image_id"] for r in _rows(out)]
     assert len(ids) == len(set(ids)) == GOOD
+
+
+@pytest.mark.ray
+def test_a_shard_whose_errors_file_was_lost_is_redone(reference: Path, tree: Path, checkpoint: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    (out / schema.ERRORS_DIR / schema.errors_name(1)).unlink()
+    (out / "manifest.json").unlink()
+    assert list_done_shards(str(out)) == {0, 2, 3}
+    result = run_precompute(_config(tree, out, checkpoint))
+    assert result.complete and [r["shard"] for r in result.shard_reports] == [1]
+    assert _rows(out) == _rows(reference)
+    assert pq.read_table(out / schema.ERRORS_FILE).equals(pq.read_table(reference / schema.ERRORS_FILE))
 
 
 @pytest.mark.ray
