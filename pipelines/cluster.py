@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from anchornet import storage
 
-__all__ = ["alive_nodes", "local_paths_warning"]
+__all__ = ["alive_nodes", "local_paths_warning", "unreachable_address"]
 
 
 def alive_nodes(nodes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -31,3 +32,26 @@ def local_paths_warning(
         f"the Ray cluster has {alive} nodes and {' and '.join(local)} {verb}: "
         f"it must be shared storage (NFS, EFS, FSx) mounted at the same path on every node, else {consequence}"
     )
+
+
+def unreachable_address(address: str | None, timeout: float = 5.0) -> str | None:
+    """One line saying why ``address`` cannot be a Ray cluster, when it names one (``host:port``, a GCS, or
+    ``ray://host:port``, a Ray client server) whose port takes no TCP connection within ``timeout`` seconds:
+    ``ray.init`` would otherwise retry in silence for minutes. ``None`` when the port answers, and for what only Ray
+    can resolve (``None``, ``auto``, ``local``, other schemes)."""
+    if not address or address in ("auto", "local"):
+        return None
+    target = address.removeprefix("ray://")
+    if "://" in target or ":" not in target:
+        return None
+    host, _, port = target.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:6379
+    if not port.isdigit():
+        return f"Ray address {address!r} has no port number: expected host:port"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        return (
+            f"cannot reach the Ray cluster at {address} ({err.strerror or err}): is it running, and is the port open?"
+        )
+    return None

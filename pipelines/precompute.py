@@ -65,7 +65,7 @@ from anchornet import (
 from anchornet.image_folder import ImageFolderIndex, scan_image_folder
 from anchornet.preprocessing import DEFAULT_MAX_ASPECT_RATIO, to_float
 from pipelines import schema
-from pipelines.cluster import local_paths_warning
+from pipelines.cluster import local_paths_warning, unreachable_address
 from pipelines.schema import Encoding
 
 __all__ = [
@@ -549,6 +549,8 @@ def _ray_init(config: PrecomputeConfig) -> tuple[Callable[[], None], bool]:
     if ray.is_initialized():
         return (lambda: None), len(ray.nodes()) == 1 and not config.address and not os.environ.get("RAY_ADDRESS")
     address = config.address or os.environ.get("RAY_ADDRESS") or "local"
+    if problem := unreachable_address(address):
+        raise PrecomputeError(problem)
     kwargs: dict[str, Any] = {"address": address}
     if address == "local":
         kwargs["include_dashboard"] = False

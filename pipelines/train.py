@@ -52,7 +52,7 @@ from anchornet.model import AnchorNet, anchornet_test
 from anchornet.patches import crop_patches, select_patches
 from anchornet.preprocessing import Preprocessing, to_float
 from pipelines import train_data
-from pipelines.cluster import alive_nodes, local_paths_warning
+from pipelines.cluster import alive_nodes, local_paths_warning, unreachable_address
 
 if TYPE_CHECKING:
     from pipelines.patch_dataset import PatchDataset
@@ -1018,6 +1018,8 @@ def run_training(config: TrainConfig, *, ray_address: str | None = None, verbose
     classes, holdout = _preflight(replace(config, listing=None))  # lists the tree
     config = replace(config, listing=listing_uri(config))
     own_ray = not ray.is_initialized()
+    if own_ray and (problem := unreachable_address(ray_address or os.environ.get("RAY_ADDRESS"))):
+        raise TrainError(problem)
     if own_ray:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         ray.init(address=ray_address)
