@@ -37,8 +37,9 @@ def decode_image(
     Transparent pixels are composited on white. 16-bit grey (PIL modes ``I;16*``: 16-bit PNGs and TIFFs, and
     ``I`` holding values in 0..65535) is scaled to 8 bits (value / 257, rounded). Raises ``ImageDecodeError`` for
     32-bit floating-point images (mode ``F``) and ``I`` images with values outside 0..65535, which have no
-    scale to 8 bits that is right for every file, and for empty or non-image bytes, a
-    truncated file, more than ``max_pixels`` pixels (a decompression bomb), a longer side more than
+    scale to 8 bits that is right for every file, and for empty or non-image bytes, a truncated or otherwise
+    corrupt file (whatever Pillow's format plugin raises on it), more than ``max_pixels`` pixels (a decompression
+    bomb), a longer side more than
     ``max_aspect_ratio`` times the shorter (``None``: no limit; resizing the shorter side of a long thin image
     makes a buffer far larger than the image), both checked before decoding, or a side shorter than ``min_size``.
     """
@@ -70,11 +71,23 @@ def decode_image(
         raise ImageDecodeError("not an image (unrecognised format)") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"corrupt or truncated image: {err}") from err
+    except Exception as err:  # Pillow's less common plugins raise their own types on bad bytes (DDS, BLP, SPIDER)
+        raise _unsupported(err) from err
     if min(image.size) < min_size:
         raise ImageDecodeError(
             f"image of {image.size[0]} x {image.size[1]} pixels is too small: at least {min_size} x {min_size} needed"
         )
-    return _to_rgb(image)
+    try:
+        return _to_rgb(image)
+    except ImageDecodeError:
+        raise
+    except Exception as err:
+        raise _unsupported(err) from err
+
+
+def _unsupported(err: Exception) -> ImageDecodeError:
+    detail = str(err).splitlines()[0] if str(err) else ""
+    return ImageDecodeError(f"corrupt or unsupported image ({type(err).__name__}{': ' + detail if detail else ''})")
 
 
 #: 16-bit grey in any byte order; ``convert("RGB")`` clips these (and ``I``) to 0..255 instead of scaling them.

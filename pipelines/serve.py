@@ -1641,8 +1641,9 @@ def _check_shutdown_timeouts(
 def check_serve_config(config: dict[str, Any], *, local_path: Callable[[str], str] | None = None) -> list[str]:
     """Problems of a ``serve deploy`` config; empty when it is valid.
 
-    Validates with Serve's ``ServeDeploySchema``, then checks every key of the top level, the applications,
-    their deployments and autoscaling configs against the schema's fields (Serve silently drops unknown keys,
+    Validates with Serve's ``ServeDeploySchema``, then checks every key of the top level, the HTTP and gRPC
+    options, the applications, their deployments, autoscaling configs and actor options against the schema's
+    fields (Serve silently drops unknown keys,
     so a typo like ``max_ongoing_request`` would otherwise be ignored), the ``args`` of applications built
     by ``build_app`` / ``build_baseline_app`` against ``ServeArgs`` / ``BaselineArgs`` (which forbid extras), and
     the keys of the ``user_config`` the ``build_app`` Ingress replicas will get, and that their replicas' graceful
@@ -1653,7 +1654,14 @@ def check_serve_config(config: dict[str, Any], *, local_path: Callable[[str], st
     thresholds file, the number of thresholds, the default budget), which otherwise fails every replica at start.
     """
     from pydantic import ValidationError
-    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+    from ray.serve.schema import (
+        DeploymentSchema,
+        HTTPOptionsSchema,
+        RayActorOptionsSchema,
+        ServeApplicationSchema,
+        ServeDeploySchema,
+        gRPCOptionsSchema,
+    )
 
     problems = _unknown_keys(config, list(ServeDeploySchema.model_fields), "config")
     if problems:
@@ -1662,6 +1670,9 @@ def check_serve_config(config: dict[str, Any], *, local_path: Callable[[str], st
         ServeDeploySchema.model_validate(config)
     except ValidationError as err:
         return [f"serve schema: {line}" for line in str(err).splitlines()]
+    for key, schema in (("http_options", HTTPOptionsSchema), ("grpc_options", gRPCOptionsSchema)):
+        if isinstance(config.get(key), dict):  # e.g. request_timeout: 5 would leave no timeout at all
+            problems += _unknown_keys(config[key], list(schema.model_fields), f"config.{key}")
     builders = {f"{__name__}:build_app": ServeArgs, f"{__name__}:build_baseline_app": BaselineArgs}
     timeout = (config.get("http_options") or {}).get("request_timeout_s")
     for i, app in enumerate(config.get("applications") or []):
@@ -1670,12 +1681,12 @@ def check_serve_config(config: dict[str, Any], *, local_path: Callable[[str], st
         for j, deployment in enumerate(app.get("deployments") or []):
             dwhere = f"{where}.deployments[{j}]"
             problems += _unknown_keys(deployment, list(DeploymentSchema.model_fields), dwhere)
-            if isinstance(deployment.get("autoscaling_config"), dict):
-                problems += _unknown_keys(
-                    deployment["autoscaling_config"],
-                    list(AutoscalingConfig.model_fields),
-                    f"{dwhere}.autoscaling_config",
-                )
+            for key, fields in (
+                ("autoscaling_config", AutoscalingConfig.model_fields),
+                ("ray_actor_options", RayActorOptionsSchema.model_fields),
+            ):
+                if isinstance(deployment.get(key), dict):
+                    problems += _unknown_keys(deployment[key], list(fields), f"{dwhere}.{key}")
         model = builders.get(app.get("import_path", ""))
         if model is not None:
             try:

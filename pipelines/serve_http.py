@@ -255,7 +255,14 @@ def resolve_thresholds(
     if sum(value is not None for value in (budget, thresholds, log_odds)) > 1:
         raise ApiError(400, "bad_budget", "pass one of budget, thresholds or log_odds, not several")
     if thresholds is not None:
-        return None, ExitThresholds.from_confidences(parse_thresholds(thresholds, count, hint))
+        rho = parse_thresholds(thresholds, count, hint)
+        if any(not (0.0 <= r <= 1.0 or r == math.inf) for r in rho):  # 5 or -3: a mistake (percent?), not a budget
+            raise ApiError(
+                400,
+                "bad_thresholds",
+                f"thresholds are confidences in [0, 1] (or inf: no one exits), got {thresholds!r}",
+            )
+        return None, ExitThresholds.from_confidences(rho)
     if log_odds is not None:
         return None, ExitThresholds(parse_thresholds(log_odds, count, hint))
     name = default_budget if budget is None else budget

@@ -134,6 +134,20 @@ def test_bad_bytes_raise_one_line_errors() -> None:
         decode_image(_encode(Image.new("RGB", (200, 60))), min_size=95)
 
 
+def test_what_less_common_format_plugins_raise_is_a_decode_error() -> None:
+    """Pillow opens any format it has a plugin for, and some plugins raise their own types on bad bytes; a server
+    must still answer 400 (found by fuzzing: DDS raised NotImplementedError, BLP BLPFormatError)."""
+    dds = b"DDS " + struct.pack("<7I", 124, 0x1007, 200, 200, 0, 0, 0) + b"\0" * 100
+    blp = io.BytesIO()
+    Image.new("RGB", (100, 100), (1, 2, 3)).convert("P").save(blp, "BLP")
+    bad_blp = bytearray(blp.getvalue())
+    bad_blp[4:8] = (6684673).to_bytes(4, "little")  # an unknown compression
+    for data, kind in ((dds, "NotImplementedError"), (bytes(bad_blp), "BLPFormatError")):
+        with pytest.raises(ImageDecodeError, match=rf"^corrupt or unsupported image \({kind}") as err:
+            decode_image(data)
+        assert "\n" not in str(err.value)
+
+
 def _png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims ``width x height`` pixels (decoding it would fail: the data is 8 x 8)."""
     png = bytearray(_encode(Image.new("L", (8, 8))))

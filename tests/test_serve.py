@@ -102,6 +102,12 @@ def test_a_request_picks_a_budget_confidences_or_log_odds() -> None:
             resolve_thresholds(budgets, "q=1.95", 2, **asked)
     with pytest.raises(ApiError, match="expected 2 thresholds"):
         resolve_thresholds(budgets, "q=1.95", 2, log_odds="17.25")
+    assert resolve_thresholds(budgets, "q=1.95", 2, thresholds="0,1")[1] == ExitThresholds((-math.inf, math.inf))
+    for outside in ("5,0.5", "0.5,-3", "-inf,0.5", "1.0001,0"):  # confidences: likely a percent or a log-odds
+        with pytest.raises(ApiError, match=r"confidences in \[0, 1\]") as err:
+            resolve_thresholds(budgets, "q=1.95", 2, thresholds=outside)
+        assert err.value.status == 400
+    assert resolve_thresholds(budgets, "q=1.95", 2, log_odds="5,-3")[1] == ExitThresholds((5.0, -3.0))
 
 
 def test_parse_server_timing() -> None:
@@ -196,10 +202,14 @@ def test_serve_config_yaml_is_valid_and_strict() -> None:
     typo["applications"][0]["deployments"] = [{"name": "Glance", "max_ongoing_request": 8}]
     typo["applications"][0]["args"]["deployments"]["patch"]["autoscaling_config"]["target_ongoing_request"] = 3
     typo["applications"][0]["args"]["num_patch"] = 4
+    typo["http_options"]["request_timeout"] = typo["http_options"].pop("request_timeout_s")  # Serve: no timeout
+    typo["applications"][0]["deployments"].append({"name": "Patch", "ray_actor_options": {"num_cpu": 1}})
     problems = "\n".join(check_serve_config(typo))
     assert "max_ongoing_request" in problems
     assert "target_ongoing_request" in problems
     assert "num_patch" in problems
+    assert "unknown key config.http_options.request_timeout" in problems
+    assert "unknown key applications[0].deployments[1].ray_actor_options.num_cpu" in problems
 
 
 def test_serve_config_checks_the_ingress_user_config() -> None:
@@ -613,6 +623,7 @@ def test_bad_input_gets_4xx_json_and_service_stays_up(server: str) -> None:
         ("empty body", lambda: _classify(server, b""), 400),
         ("not an image", lambda: _classify(server, b"this is not an image at all"), 400),
         ("truncated JPEG", lambda: _classify(server, good[: len(good) // 2]), 400),
+        ("corrupt DDS", lambda: _classify(server, b"DDS " + struct.pack("<7I", 124, 0x1007, 200, 200, 0, 0, 0)), 400),
         ("too small", lambda: _classify(server, _encode(_photo(4, (64, 200)))), 400),
         ("too elongated", lambda: _classify(server, _encode(Image.new("RGB", (95, 2000)), "PNG"), "image/png"), 400),
         ("decompression bomb", lambda: _classify(server, _png_bomb(), "image/png"), 413),
@@ -633,6 +644,7 @@ def test_bad_input_gets_4xx_json_and_service_stays_up(server: str) -> None:
         ("unknown budget", lambda: _classify(server, good, budget="q=9.99"), 400),
         ("too few thresholds", lambda: _classify(server, good, thresholds="0.9,0.8"), 400),
         ("non-numeric thresholds", lambda: _classify(server, good, thresholds="a,b,c"), 400),
+        ("thresholds outside [0, 1]", lambda: _classify(server, good, thresholds="5,-3,0.5,inf"), 400),
         ("budget and thresholds", lambda: _classify(server, good, budget="strict", thresholds="1,1,1"), 400),
         ("bad top_k", lambda: _classify(server, good, top_k="zero"), 422),
         ("unknown path", lambda: requests.get(f"{server}/classfy", timeout=30), 404),
@@ -646,7 +658,8 @@ def test_bad_input_gets_4xx_json_and_service_stays_up(server: str) -> None:
         assert error["code"] and error["message"], what
         codes[what] = error["code"]
     assert codes["multipart Content-Type parameter x*"] == codes["multipart part parameter name*"] == "bad_multipart"
-    assert codes["too elongated"] == "bad_image"
+    assert codes["too elongated"] == codes["corrupt DDS"] == "bad_image"
+    assert codes["thresholds outside [0, 1]"] == "bad_thresholds"
     assert (codes["unknown path"], codes["wrong method"]) == ("not_found", "method_not_allowed")
     too_small = _classify(server, _encode(_photo(4, (64, 200)))).json()["error"]["message"]
     assert "95" in too_small and "too small" in too_small
