@@ -78,13 +78,22 @@ def is_classifier_name(name: str) -> bool:
     return name in _REGISTRY or name in torchvision.models.list_models(module=torchvision.models)
 
 
+#: torchvision models that train with auxiliary heads (a namedtuple of outputs) unless told not to; their
+#: ImageNet state dicts hold those heads under these prefixes
+_AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
 def _torchvision_entry(name: str) -> ClassifierEntry:
+    aux = _AUX_HEADS.get(name, ())
+
     def build(num_classes: int) -> nn.Module:
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        options = {"aux_logits": False} if aux else {}  # plain logits in training too, as every other model
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)
 
     def imagenet_weights() -> dict[str, torch.Tensor]:
         weights = torchvision.models.get_model_weights(name).DEFAULT
-        return download_state_dict(weights.url, f"torchvision weights {weights}")
+        state = download_state_dict(weights.url, f"torchvision weights {weights}")
+        return {key: value for key, value in state.items() if not key.startswith(aux)} if aux else state
 
     return ClassifierEntry(build, imagenet_weights)
 
@@ -247,7 +256,10 @@ def _first_line(err: object) -> str:
 
 def _replace_head(net: nn.Module, num_classes: int, head_from: Sequence[int] | None) -> None:
     """Swap the last ``nn.Linear`` of ``net`` for one with ``num_classes`` outputs, its rows ``head_from``'s."""
-    name, old = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+    linears = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:  # squeezenet's head is a convolution
+        raise ValueError(f"{type(net).__name__} has no nn.Linear head to give {num_classes} classes")
+    name, old = linears[-1]
     rows = list(head_from) if head_from is not None else None
     if rows is not None and (len(rows) != num_classes or not all(0 <= r < old.out_features for r in rows)):
         raise ValueError(f"head_from needs {num_classes} class indices in [0, {old.out_features})")

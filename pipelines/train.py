@@ -820,6 +820,9 @@ def _preflight(config: TrainConfig) -> tuple[list[str], dict[str, Any]]:
                 f"--patches {config.patches}/train holds {window} px patches but --anchornet {config.anchornet} "
                 f"crops val at {k} px: precompute val/ too, or pass the AnchorNet that cut them"
             )
+    if config.stage != "anchornet":
+        size = config.patch_size or window or (k if config.anchornet else patch_size_for(config))
+        _check_architecture(config, len(classes), size)
     if config.weights is not None:
         _check_weights(config, classes)
     holdout = train_data.holdout_record(splits, config.holdout_size, config.holdout_seed)
@@ -860,9 +863,14 @@ def _preflight(config: TrainConfig) -> tuple[list[str], dict[str, Any]]:
                 f"{holdout['sha256'][:12]}): train/ changed since it started, and the held-out draw depends on every "
                 "file of it; restore train/ as it was, or use a new --output"
             )
-        record = bool(changed)  # nothing to resume (no checkpoint yet): this run starts afresh with its own recipe
+        # nothing to resume (no checkpoint yet): this run starts afresh with its own recipe and held-out images, and
+        # its manifest must say so even when no flag changed (train/ may have)
+        record = not resuming
     else:
-        storage.makedirs(config.output)
+        try:
+            storage.makedirs(config.output)
+        except OSError as err:  # a file of that name, no permission
+            raise TrainError(f"cannot create --output {config.output}: {_first_line(err)}") from err
         record = True
     trained = _trained_epochs(config) if resuming else None
     if trained is not None and trained > config.epochs:
@@ -942,6 +950,21 @@ def changed_on_resume(earlier: dict[str, Any], config: TrainConfig) -> list[str]
     return changed
 
 
+def _check_architecture(config: TrainConfig, num_classes: int, size: int) -> None:
+    """One training step's forward pass of ``--arch`` on two ``size`` x ``size`` images, before Ray starts: a
+    torchvision model that cannot take that input, or that trains with extra outputs, fails in one line here
+    instead of in every worker attempt."""
+    model = build_classifier(config.arch, num_classes).train()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, 3, size, size))
+    except Exception as err:  # whatever the architecture raises: too small an input, mostly
+        raise TrainError(f"--arch {config.arch} cannot train on {size} x {size} inputs: {_first_line(err)}") from err
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        kind = type(out).__name__ if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
+        raise TrainError(f"--arch {config.arch} returns {kind} in training, not (batch, {num_classes}) logits")
+
+
 def _check_weights(config: TrainConfig, classes: list[str]) -> None:
     """``--weights`` builds the classifier here, before Ray starts: offline ImageNet weights, a checkpoint of
     other classes or a state dict of another shape fail in one line instead of in every worker attempt."""
@@ -962,9 +985,10 @@ def _check_weights(config: TrainConfig, classes: list[str]) -> None:
         _classifier(config, classes, with_weights=True)
     except WeightsUnavailableError as err:
         raise TrainError(f"--weights imagenet: {err.reason}; pass --weights PATH (a local file or s3:// URI)") from err
-    except (RuntimeError, KeyError) as err:
+    except (RuntimeError, KeyError) as err:  # load_state_dict lists one missing key or shape per line: keep them
         raise TrainError(
-            f"--weights {config.weights} does not fit {config.arch} with {len(classes)} classes: {_first_line(err)}"
+            f"--weights {config.weights} does not fit {config.arch} with {len(classes)} classes: "
+            f"{' '.join(str(err).split())[:1000]}"
         ) from err
     except ValueError as err:  # not a torch file, or no state dict in it
         raise CheckpointError(f"--weights: {_first_line(err)}") from err

@@ -118,6 +118,13 @@ def scan_splits(
             raise ValueError(f"{listing} was listed with other classes than asked for")
     else:
         train = scan_image_folder(storage.join(root, HOLDOUT_SPLIT), classes=classes)
+        seen = {label for _, label in train.items}
+        if empty := [name for label, name in enumerate(train.classes) if label not in seen]:
+            shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+            raise ValueError(
+                f"{storage.join(root, HOLDOUT_SPLIT)} has no images of class {shown}: the model would get an output it "
+                "never trains; remove the empty folder or add images"
+            )
         try:
             val = scan_image_folder(storage.join(root, "val"), classes=train.classes)
         except ValueError as err:

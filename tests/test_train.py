@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import urllib.error
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from _helpers import max_live_shards, synthetic_tree
 
 from anchornet import anchornet_test, load_checkpoint, save_checkpoint
-from anchornet.classifiers import classifier_names
+from anchornet.classifiers import build_classifier, classifier_names
 from anchornet.image_folder import holdout_indices, scan_image_folder
 from jobs import train_anchornet, train_classifier
 from pipelines import train, train_data
@@ -424,6 +425,57 @@ def test_bad_stage2_inputs_fail_before_ray(
     assert train_classifier.main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert "does not fit resnet18" in err and len(err.splitlines()) == 1, err
+
+
+def test_trees_outputs_and_architectures_that_cannot_train_fail_in_one_line_before_ray(
+    tmp_path: Path, no_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = synthetic_tree(tmp_path / "data", train=2, val=1)
+
+    def refused(main: object, *argv: str, output: Path = tmp_path / "out") -> str:
+        assert main([*argv, "--data", str(data), "--output", str(output), *FAST]) == 1  # type: ignore[operator]
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    # an output path that is a file
+    (tmp_path / "a_file.pt").write_bytes(b"x")
+    err = refused(train_anchornet.main, "--arch", "anchornet_test", output=tmp_path / "a_file.pt")
+    assert f"cannot create --output {tmp_path / 'a_file.pt'}" in err, err
+    # googlenet and inception_v3 train with aux heads unless built without them (inception's fails at 95 px)
+    for arch in ("googlenet", "inception_v3"):
+        assert build_classifier(arch, 2).train()(torch.zeros(2, 3, 95, 95)).shape == (2, 2)
+    err = refused(train_classifier.main, "--role", "glance", "--arch", "vit_b_16")  # 224 x 224 only
+    assert "--arch vit_b_16 cannot train on 95 x 95 inputs" in err, err
+    # an empty class folder: an output that never sees a training image
+    (data / "train" / "cls_c").mkdir()
+    (data / "val" / "cls_c").mkdir()
+    assert "has no images of class cls_c" in refused(train_anchornet.main, "--arch", "anchornet_test")
+
+
+def test_a_fresh_start_records_its_own_held_out_images(tmp_path: Path) -> None:
+    """Run 1 dies before its first checkpoint, train/ grows, run 2 starts afresh with the same flags: its manifest
+    must record its own held-out draw, or resuming run 2 on the same tree is refused as if train/ had changed."""
+    data = synthetic_tree(tmp_path / "data", train=4, val=1)
+    config = TrainConfig(data=str(data), output=str(tmp_path / "out"), arch="anchornet_test", holdout_size=2)
+    manifest = tmp_path / "out" / f"{config.run_name}.json"
+    train._preflight(config)  # run 1
+    first = json.loads(manifest.read_text())["holdout"]["sha256"]
+    shutil.copy(data / "train/cls_a/0.png", data / "train/cls_a/000_new.png")
+    _, held = train._preflight(config)  # run 2, afresh
+    assert held["sha256"] != first and json.loads(manifest.read_text())["holdout"]["sha256"] == held["sha256"]
+    snapshot = tmp_path / "out" / config.run_name / "checkpoint_manager_snapshot.json"
+    snapshot.parent.mkdir()
+    snapshot.write_text("{}")  # run 2 checkpointed, then was stopped
+    assert train._has_checkpoints(config)
+    assert train._preflight(config)[1] == held  # resumes
+
+
+def test_a_head_that_is_not_linear_cannot_take_imagenet_rows() -> None:
+    from anchornet.classifiers import _replace_head
+
+    with pytest.raises(ValueError, match=r"SqueezeNet has no nn\.Linear head"):
+        _replace_head(build_classifier("squeezenet1_1", 1000), 2, [0, 1])
 
 
 def test_unreadable_or_foreign_checkpoints_fail_in_one_line_before_ray(
