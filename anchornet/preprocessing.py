@@ -7,6 +7,7 @@ and takes ``[0, 1]`` RGB tensors, so the same pixels can feed AnchorNet, the gla
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,6 +30,9 @@ class ImageDecodeError(ValueError):
     """Bytes that are not a usable image; the message says why in one line."""
 
 
+_PIL_SETTINGS = threading.Lock()
+
+
 def decode_image(
     data: bytes, *, min_size: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float | None = None
 ) -> Image.Image:
@@ -46,23 +50,28 @@ def decode_image(
     if not data:
         raise ImageDecodeError("empty image")
     try:
-        with warnings.catch_warnings():
+        # The warning filter and LOAD_TRUNCATED_IMAGES are process-wide and decode threads run this at once: change
+        # them under one lock, and only around what needs them (the header, where Pillow checks for bombs)
+        with _PIL_SETTINGS, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(f"image of {width} x {height} pixels exceeds the limit of {max_pixels} pixels")
-            if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
-                raise ImageDecodeError(
-                    f"image of {width} x {height} pixels is too elongated: "
-                    f"its longer side may be at most {max_aspect_ratio:g} times its shorter side"
-                )
-            previous = ImageFile.LOAD_TRUNCATED_IMAGES
-            ImageFile.LOAD_TRUNCATED_IMAGES = False
-            try:
-                image.load()
-            finally:
-                ImageFile.LOAD_TRUNCATED_IMAGES = previous
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageDecodeError(f"image of {width} x {height} pixels exceeds the limit of {max_pixels} pixels")
+        if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
+            raise ImageDecodeError(
+                f"image of {width} x {height} pixels is too elongated: "
+                f"its longer side may be at most {max_aspect_ratio:g} times its shorter side"
+            )
+        if ImageFile.LOAD_TRUNCATED_IMAGES:  # allowed process-wide by someone else; a truncated file is refused here
+            with _PIL_SETTINGS:
+                ImageFile.LOAD_TRUNCATED_IMAGES = False
+                try:
+                    image.load()
+                finally:
+                    ImageFile.LOAD_TRUNCATED_IMAGES = True
+        else:
+            image.load()
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -146,6 +147,33 @@ def test_what_less_common_format_plugins_raise_is_a_decode_error() -> None:
         with pytest.raises(ImageDecodeError, match=rf"^corrupt or unsupported image \({kind}") as err:
             decode_image(data)
         assert "\n" not in str(err.value)
+
+
+def test_decoding_threads_leave_pillows_process_settings_as_they_were(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The precompute job and the server decode on several threads at once; the warning filter and
+    ``LOAD_TRUNCATED_IMAGES`` that ``decode_image`` changes are process-wide."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import ImageFile
+
+    good = _encode(Image.new("RGB", (300, 300), (10, 200, 30)), "JPEG")
+    truncated = good[: len(good) // 2]
+    filters = list(warnings.filters)
+
+    def decode(data: bytes) -> str:
+        try:
+            return str(decode_image(data).size)
+        except ImageDecodeError as err:
+            return str(err)
+
+    for allow_truncated in (False, True):  # True: someone allowed truncated files for the whole process
+        monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", allow_truncated)
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(decode, [good, truncated] * 100))
+        assert results[0::2] == ["(300, 300)"] * 100
+        assert all("truncated" in r for r in results[1::2])
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is allow_truncated
+        assert warnings.filters == filters
 
 
 def _png_claiming(width: int, height: int) -> bytes:
