@@ -475,7 +475,7 @@ def test_a_head_that_is_not_linear_cannot_take_imagenet_rows() -> None:
     from anchornet.classifiers import _replace_head
 
     with pytest.raises(ValueError, match=r"SqueezeNet has no nn\.Linear head"):
-        _replace_head(build_classifier("squeezenet1_1", 1000), 2, [0, 1])
+        _replace_head(build_classifier("squeezenet1_1", 1000).net, 2, [0, 1])  # the bare torchvision model
 
 
 def test_unreadable_or_foreign_checkpoints_fail_in_one_line_before_ray(
