@@ -94,6 +94,8 @@ RESUME_FIXED = (
     "milestones",
     "holdout_size",
     "holdout_seed",
+    "num_patches",  # stage II: what each step trains on, and the classifier's input side
+    "patch_size",
 )
 
 

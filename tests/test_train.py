@@ -677,6 +677,13 @@ def test_shuffle_window_flag(capsys: pytest.CaptureFixture[str]) -> None:
     earlier = TrainConfig(data="x", output="y", stage="patch", arch="resnet18", patches="p").to_dict()
     assert earlier["shuffle_window"] == train_data.DEFAULT_SHUFFLE_WINDOW
     assert changed_on_resume(earlier, TrainConfig(**{**earlier, "shuffle_window": 2})) == []
+    # the patches per image and their side are the data the run trains on: a resume keeps them
+    assert changed_on_resume(earlier, TrainConfig(**{**earlier, "num_patches": 2, "patch_size": 64})) == [
+        "num-patches",
+        "patch-size",
+    ]
+    legacy = {k: v for k, v in earlier.items() if k not in ("num_patches", "patch_size")}  # counted as defaults
+    assert changed_on_resume(legacy, TrainConfig(**earlier)) == []
 
 
 class CacheProbe(torch.utils.data.Dataset):
