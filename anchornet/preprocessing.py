@@ -72,6 +72,12 @@ def decode_image(
                     ImageFile.LOAD_TRUNCATED_IMAGES = True
         else:
             image.load()
+        if min(image.size) < min_size:
+            raise ImageDecodeError(
+                f"image of {image.size[0]} x {image.size[1]} pixels is too small: at least {min_size} x {min_size} "
+                "needed"
+            )
+        return _to_rgb(image)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -81,22 +87,10 @@ def decode_image(
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"corrupt or truncated image: {err}") from err
     except Exception as err:  # Pillow's less common plugins raise their own types on bad bytes (DDS, BLP, SPIDER)
-        raise _unsupported(err) from err
-    if min(image.size) < min_size:
+        detail = next(iter(str(err).splitlines()), "")
         raise ImageDecodeError(
-            f"image of {image.size[0]} x {image.size[1]} pixels is too small: at least {min_size} x {min_size} needed"
-        )
-    try:
-        return _to_rgb(image)
-    except ImageDecodeError:
-        raise
-    except Exception as err:
-        raise _unsupported(err) from err
-
-
-def _unsupported(err: Exception) -> ImageDecodeError:
-    detail = str(err).splitlines()[0] if str(err) else ""
-    return ImageDecodeError(f"corrupt or unsupported image ({type(err).__name__}{': ' + detail if detail else ''})")
+            f"corrupt or unsupported image ({type(err).__name__}{': ' + detail if detail else ''})"
+        ) from err
 
 
 #: 16-bit grey in any byte order; ``convert("RGB")`` clips these (and ``I``) to 0..255 instead of scaling them.
