@@ -525,8 +525,14 @@ def _inline_thresholds(name: str, rho: Any) -> ExitThresholds:
     if isinstance(rho, Mapping):
         if set(rho) != {"log_odds"}:
             raise ValueError(f"budget {name!r}: a mapping must be {{log_odds: [...]}}, got keys {sorted(rho)}")
-        return ExitThresholds(tuple(float(v) for v in rho["log_odds"]))
-    return ExitThresholds.from_confidences([float(r) for r in rho])
+        log_odds = tuple(float(v) for v in rho["log_odds"])
+        if any(math.isnan(v) for v in log_odds):
+            raise ValueError(f"budget {name!r}: log-odds thresholds must not be NaN, got {list(log_odds)}")
+        return ExitThresholds(log_odds)
+    confidences = [float(r) for r in rho]
+    if any(not (0.0 <= r <= 1.0 or r == math.inf) for r in confidences):  # 5 or -3: a mistake (percent?)
+        raise ValueError(f"budget {name!r}: thresholds are confidences in [0, 1] (or inf: no one exits), got {rho}")
+    return ExitThresholds.from_confidences(confidences)
 
 
 def _budget_info(budget: Mapping[str, Any]) -> dict[str, Any]:

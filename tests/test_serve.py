@@ -273,6 +273,9 @@ def test_the_default_budget_is_the_middle_of_the_file_only(tmp_path) -> None:
     assert budgets["exact"]["thresholds"] == ExitThresholds((17.25, math.inf))
     with pytest.raises(ValueError, match="log_odds"):
         load_budgets({"budgets": {"typo": {"logodds": [1.0, 2.0]}}}, 3)
+    for bad in ([90, 80], [0.5, -0.1], [0.5, math.nan], {"log_odds": [1.0, math.nan]}):  # percent, sign, NaN
+        with pytest.raises(ValueError, match="budget 'bad'"):
+            load_budgets({"budgets": {"bad": bad}}, 3)
     path = tmp_path / "t.json"
     save_thresholds({f"q={q}": [q, q] for q in (0.1, 0.2, 0.3)}, path)
     many = {f"z{i}": [0.5, 0.5] for i in range(40)}
