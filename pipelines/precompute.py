@@ -426,6 +426,9 @@ def _check_or_claim_output(plan: JobPlan) -> bool:
             if older:
                 before, flags = " and ".join(o[0] for o in older), " ".join(o[1] for o in older)
                 hint = f"it was written before {before}: add {flags}, or {hint}"
+            elif manifest is None and not _holds_shard_files(out):  # e.g. stopped at once to fix a flag
+                claim = storage.join(out, schema.JOB_FILE)
+                hint = f"it holds no shard yet: delete {claim} to run this job there, or {hint}"
             keys = ", ".join(differences)
             raise PrecomputeError(f"output {out} holds a different job ({name} differs in: {keys}); {hint}")
     if manifest is not None:
@@ -436,6 +439,18 @@ def _check_or_claim_output(plan: JobPlan) -> bool:
             storage.write_bytes(storage.join(out, schema.JOB_FILE), _json_bytes(identity))
         except (OSError, ValueError) as err:
             raise PrecomputeError(f"cannot write to output {out}: {_one_line(err)}") from err
+    return False
+
+
+def _holds_shard_files(out: str) -> bool:
+    """Whether ``<out>/shards`` or ``<out>/errors`` holds any file, finished or not (errors say yes)."""
+    try:
+        for folder in (schema.SHARDS_DIR, schema.ERRORS_DIR):
+            fs, path = storage.resolve(storage.join(out, folder))
+            if fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+                return True
+    except (OSError, ValueError):
+        return True
     return False
 
 

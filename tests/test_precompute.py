@@ -322,6 +322,26 @@ def test_plan_is_deterministic_and_rejects_bad_input(
     assert listed == []
 
 
+def test_a_claimed_output_with_no_shard_says_how_to_reuse_it(tree: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """A run stopped before its first shard (say, to fix a flag) leaves only ``_job.json``: the corrected run is
+    refused, with the file to delete; once a shard is there, only a new --output is offered."""
+    from pipelines.precompute import _check_or_claim_output
+
+    out = tmp_path / "out"
+    assert _check_or_claim_output(plan_job(_config(tree, out, checkpoint))) is False  # claimed
+    fixed = plan_job(_config(tree, out, checkpoint, num_patches=3))
+    with pytest.raises(PrecomputeError, match=r"num_patches.*holds no shard yet: delete .*_job\.json") as refused:
+        _check_or_claim_output(fixed)
+    assert "\n" not in str(refused.value)
+    (out / schema.JOB_FILE).unlink()
+    assert _check_or_claim_output(fixed) is False  # the corrected job claims it
+    (out / schema.ERRORS_DIR).mkdir()
+    (out / schema.ERRORS_DIR / "part-00000.parquet").write_bytes(b"")
+    with pytest.raises(PrecomputeError, match="num_patches") as refused:
+        _check_or_claim_output(plan_job(_config(tree, out, checkpoint)))
+    assert "no shard yet" not in str(refused.value) and "use a new --output" in str(refused.value)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Ray: whole runs on the session's local Ray
 
