@@ -1068,6 +1068,16 @@ def _absolute_paths(config: TrainConfig) -> TrainConfig:
     return TrainConfig.from_dict({**config.to_dict(), **{key: absolute(getattr(config, key)) for key in keys}})
 
 
+def _starting_weights(config: TrainConfig) -> str:
+    """Where a stage II classifier starts, for the first line of a run: the paper fine-tunes pretrained weights, so
+    random ones are said with the flag that gives those (stage I starts from scratch: nothing to say)."""
+    if config.stage == "anchornet":
+        return ""
+    if config.weights is None:
+        return ", random weights: --weights imagenet fine-tunes pretrained ones as the paper does"
+    return f", from {config.weights} weights" if config.weights == "imagenet" else f", from {config.weights}"
+
+
 def _fit(
     config: TrainConfig, classes: list[str], holdout: dict[str, Any], started: float, verbose: bool
 ) -> TrainOutcome:
@@ -1087,8 +1097,8 @@ def _fit(
     storage_path, filesystem = _storage(config.output)
     if verbose:
         print(
-            f"training {config.stage} ({config.arch}) on {len(classes)} classes from {config.data}: "
-            f"{config.epochs} epochs, batch {config.batch_size}, lr {config.learning_rate:g}, "
+            f"training {config.stage} ({config.arch}{_starting_weights(config)}) on {len(classes)} classes from "
+            f"{config.data}: {config.epochs} epochs, batch {config.batch_size}, lr {config.learning_rate:g}, "
             f"{config.num_workers} worker(s) x {cpus:g} CPU{' + 1 GPU' if config.use_gpu else ''}, "
             f"{threads} thread(s), seed {config.seed}, {holdout['images']} train/ images held out"
             f"{f', shuffled {config.shuffle_window} shards at a time' if config.patches else ''}; "
@@ -1192,7 +1202,8 @@ def train_in_process(config: TrainConfig, *, verbose: bool = True) -> TrainOutco
     device_name = torch.cuda.get_device_name(device) if config.use_gpu else f"cpu ({platform.machine()})"
     if verbose:
         print(
-            f"training {config.stage} ({config.arch}) on {len(classes)} classes from {config.data} in this process "
+            f"training {config.stage} ({config.arch}{_starting_weights(config)}) on {len(classes)} classes from "
+            f"{config.data} in this process "
             f"on {device_name}, {torch.get_num_threads()} thread(s): {config.epochs} epochs, batch "
             f"{config.batch_size}, lr {config.learning_rate:g}, {holdout['images']} train/ images held out",
             flush=True,

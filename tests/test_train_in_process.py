@@ -64,6 +64,7 @@ def test_in_process_needs_no_ray(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "in this process on cpu (" in done.stdout and "[patch] epoch 1/1" in done.stdout
+    assert "(resnet18, random weights: --weights imagenet fine-tunes pretrained ones" in done.stdout  # said up front
     _, card = load_checkpoint(tmp_path / "out" / "patch.pt")
     assert card.extra["role"] == "patch" and card.extra["history"][0]["train_samples"] == 4 * 2
 
@@ -123,6 +124,7 @@ def test_in_process_threads_and_paths_as_a_ray_run(
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "in this process on cpu (" in out and ", 1 thread(s): 2 epochs" in out
+    assert "training anchornet (anchornet_test) on 2 classes" in out  # stage I starts from scratch: no weights said
     _, card = load_checkpoint(tmp_path / "out" / "anchornet.pt")
     config = card.provenance["config"]
     assert (config["data"], config["output"]) == (str(tmp_path / "data"), str(tmp_path / "out"))
