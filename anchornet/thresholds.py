@@ -16,7 +16,8 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -67,6 +68,9 @@ class StepTable:
         log_odds: ``log(c / (1 - c))`` of the confidence, ``(N, T)``, what exits are ranked and decided on
             (``confidence_log_odds``: exact where ``c`` rounds to 1); computed from ``confidence`` (float64) when
             omitted, as for hand-built tables.
+        patch_steps: tables with a fallback step only (``from_logits(fallback=True)``): the last step before the
+            fallback that each sample reaches, ``(N,)`` in ``1..T-1`` (``1 + num_valid`` patches), which is what
+            its patches cost (``step_costs``); None for tables without a fallback step.
     """
 
     confidence: torch.Tensor
@@ -74,6 +78,7 @@ class StepTable:
     prediction: torch.Tensor | None = None
     last_step: torch.Tensor | None = None
     log_odds: torch.Tensor | None = None
+    patch_steps: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.confidence.dim() != 2 or self.correct.shape != self.confidence.shape:
@@ -95,6 +100,11 @@ class StepTable:
             object.__setattr__(self, "log_odds", log_odds_of(self.confidence.double()))
         elif self.log_odds.shape != self.confidence.shape:
             raise ValueError(f"log_odds must be (N, T), got {tuple(self.log_odds.shape)}")
+        if self.patch_steps is not None:
+            patch_steps = self.patch_steps.to(self.confidence.device, torch.long)
+            if patch_steps.shape != (num,) or (patch_steps < 1).any() or (patch_steps > steps - 1).any():
+                raise ValueError(f"patch_steps must be (N,) with values in 1..{steps - 1}")
+            object.__setattr__(self, "patch_steps", patch_steps)
 
     @property
     def num_samples(self) -> int:
@@ -146,6 +156,7 @@ class StepTable:
                 correct=torch.cat([table.correct, correct[:, None]], 1),
                 prediction=torch.cat([table.prediction, prediction[:, None]], 1),
                 log_odds=torch.cat([log_odds, confidence_log_odds(z, 1, aggregate)[:, None].to(log_odds.dtype)], 1),
+                patch_steps=table.last_step,
             )
         available = (~torch.isnan(step_logits).any(dim=-1)).long().cumprod(dim=1).bool()
         last_step = available.sum(dim=1)
@@ -155,7 +166,7 @@ class StepTable:
         outputs = torch.where(available[..., None], step_logits.to(dtype), 0.0)
         if aggregate == "probs":
             outputs = outputs.softmax(dim=-1) * available[..., None]
-        z = outputs.cumsum(dim=1)
+        z = _running_sum(outputs)
         steps_seen = available.cumsum(dim=1).clamp(min=1)
         confidence, prediction = accumulated_confidence(z, steps_seen, aggregate)
         log_odds = confidence_log_odds(z, steps_seen, aggregate)
@@ -166,9 +177,11 @@ class StepTable:
 
     @classmethod
     def concat(cls, tables: Sequence[StepTable]) -> StepTable:
-        """Stack the samples of several tables with the same number of steps."""
+        """Stack the samples of several tables with the same number of steps (all with a fallback step or none)."""
         if not tables:
             raise ValueError("no tables to concatenate")
+        if len({t.patch_steps is None for t in tables}) > 1:
+            raise ValueError("cannot concatenate tables with and without a fallback step")
         predictions = [t.prediction for t in tables]
         return cls(
             confidence=torch.cat([t.confidence for t in tables]),
@@ -176,7 +189,29 @@ class StepTable:
             prediction=None if any(p is None for p in predictions) else torch.cat(predictions),
             last_step=torch.cat([t.last_step for t in tables]),
             log_odds=torch.cat([t.log_odds for t in tables]),
+            patch_steps=None if tables[0].patch_steps is None else torch.cat([t.patch_steps for t in tables]),
         )
+
+    def cpu(self) -> StepTable:
+        """The same table with every tensor on the CPU."""
+        return StepTable(**{f.name: _on_cpu(getattr(self, f.name)) for f in fields(self)})
+
+    def step_costs(self, step_macs: Sequence[int]) -> torch.Tensor:
+        """MACs each sample spends when it exits at step ``t = 1..T``, ``(N, T)`` float64, as the engine charges it
+        (``sample_macs``): past its last step a sample has stopped there and pays that step. With a fallback step
+        it pays its own patches (``patch_steps``) and then the fallback network: ``C(T) - C(T - 1)`` on top. (A
+        sample with no valid patch at all, which only an empty CAM grid gives, is charged without AnchorNet: the
+        cumulative costs do not separate it from the first patch.)"""
+        if len(step_macs) != self.num_steps:
+            raise ValueError(f"expected {self.num_steps} step costs, got {len(step_macs)}")
+        device = self.last_step.device
+        costs = torch.tensor([float(c) for c in step_macs], dtype=torch.float64, device=device)
+        steps = torch.arange(1, self.num_steps + 1, device=device)
+        if self.patch_steps is None:
+            return costs[torch.minimum(steps[None, :], self.last_step[:, None]) - 1]
+        paid = costs[torch.minimum(steps[None, :], self.patch_steps[:, None]) - 1]
+        paid[:, -1] = costs[self.patch_steps - 1] + (costs[-1] - costs[-2])
+        return paid
 
     def exit_steps(self, thresholds: Sequence[float] | ExitThresholds) -> torch.Tensor:
         """1-based exit step of every sample under ``rho_1..rho_{T-1}``, ``(N,)`` (Alg. 1, ``confidence >= rho``,
@@ -236,16 +271,21 @@ def collect_step_table(
         table = StepTable.from_logits(
             outputs, labels.to(outputs.device), engine.aggregate, fallback=engine.has_fallback
         )
-        tables.append(
-            StepTable(
-                confidence=table.confidence.cpu(),
-                correct=table.correct.cpu(),
-                prediction=table.prediction.cpu() if table.prediction is not None else None,
-                last_step=table.last_step.cpu(),
-                log_odds=table.log_odds.cpu(),
-            )
-        )
+        tables.append(table.cpu())
     return StepTable.concat(tables)
+
+
+def _on_cpu(value: torch.Tensor | None) -> torch.Tensor | None:
+    return None if value is None else value.cpu()
+
+
+def _running_sum(outputs: torch.Tensor) -> torch.Tensor:
+    """``z_t = z_{t-1} + f(x_t)`` along dim 1, one float addition per step as the engine and Serve add them
+    (``cumsum`` on the CPU accumulates float32 in float64: a last bit apart, which can move an exit at rho)."""
+    running = [outputs[:, 0]]
+    for t in range(1, outputs.shape[1]):
+        running.append(running[-1] + outputs[:, t])
+    return torch.stack(running, dim=1)
 
 
 def anytime_accuracy(table: StepTable) -> list[float]:
@@ -255,11 +295,9 @@ def anytime_accuracy(table: StepTable) -> list[float]:
 
 def anytime_macs(table: StepTable, step_macs: Sequence[int]) -> list[float]:
     """Anytime protocol: mean MACs per sample when every sample exits at step ``t``, for ``t = 1..T``; a sample
-    with fewer patches stops at its last step and pays for that one (as ``anytime_accuracy`` reads it there)."""
-    if len(step_macs) != table.num_steps:
-        raise ValueError(f"expected {table.num_steps} step costs, got {len(step_macs)}")
-    costs = torch.tensor([float(c) for c in step_macs], dtype=torch.float64, device=table.last_step.device)
-    return [float(costs[table.last_step.clamp(max=t) - 1].mean()) for t in range(1, table.num_steps + 1)]
+    with fewer patches stops at its last step and pays for that one (as ``anytime_accuracy`` reads it there), and
+    with a fallback step pays only its own patches before it (``StepTable.step_costs``)."""
+    return table.step_costs(step_macs).mean(dim=0).tolist()
 
 
 def exit_counts(num_samples: int, p_exit: Sequence[float]) -> list[int]:
@@ -314,14 +352,12 @@ def evaluate_thresholds(
         ``(expected_macs, accuracy, exit_fractions)``: mean MACs per sample, top-1 accuracy in ``[0, 1]`` and
         the fraction of samples exiting at each step ``t = 1..T``.
     """
-    if len(step_macs) != table.num_steps:
-        raise ValueError(f"expected {table.num_steps} step costs, got {len(step_macs)}")
+    costs = table.step_costs(step_macs)
     exit_step = table.exit_steps(thresholds)
     index = (exit_step - 1)[:, None]
-    costs = torch.tensor([float(c) for c in step_macs], dtype=torch.float64, device=exit_step.device)
     accuracy = table.correct.gather(1, index).double().mean()
     fractions = torch.bincount(exit_step - 1, minlength=table.num_steps).double() / table.num_samples
-    return float(costs[exit_step - 1].mean()), float(accuracy), fractions.tolist()
+    return float(costs.gather(1, index).mean()), float(accuracy), fractions.tolist()
 
 
 def budgeted_search(
@@ -446,16 +482,23 @@ def load_thresholds(path: str | os.PathLike[str]) -> dict[str, BudgetPoint]:
     A file that records its cascade (``num_patches``, ``fallback``) gives them to every budget, and each budget must
     have that cascade's number of thresholds (``ValueError`` otherwise); older files leave both None.
     """
-    document = json.loads(_read_text(path))
+    where = repr(os.fspath(path))
+    try:
+        document = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not JSON: {err}") from None
     if not isinstance(document, dict) or document.get("format") != _FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not an {_FORMAT} file")
+        raise ValueError(f"{where} is not an {_FORMAT} file")
     version = document.get("version")
     if version not in (1, _VERSION):
         raise ValueError(f"unsupported {_FORMAT} version {version!r}, expected 1 or {_VERSION}")
     num_patches, fallback = document.get("num_patches"), document.get("fallback")
     _check_cascade_fields(num_patches, fallback, repr(os.fspath(path)))
+    if not isinstance(document.get("budgets"), list):
+        raise ValueError(f"{where}: 'budgets' must be a list of budgets")
     budgets: dict[str, BudgetPoint] = {}
-    for entry in document["budgets"]:
+    for number, entry in enumerate(document["budgets"], start=1):
+        _check_budget_entry(entry, number, where)
         fractions = entry.get("exit_fractions")
         if version == 1 or "log_odds" not in entry:  # confidences (a hand-written version 2 budget may give them)
             rho = [_decode(r) for r in entry["thresholds"]]
@@ -481,6 +524,15 @@ def load_thresholds(path: str | os.PathLike[str]) -> dict[str, BudgetPoint]:
     if num_patches is not None:
         _check_cascade(list(budgets.values()), num_patches, bool(fallback), repr(os.fspath(path)))
     return budgets
+
+
+def _check_budget_entry(entry: Any, number: int, where: str) -> None:
+    """``ValueError`` (one line, naming the file and the budget) for an entry ``load_thresholds`` cannot read."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ValueError(f"{where}: budget {number} must be a mapping with a 'name' string")
+    key = "log_odds" if "log_odds" in entry else "thresholds"
+    if not isinstance(entry.get(key), list):
+        raise ValueError(f"{where}: budget {entry['name']!r} needs a list of 'log_odds' or of 'thresholds'")
 
 
 def _encode(value: float) -> float | str:

@@ -15,6 +15,7 @@ from anchornet import (
     EarlyExitClassifier,
     StepTable,
     anchornet_test,
+    anytime_macs,
     budgeted_search,
     class_activation_map,
     count_macs,
@@ -181,7 +182,14 @@ def test_step_macs_and_search_include_the_fallback(nets, images) -> None:
     assert [len(p.thresholds) for p in points] == [STEPS - 1] * 3
     assert points[0].expected_macs < points[-1].expected_macs
     macs, accuracy, fractions = evaluate_thresholds(table, [math.inf] * (STEPS - 1), engine.step_macs)
-    assert (macs, accuracy, fractions) == (engine.step_macs[-1], 1.0, [0.0] * (STEPS - 1) + [1.0])
+    assert (accuracy, fractions) == (1.0, [0.0] * (STEPS - 1) + [1.0])
+    assert table.patch_steps.tolist() != [K_PATCHES + 1] * len(images)  # some have fewer patches: they pay less
+    for thresholds in ([math.inf] * (STEPS - 1), points[1].thresholds):  # the table charges what the engine spends
+        engine.thresholds = thresholds
+        result = engine.predict(images)
+        assert table.exit_steps(thresholds).tolist() == result.exit_step.tolist()
+        assert evaluate_thresholds(table, thresholds, engine.step_macs)[0] == result.macs.double().mean().item()
+    assert macs < engine.step_macs[-1] and anytime_macs(table, engine.step_macs)[-1] == macs  # all at the fallback
 
 
 def test_cumulative_step_macs_with_a_fallback() -> None:

@@ -25,6 +25,7 @@ from anchornet import (
     load_thresholds,
     save_thresholds,
 )
+from anchornet.early_exit import step_contribution
 from anchornet.thresholds import DEFAULT_QS
 
 pytestmark = pytest.mark.math
@@ -111,6 +112,20 @@ def test_from_logits_accumulates() -> None:
     probs = StepTable.from_logits(logits, labels, aggregate="probs")
     torch.testing.assert_close(probs.confidence[1], torch.tensor([0.5, 0.625, 0.625]))  # mean of [.5, .75]
     assert anytime_accuracy(probs) == pytest.approx([0.5, 1.0, 0.5])
+
+
+def test_the_table_adds_steps_as_the_engine_does() -> None:
+    """``z_t = z_{t-1} + f(x_t)`` in the outputs' dtype, one addition per step, bit for bit as the engine and Serve
+    add them (a float64 running sum, as ``cumsum`` keeps on the CPU, differs in the last bit: an exit at rho moves)."""
+    torch.manual_seed(0)
+    logits = torch.randn(1000, 5, 10) * 5
+    for aggregate in ("logits", "probs"):
+        table = StepTable.from_logits(logits, torch.zeros(1000, dtype=torch.long), aggregate)
+        z = step_contribution(logits[:, 0], aggregate)
+        for t in range(1, 6):
+            if t > 1:
+                z = z + step_contribution(logits[:, t - 1], aggregate)
+            assert torch.equal(table.log_odds[:, t - 1], confidence_log_odds(z, t, aggregate)), (aggregate, t)
 
 
 def test_anytime_accuracy() -> None:
@@ -287,6 +302,17 @@ def test_bad_inputs(tmp_path) -> None:
     (tmp_path / "other.json").write_text('{"budgets": []}')
     with pytest.raises(ValueError, match=r"not an anchornet\.thresholds file"):
         load_thresholds(tmp_path / "other.json")
+    head = '{"format": "anchornet.thresholds", "version": 2'
+    for body, message in (
+        ("", "'budgets' must be a list"),
+        (', "budgets": [{"name": "x"}]', "budget 'x' needs a list of 'log_odds' or of 'thresholds'"),
+        (', "budgets": [{"log_odds": [1.0]}]', "budget 1 must be a mapping with a 'name'"),
+        (', "budgets": [', "is not JSON"),
+    ):
+        (tmp_path / "bad.json").write_text(head + body + "}")
+        with pytest.raises(ValueError, match=r"bad\.json.*" + message) as refused:
+            load_thresholds(tmp_path / "bad.json")
+        assert "\n" not in str(refused.value)
 
 
 @pytest.mark.model
