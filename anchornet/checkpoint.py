@@ -118,7 +118,7 @@ def save_checkpoint(
         kind=kind,
         arch=arch,
         input_size=int(input_size),
-        macs=int(count_macs(net, input_size)),
+        macs=int(count_macs(net, (int(arch.get("in_channels", 3)), int(input_size), int(input_size)))),
         class_names=list(class_names) if class_names is not None else None,
         preprocessing=dict(preprocessing or {}),
         provenance=info,

@@ -28,6 +28,10 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # uint8 pixels: mean and std would cast to 0, and the output to NaN
+            raise ValueError(
+                f"expected float images in [0, 1], got {x.dtype}: convert them with anchornet.preprocessing.to_float"
+            )
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 

@@ -50,6 +50,8 @@ def select_patches(
     """
     if cam.dim() != 3:
         raise ValueError(f"cam must be (B, rows, cols), got shape {tuple(cam.shape)}")
+    if not cam.is_floating_point():
+        raise ValueError(f"cam must hold floating-point scores, got {cam.dtype}")
     if num_patches < 1:
         raise ValueError(f"num_patches must be at least 1, got {num_patches}")
     if not 0.0 <= iou_threshold <= 1.0:

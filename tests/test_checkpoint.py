@@ -45,6 +45,16 @@ def test_anchornet_round_trip(tmp_path: Path) -> None:
     assert bytes_card == card and torch.equal(from_bytes.classifier.weight, model.classifier.weight)
 
 
+def test_a_greyscale_anchornet_round_trips(tmp_path: Path) -> None:
+    """The card's MACs are counted on the model's own number of input channels."""
+    grey = anchornet_test(4, in_channels=1, mean=(0.5,), std=(0.25,)).eval()
+    card = save_checkpoint(grey, tmp_path / "grey.pt")
+    assert card.macs == count_macs(grey, (1, 224, 224)) > 0
+    loaded, _ = load_checkpoint(tmp_path / "grey.pt")
+    x = torch.rand(1, 1, 224, 224)
+    torch.testing.assert_close(loaded(x), grey(x))
+
+
 def test_classifier_round_trip_with_thresholds(tmp_path: Path) -> None:
     model = build_classifier("resnet18", 10).eval()
     path = tmp_path / "patch.pt"

@@ -94,3 +94,10 @@ def test_normalisation_needs_one_value_per_input_channel() -> None:
         AnchorNet(std=(0.2, 0.2))
     grey = anchornet_test(in_channels=1, mean=(0.5,), std=(0.25,))
     assert grey(torch.rand(2, 1, 95, 95)).shape == (2, 10)
+
+
+def test_uint8_pixels_are_refused_not_normalised_to_nan() -> None:
+    """The decoders and ``Preprocessing`` give uint8; the model's ``Normalize`` takes [0, 1] floats (``to_float``):
+    a uint8 mean and std would be 0 and every output NaN."""
+    with pytest.raises(ValueError, match=r"expected float images in \[0, 1\], got torch.uint8.*to_float"):
+        anchornet_test()(torch.zeros(1, 3, 95, 95, dtype=torch.uint8))

@@ -76,6 +76,8 @@ def test_bad_arguments() -> None:
         select_patches(torch.randn(1, 17, 17), RF, num_patches=0)
     with pytest.raises(ValueError, match="iou_threshold"):
         select_patches(torch.randn(1, 17, 17), RF, iou_threshold=1.5)
+    with pytest.raises(ValueError, match=r"floating-point scores, got torch\.int64"):
+        select_patches(torch.randint(0, 9, (1, 17, 17)), RF)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
