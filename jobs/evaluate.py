@@ -8,7 +8,8 @@ part fits the budgeted thresholds: by default the images the training jobs left 
 recorded in the glance and patch cards); a warning on stderr, in metrics.json and in results.md says when the
 models were trained on the held-out images. For models trained on all of train/, ``--holdout-split val`` fits
 the thresholds on ``--holdout-size`` val images and tests on the others. Writes results.md, results.csv,
-metrics.json, thresholds.json, accuracy_vs_gmacs.png and gallery.png to REPORT_DIR (local or s3://).
+metrics.json, thresholds.json, accuracy_vs_gmacs.png and gallery.png (none with ``--gallery 0``) to REPORT_DIR
+(local or s3://), which is created, and checked to be writable, before any model runs.
 With ``--fallback`` the full-224 network is also the last step of a cascade (docs/algorithm.md, "Fallback step"),
 measured as one more curve; its budgets are then the ones saved in thresholds.json.
 """
@@ -76,8 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         report = run_evaluation(config)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"evaluate: error: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:  # missing or unreadable data and checkpoints, an unwritable --output
+        print(f"evaluate: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except WeightsUnavailableError as err:  # --full-arch offline: its hint names a library argument, not a flag
         message = f"--full-arch {config.full_arch}: {err.reason}; pass --full CKPT instead"

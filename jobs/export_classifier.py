@@ -11,8 +11,11 @@ names are ImageNet WordNet ids, e.g. the glance classifier): no training. It is 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
+
+import torch
 
 from anchornet.checkpoint import load_checkpoint, save_checkpoint
 from anchornet.classifiers import WeightsUnavailableError, build_classifier, classifier_names, imagenet_indices
@@ -56,7 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # the output: a directory, no permission, an unreachable S3 bucket
         print(f"export_classifier: error: cannot write {args.output}: {err}", file=sys.stderr)
         return 1
-    except (WeightsUnavailableError, ImportError) as err:
+    except WeightsUnavailableError as err:  # offline: its hint names a library argument (weights=PATH), not a flag
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        advice = f"; run this once with network access (torch.hub caches the weights in {cache})"
+        advice = "" if str(err) == err.reason else advice  # no hint: there are no weights to fetch
+        print(f"export_classifier: error: --arch {args.arch}: {err.reason}{advice}", file=sys.stderr)
+        return 2
+    except ImportError as err:  # --arch efficientnet_lite0 without the `pretrained` extra
         print(f"export_classifier: error: --arch {args.arch}: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: {args.arch}, {len(indices)} classes, {written.gmacs:.4f} GMACs at {args.input_size}")

@@ -21,10 +21,12 @@ import platform
 import posixpath
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -129,7 +131,8 @@ class Holdout:
     """The held-out images the thresholds are fitted on, and whether the models were trained without them.
 
     ``overlaps`` names each model trained on some of them (or that cannot be shown not to be); empty when the
-    thresholds are unbiased. ``from_test_split``: they are part of the test split and left out of the test set.
+    thresholds are unbiased. ``from_cards``: they are the images the cards record (split, size and seed all the
+    cards', given as flags or not). ``from_test_split``: they are part of the test split and left out of the test set.
     """
 
     split: str
@@ -191,7 +194,13 @@ def resolve_holdout(
     recorded = _recorded(cards["--glance"]) or _recorded(cards["--patch"])
     split = config.holdout_split or (recorded["split"] if recorded else HOLDOUT_SPLIT)
     split = posixpath.normpath(split)  # "train/" and "./train" are train
-    size = config.holdout_size or (recorded["size"] if recorded else DEFAULT_HOLDOUT_SIZE)
+    if config.holdout_size is not None:
+        size, size_from = config.holdout_size, f"--holdout-size {config.holdout_size}"
+    elif recorded:
+        size = int(recorded["size"])
+        size_from = f"the held-out size the cards record ({size} of {recorded['split']}/; no --holdout-size given)"
+    else:
+        size, size_from = DEFAULT_HOLDOUT_SIZE, f"the default --holdout-size {DEFAULT_HOLDOUT_SIZE}"
     seed = config.holdout_seed if config.holdout_seed is not None else recorded["seed"] if recorded else config.seed
     from_test_split = split == posixpath.normpath(config.split)
     if from_test_split and test_index is not None:
@@ -200,8 +209,8 @@ def resolve_holdout(
         index = scan_image_folder(storage.join(config.data, split), classes=classes)
     if from_test_split and size >= len(index):
         raise ValueError(
-            f"--holdout-size {size} leaves no test images: the held-out images come from the test split "
-            f"({split}), which has {len(index)}"
+            f"{size_from} leaves no test images: the held-out images come from the test split ({split}), which "
+            f"has {len(index)}; pass a smaller --holdout-size"
         )
     indices = holdout_indices(index, size, seed)
     overlaps = []
@@ -217,7 +226,11 @@ def resolve_holdout(
                 overlaps.append(f"{flag} held out other images (another tree?)")
             elif not chosen <= set(held):
                 overlaps.append(f"{flag} trained on {len(chosen - set(held))} of them")
-    from_cards = recorded is not None and None in (config.holdout_split, config.holdout_size, config.holdout_seed)
+    from_cards = recorded is not None and (split, size, seed) == (
+        posixpath.normpath(recorded["split"]),
+        int(recorded["size"]),
+        int(recorded["seed"]),
+    )
     return Holdout(split, size, seed, from_cards, indices, overlaps, from_test_split), index
 
 
@@ -263,9 +276,45 @@ def _batches(
             last = time.monotonic()
 
 
-def _full_model(config: EvaluateConfig, classes: list[str]) -> tuple[nn.Module, str]:
-    if config.full is not None:
-        model, card = load_checkpoint(config.full)
+def _prepare_output(output: str) -> None:
+    """Create the report directory and check that it takes a file, before any model runs: a report that cannot be
+    written should fail in seconds, not after every evaluation pass. Raises ``OSError`` with one line."""
+    probe = storage.join(output, f".evaluate-probe-{uuid.uuid4().hex}")
+    try:
+        storage.makedirs(output)
+        storage.write_bytes(probe, b"")
+        _remove(probe)
+    except OSError as err:
+        raise OSError(f"--output {output} cannot be written: {_one_line(err.strerror or err)}") from err
+
+
+def _remove(uri: str) -> None:
+    """Delete the file at ``uri`` when there is one (local or S3)."""
+    fs, path = storage.resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def _one_line(value: object) -> str:
+    return " ".join(str(value).split())
+
+
+def _load_classifier(path: str, flag: str) -> tuple[nn.Module, ModelCard]:
+    """The classifier checkpoint given as ``flag``; ``ValueError`` (one line) for a checkpoint of another kind."""
+    model, card = load_checkpoint(path)
+    if card.kind != "classifier":
+        article = "an" if card.kind[:1] in tuple("aeiou") else "a"
+        raise ValueError(f"{flag} {path} is {article} {card.kind} checkpoint, not a classifier")
+    return model, card
+
+
+def _full_model(
+    config: EvaluateConfig, classes: list[str], checkpoint: tuple[nn.Module, ModelCard] | None
+) -> tuple[nn.Module, str]:
+    """The full-224 baseline: the ``--full`` ``checkpoint`` (already loaded), else ``--full-arch`` with ImageNet
+    weights restricted to ``classes``."""
+    if checkpoint is not None:
+        model, card = checkpoint
         _check_classes(card, classes, "--full")
         return model, f"{card.arch['name']} fine-tuned at {card.input_size} ({config.full})"
     model = build_classifier(config.full_arch, len(classes), weights="imagenet", head_from=imagenet_indices(classes))
@@ -357,11 +406,24 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
     """Evaluate the pipeline and write the report under ``config.output``; returns what it wrote."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    _prepare_output(config.output)
     anchornet, anchornet_card = load_checkpoint(config.anchornet)
-    glance, glance_card = load_checkpoint(config.glance)
-    patch, patch_card = load_checkpoint(config.patch)
     if not isinstance(anchornet, AnchorNet):
-        raise ValueError(f"--anchornet {config.anchornet} is not an AnchorNet checkpoint")
+        raise ValueError(f"--anchornet {config.anchornet} is a {anchornet_card.kind} checkpoint, not an AnchorNet one")
+    glance, glance_card = _load_classifier(config.glance, "--glance")
+    patch, patch_card = _load_classifier(config.patch, "--patch")
+    full_checkpoint = _load_classifier(config.full, "--full") if config.full is not None else None
+    preprocessing = (
+        Preprocessing.from_dict(anchornet_card.preprocessing) if anchornet_card.preprocessing else Preprocessing()
+    )
+    image_size = preprocessing.image_size
+    if config.fallback and full_checkpoint is not None and full_checkpoint[1].input_size != image_size:
+        # the cascade runs its fallback step on the preprocessed image as is, as Serve's --fallback does
+        raise ValueError(
+            f"--fallback: the --full classifier works at {full_checkpoint[1].input_size} px but the images are "
+            f"preprocessed to {image_size} px: give one at {image_size} px (jobs/export_classifier.py --input-size "
+            f"{image_size}), as jobs/serve.py --fallback needs"
+        )
     test_index = scan_image_folder(storage.join(config.data, config.split), classes=anchornet_card.class_names)
     classes = test_index.classes
     for card, flag in ((glance_card, "--glance"), (patch_card, "--patch")):
@@ -375,15 +437,11 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
     holdout, holdout_index = resolve_holdout(config, cards, classes, test_index)
     if holdout.warning:
         print(f"[evaluate] warning: {holdout.warning}", file=sys.stderr, flush=True)
-    preprocessing = (
-        Preprocessing.from_dict(anchornet_card.preprocessing) if anchornet_card.preprocessing else Preprocessing()
-    )
     test_set: ImageFolderDataset | Subset = ImageFolderDataset(test_index, preprocessing)
     if config.limit is not None or holdout.from_test_split:
         test_set = Subset(test_set, evaluation_indices(len(test_index), holdout, config.limit))
     holdout_set = Subset(ImageFolderDataset(holdout_index, preprocessing), holdout.indices)
-    full, full_kind = _full_model(config, classes)
-    image_size = preprocessing.image_size
+    full, full_kind = _full_model(config, classes, full_checkpoint)
     full_macs = count_macs(full, image_size)
     _log(
         f"{len(test_set)} test images ({config.split}{', less the held-out ones' if holdout.from_test_split else ''}), "
@@ -472,8 +530,11 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationReport:
         "fraction_of_full_macs_at_no_lower_accuracy": no_lower[1] * 1e9 / full_macs if no_lower else None,
         "time_speedup_over_macs_speedup": timing.get("time_over_macs"),
     }
-    files = _write_report(config, curves, full_accuracy, full_macs, full_kind, timing, answers, len(test_set), holdout)
-    files += _gallery(config, anchornet, test_set, classes)
+    gallery = _gallery(config, anchornet, test_set, classes)
+    files = _write_report(
+        config, curves, full_accuracy, full_macs, full_kind, timing, answers, len(test_set), holdout, bool(gallery)
+    )
+    files += gallery
     return EvaluationReport(
         curves=curves, full_accuracy=full_accuracy, full_gmacs=full_macs / 1e9, full_kind=full_kind, timing=timing,
         answers=answers, num_test=len(test_set), num_holdout=len(holdout_set), files=files, holdout=holdout.to_dict(),
@@ -528,7 +589,10 @@ def _write_report(
     answers: dict[str, float | None],
     num_test: int,
     holdout: Holdout,
+    gallery: bool,
 ) -> list[str]:
+    """results.csv, results.md (linking gallery.png only when ``gallery``: written by this run), metrics.json and
+    the plot."""
     rows = [(c.name, c.protocol, label, gmacs, acc) for c in curves for label, gmacs, acc in c.points]
     rows.append(("full-224 network", "single", "224", full_macs / 1e9, full_accuracy))
     text = io.StringIO()
@@ -585,7 +649,8 @@ def _write_report(
     ]
     for key, value in answers.items():
         lines.append(f"- `{key}`: {'n/a' if value is None else f'{value:.3f}'}")
-    lines += ["", "![accuracy against GMACs](accuracy_vs_gmacs.png)", "", "![CAMs and patches](gallery.png)", ""]
+    lines += ["", "![accuracy against GMACs](accuracy_vs_gmacs.png)", ""]
+    lines += ["![CAMs and patches](gallery.png)", ""] if gallery else []
     md_uri = storage.join(config.output, "results.md")
     storage.write_bytes(md_uri, "\n".join(lines).encode())
     metrics = {
@@ -635,8 +700,11 @@ def _plot(curves: list[Curve], full_accuracy: float, full_macs: int) -> bytes:
 def _gallery(
     config: EvaluateConfig, anchornet: AnchorNet, test_set: ImageFolderDataset | Subset, classes: list[str]
 ) -> list[str]:
-    """CAM and chosen patches drawn over a few test images (like paper Fig. 2 and 3)."""
+    """CAM and chosen patches drawn over a few test images (like paper Fig. 2 and 3); with ``--gallery 0`` none, and
+    the gallery.png of an earlier run is removed (the report would otherwise show another run's images)."""
+    uri = storage.join(config.output, "gallery.png")
     if config.gallery < 1:
+        _remove(uri)
         return []
     import matplotlib
 
@@ -682,6 +750,5 @@ def _gallery(
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    uri = storage.join(config.output, "gallery.png")
     storage.write_bytes(uri, buffer.getvalue())
     return [uri]

@@ -7,7 +7,8 @@
 4. the glance and patch classifiers fine-tuned briefly from ImageNet weights (``pipelines.train``, stage II;
    the patch role reads the Parquet patches). When the classes are ImageNet WordNet ids (Imagenette's are)
    the new heads start from the matching ImageNet rows (``head_from``), else at random. Every training stage
-   leaves the same fifth of train/ out (``holdout_size``): the report fits the thresholds on those images.
+   leaves the same fifth of train/ out (``holdout_size``; fewer when a fifth would take every image of a class):
+   the report fits the thresholds on those images.
 5. the report: accuracy against MACs, random-patch baselines, thresholds, plot (``pipelines.evaluate``).
 6. the Serve application (``pipelines.serve.build_app``) on 127.0.0.1, and a few val images classified over HTTP.
 7. a summary (accuracy, MACs per image, where everything is), then Serve and Ray shut down.
@@ -21,6 +22,7 @@ import json
 import os
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,6 +121,7 @@ def run_quickstart(config: QuickstartConfig, *, on_serving: Callable[[str], None
     counts = json.loads((data / "subset.json").read_text())["counts"]
     n_train, n_val = sum(counts["train"].values()), sum(counts["val"].values())
     _log(f"{len(classes)} classes, {n_train} train and {n_val} val images in {data} ({time.perf_counter() - t:.0f} s)")
+    holdout_size = _holdout_size(data, int(n_train * HOLDOUT_FRACTION), config.seed)
 
     import ray
 
@@ -129,7 +132,7 @@ def run_quickstart(config: QuickstartConfig, *, on_serving: Callable[[str], None
         ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False)
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        checkpoints = _train_and_precompute(config, data, classes, cpus, int(n_train * HOLDOUT_FRACTION))
+        checkpoints = _train_and_precompute(config, data, classes, cpus, holdout_size)
         t = _stage(5, "evaluate: accuracy against MACs, random-patch baselines, thresholds, plot")
         report = _evaluate(config, data, classes, checkpoints, cpus)
         _log(f"report in {out / 'report'} ({time.perf_counter() - t:.0f} s)")
@@ -156,17 +159,46 @@ def run_quickstart(config: QuickstartConfig, *, on_serving: Callable[[str], None
 
 
 def _claim_output(config: QuickstartConfig) -> None:
-    """``OUT/quickstart.json`` records the request: a re-run with the same one continues, another one is refused."""
+    """``OUT/quickstart.json`` records the request: a re-run with the same one continues, another one is refused,
+    unless the recorded run left nothing else in ``OUT`` (it failed in stage 1, before its data subset: a wrong
+    ``--data``, offline without it); its record is then replaced."""
     out = config.out
     record = out / "quickstart.json"
     request = {k: v for k, v in asdict(config).items() if k not in ("output", "num_cpus", "serve_images")}
-    if record.is_file():
-        if json.loads(record.read_text()) != request:
-            raise QuickstartError(f"{out} holds a quickstart with other settings: use a new --output or delete it")
-    elif out.exists() and any(out.iterdir()):
-        raise QuickstartError(f"{out} exists and is not a quickstart output: choose another --output")
-    out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(request, indent=1) + "\n")
+    try:
+        if out.exists() and not out.is_dir():
+            raise QuickstartError(f"--output {out} is a file, not a directory: choose another --output")
+        if record.is_file():
+            others = [p.name for p in out.iterdir() if p != record]
+            if json.loads(record.read_text()) != request and others:
+                raise QuickstartError(f"{out} holds a quickstart with other settings: use a new --output or delete it")
+        elif out.exists() and any(out.iterdir()):
+            raise QuickstartError(f"{out} exists and is not a quickstart output: choose another --output")
+        out.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(request, indent=1) + "\n")
+    except OSError as err:  # a file on the way to --output, no permission
+        raise QuickstartError(f"cannot use --output {out}: {err.strerror or err}") from err
+
+
+def _holdout_size(data: Path, size: int, seed: int) -> int:
+    """The most of ``size`` train/ images the training stages can hold out (drawn with ``seed``, as they draw them)
+    while every class keeps an image to train on: a smaller draw is part of a larger one, so it only shrinks."""
+    from anchornet.image_folder import holdout_indices, scan_image_folder
+
+    index = scan_image_folder(str(data / "train"))
+    images = Counter(label for _, label in index.items)
+    for n in range(size, 0, -1):
+        held = Counter(index.items[i][1] for i in holdout_indices(index, n, seed))
+        if all(held[label] < count for label, count in images.items()):
+            if n < size:
+                _log(f"{n} train images held out for the thresholds, not {size}: more take every image of a class")
+            return n
+    if size:
+        _log(
+            "no train image held out: the first one drawn is its class's only image, so the thresholds are fitted "
+            "on training images (biased high); two or more train images per class avoid it"
+        )
+    return 0
 
 
 def _prepare_data(config: QuickstartConfig) -> Path:
@@ -302,7 +334,7 @@ def _evaluate(
                 **{k: checkpoints[k] for k in ("anchornet", "glance", "patch")},
             )
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
         raise QuickstartError(f"evaluation failed: {err}") from err
     budgets = [b for b in load_thresholds(report_dir / "thresholds.json").values()]
     default = budgets[len(budgets) // 2] if budgets else None  # the Serve app's default budget

@@ -110,7 +110,8 @@ def scan_splits(
     with ``holdout_seed`` (``anchornet.image_folder.holdout_indices``, as ``jobs/evaluate.py`` draws them), are
     left out of ``train`` into ``holdout``. ``limit`` then keeps ``limit`` images per split, evenly spaced over
     the sorted index, so every class keeps some (tests and quick runs).
-    Raises ``FileNotFoundError`` / ``ValueError`` with one-line messages for missing, empty or malformed trees.
+    Raises ``FileNotFoundError`` / ``ValueError`` with one-line messages for missing, empty or malformed trees, and
+    for held-out images that take every training image of a class.
     """
     if listing is not None:
         train, val = load_listing(listing)
@@ -118,12 +119,10 @@ def scan_splits(
             raise ValueError(f"{listing} was listed with other classes than asked for")
     else:
         train = scan_image_folder(storage.join(root, HOLDOUT_SPLIT), classes=classes)
-        seen = {label for _, label in train.items}
-        if empty := [name for label, name in enumerate(train.classes) if label not in seen]:
-            shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        if empty := _empty_classes(train):
             raise ValueError(
-                f"{storage.join(root, HOLDOUT_SPLIT)} has no images of class {shown}: the model would get an output it "
-                "never trains; remove the empty folder or add images"
+                f"{storage.join(root, HOLDOUT_SPLIT)} has no images of class {_shown(empty)}: the model would get an "
+                "output it never trains; remove the empty folder or add images"
             )
         try:
             val = scan_image_folder(storage.join(root, "val"), classes=train.classes)
@@ -136,9 +135,25 @@ def scan_splits(
     kept = [item for i, item in enumerate(train.items) if i not in held]
     holdout = ImageFolderIndex(train.root, train.classes, [item for i, item in enumerate(train.items) if i in held])
     train = ImageFolderIndex(train.root, train.classes, kept) if held else train
+    if held and (empty := _empty_classes(train)):
+        raise ValueError(
+            f"--holdout-size {holdout_size} with --holdout-seed {holdout_seed} holds out every train/ image of class "
+            f"{_shown(empty)}: the model would get an output it never trains; pass a smaller --holdout-size or "
+            "another --holdout-seed"
+        )
     if limit is not None:
         train, val = limit_index(train, limit), limit_index(val, limit)
     return DataSplits(train, val, holdout, listed=listed)
+
+
+def _empty_classes(index: ImageFolderIndex) -> list[str]:
+    """The classes of ``index`` without an image in it."""
+    seen = {label for _, label in index.items}
+    return [name for label, name in enumerate(index.classes) if label not in seen]
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def save_listing(uri: str, train: ImageFolderIndex, val: ImageFolderIndex) -> None:

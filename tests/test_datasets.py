@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _helpers import synthetic_tree
 
 from anchornet.datasets import (
     IMAGENETTE_160_MD5,
@@ -25,7 +26,8 @@ from anchornet.datasets import (
     download_imagenette,
     subset_image_folder,
 )
-from anchornet.image_folder import scan_image_folder
+from anchornet.image_folder import holdout_indices, scan_image_folder
+from pipelines.train_data import scan_splits
 
 CLASSES = ("n01440764", "n02102040")
 
@@ -363,3 +365,21 @@ def test_subset_refuses_foreign_dirs_and_bad_input(tree: Path, tmp_path: Path) -
         subset_image_folder(tree / "train", tmp_path / "x", 1, 1)
     with pytest.raises(ValueError, match="per_class_train"):
         subset_image_folder(tree, tmp_path / "x", 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Held-out images (pipelines.train_data.scan_splits).
+
+
+def test_held_out_images_must_leave_every_class_an_image(tmp_path: Path) -> None:
+    root = synthetic_tree(tmp_path / "data", train=5, val=1)  # 2 classes x 5 train images
+    index = scan_image_folder(root / "train")
+    cls_b = [i for i, (_, label) in enumerate(index.items) if label == 1]
+    assert set(cls_b) <= set(holdout_indices(index, 6, 2))  # the draw takes every image of cls_b
+    with pytest.raises(ValueError) as info:
+        scan_splits(str(root), holdout_size=6, holdout_seed=2)
+    message = str(info.value)
+    assert message.startswith("--holdout-size 6 with --holdout-seed 2 holds out every train/ image of class cls_b")
+    assert "\n" not in message
+    splits = scan_splits(str(root), holdout_size=2, holdout_seed=2)
+    assert {label for _, label in splits.train.items} == {0, 1} and len(splits.holdout) == 2

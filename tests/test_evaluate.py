@@ -159,6 +159,74 @@ def test_the_downstream_networks_run_at_their_cards_input_size(setup: dict[str, 
     assert float(glance_only["gmacs"]) == pytest.approx(count_macs(model, 64) / 1e9, rel=1e-3)
 
 
+def test_gallery_is_linked_only_when_written(setup: dict[str, Path], tmp_path: Path) -> None:
+    """--gallery 0 writes no gallery.png, links none in results.md and removes an earlier run's."""
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "gallery.png").write_bytes(b"an earlier run's gallery")
+    assert evaluate.main(_argv({**setup, "out": out}, **{"--gallery": "0", "--num-patches": "1"})) == 0
+    assert not (out / "gallery.png").exists() and "gallery.png" not in (out / "results.md").read_text()
+    assert evaluate.main(_argv({**setup, "out": out}, **{"--gallery": "2", "--num-patches": "1"})) == 0
+    assert (out / "gallery.png").stat().st_size > 0 and "](gallery.png)" in (out / "results.md").read_text()
+
+
+def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line a failed run printed on stderr (after its warnings), checked to be the only one."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if not line.startswith("[evaluate] warning")]
+    assert len(errors) == 1 and errors[0].startswith("evaluate: error: ") and "Traceback" not in err, err
+    return errors[0]
+
+
+@pytest.mark.parametrize("flag", ["--glance", "--patch", "--full"])
+def test_an_anchornet_checkpoint_is_refused_as_a_classifier(
+    setup: dict[str, Path], tmp_path: Path, flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "report"
+    assert evaluate.main(_argv({**setup, "out": out}, **{flag: str(setup["anchornet"])})) == 2
+    expected = f"{flag} {setup['anchornet']} is an anchornet checkpoint, not a classifier"
+    assert _one_error(capsys) == f"evaluate: error: {expected}"
+    assert not (out / "thresholds.json").exists()
+    assert evaluate.main(_argv({**setup, "out": out}, **{"--anchornet": str(setup["glance"])})) == 2
+    assert "is a classifier checkpoint, not an AnchorNet one" in _one_error(capsys)
+
+
+def test_a_fallback_at_another_size_than_the_images_is_refused(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--fallback runs --full on the 224 px image: a 95 px classifier would run and cost what Serve refuses."""
+    out = tmp_path / "report"
+    argv = [*_argv({**setup, "out": out}, **{"--full": str(setup["glance"])}), "--fallback"]
+    assert evaluate.main(argv) == 2
+    error = _one_error(capsys)
+    assert "--fallback: the --full classifier works at 95 px but the images are preprocessed to 224 px" in error
+    assert not (out / "thresholds.json").exists()
+
+
+def test_an_unwritable_output_fails_before_any_model_runs(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipelines.evaluate
+
+    plain = tmp_path / "plain"
+    plain.write_text("a file, not a directory")
+    loaded = []
+    monkeypatch.setattr(pipelines.evaluate, "load_checkpoint", lambda path: loaded.append(path))
+    for output in (plain, plain / "sub"):
+        assert evaluate.main(_argv({**setup, "out": output})) == 2
+        assert _one_error(capsys).startswith(f"evaluate: error: --output {output} cannot be written: ")
+    assert loaded == [] and plain.read_text() == "a file, not a directory"
+
+
+def test_data_in_an_unreachable_bucket_fails_in_one_line(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The test session's AWS variables point at 127.0.0.1 (no S3 server there unless a test started one): an
+    OSError of the S3 client (or a missing bucket), reported in one line, not a traceback."""
+    assert evaluate.main(_argv({**setup, "out": tmp_path / "report"}, **{"--data": "s3://no-such-bucket/x"})) == 2
+    assert "no-such-bucket" in _one_error(capsys)
+
+
 def test_bad_inputs_fail_in_one_line(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert evaluate.main(_argv(setup, **{"--data": str(setup["data"] / "nope")})) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
@@ -194,6 +262,9 @@ def test_holdout_comes_from_the_cards_and_overlaps_are_named(setup: dict[str, Pa
     assert holdout.indices == holdout_indices(index, 6, 2) and holdout.to_dict()["disjoint_from_training"]
     fewer, _ = resolve_holdout(EvaluateConfig(**{**config.__dict__, "holdout_size": 3}), cards, CLASSES)
     assert fewer.disjoint and len(fewer.indices) == 3  # a subset of the held-out images is still unseen
+    assert not fewer.from_cards and not fewer.to_dict()["from_cards"]  # not the images the cards record
+    same = EvaluateConfig(**{**config.__dict__, "holdout_split": "train/", "holdout_size": 6, "holdout_seed": 2})
+    assert resolve_holdout(same, cards, CLASSES)[0].from_cards  # the cards' values, given as flags
 
     other, _ = resolve_holdout(EvaluateConfig(**{**config.__dict__, "holdout_seed": 0}), cards, CLASSES)
     assert not other.disjoint and [o.split(" ")[0] for o in other.overlaps] == ["--anchornet", "--glance", "--patch"]
@@ -230,8 +301,29 @@ def test_holdout_from_the_test_split_is_left_out_of_the_test(setup: dict[str, Pa
     assert not from_train.from_test_split and evaluation_indices(10, from_train) == list(range(10))
     assert evaluation_indices(10, from_train, limit=5) == [0, 2, 4, 6, 8]
     assert evaluation_indices(10, from_train, limit=50) == list(range(10))
-    with pytest.raises(ValueError, match="leaves no test images"):
+    with pytest.raises(ValueError, match=r"^--holdout-size 10 leaves no test images"):
         resolve_holdout(EvaluateConfig(**{**config.__dict__, "holdout_size": 10}), all_train, CLASSES)
+
+
+def test_holdout_flags_and_the_cards_record_are_told_apart(setup: dict[str, Path]) -> None:
+    """The cards record 1000 held-out train images: --holdout-split val alone takes that size (the error says so,
+    not "--holdout-size 1000"), and the held-out images are not the cards' (from_cards is false)."""
+    record = {"split": "train", "size": 1000, "seed": 0, "images": 1000, "sha256": "x"}
+    cards = {flag: _card(record) for flag in ("--anchornet", "--glance", "--patch")}
+    config = EvaluateConfig(
+        data=str(setup["data"]), anchornet="a", glance="g", patch="p", output="o", full="f", holdout_split="val"
+    )
+    with pytest.raises(ValueError) as info:
+        resolve_holdout(config, cards, CLASSES)
+    message = str(info.value)
+    assert "the held-out size the cards record (1000 of train/; no --holdout-size given)" in message
+    assert not message.startswith("--holdout-size") and "pass a smaller --holdout-size" in message
+    nothing = {flag: _card(None) for flag in cards}
+    with pytest.raises(ValueError, match=r"^the default --holdout-size 1000 leaves no test images"):
+        resolve_holdout(config, nothing, CLASSES)
+    val = EvaluateConfig(**{**config.__dict__, "holdout_size": 4})
+    holdout, _ = resolve_holdout(val, cards, CLASSES)  # the cards' seed, but neither their split nor their size
+    assert (holdout.split, holdout.size, holdout.seed, holdout.from_cards) == ("val", 4, 0, False)
 
 
 def test_report_with_thresholds_fitted_on_part_of_the_test_split(

@@ -53,3 +53,29 @@ def test_bad_inputs_fail_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as exit_info:
         export_classifier.main(["--arch", "nope", "--classes-from", str(source), "--output", out])
     assert exit_info.value.code == 2
+
+
+def test_unavailable_weights_name_no_library_argument(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Offline, the library's hint says ``weights=PATH``: the job has no such flag, so it words its own advice."""
+    from anchornet.classifiers import WeightsUnavailableError
+
+    source = tmp_path / "anchornet.pt"
+    save_checkpoint(anchornet_test(3), source, class_names=WNIDS)
+    argv = ["--arch", "efficientnet_lite0", "--classes-from", str(source), "--output", str(tmp_path / "full.pt")]
+    for error, advice in (
+        (WeightsUnavailableError("could not download weights from http://x/w.pth (refused)"), "network access"),
+        (WeightsUnavailableError("no ImageNet weights are known for 'x'", hint=None), None),
+    ):
+
+        def unavailable(*args: object, error: Exception = error, **kwargs: object) -> None:
+            raise error
+
+        monkeypatch.setattr(export_classifier, "build_classifier", unavailable)
+        assert export_classifier.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"export_classifier: error: --arch efficientnet_lite0: {error.reason}")
+        assert "weights=PATH" not in err and len(err.splitlines()) == 1
+        assert (advice in err) if advice else err.strip().endswith(error.reason)
+    assert not (tmp_path / "full.pt").exists()

@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from _helpers import synthetic_tree as png_tree
 
 from anchornet.datasets import download_imagenette
 from jobs import quickstart
@@ -97,6 +98,68 @@ def test_bad_data_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert quickstart.main(["--data", str(tmp_path / "flat"), "--output", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train/ and val/" in err
+
+
+def test_a_run_that_failed_in_stage_1_does_not_block_the_corrected_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Offline without --data, then a wrong --data: each leaves only its record, which the next (corrected) run
+    replaces. Once stage 1 has written the data subset, a run with other settings is refused again."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    offline = functools.partial(download_imagenette, url=f"http://127.0.0.1:{port}/imagenette2-160.tgz", timeout=5)
+    monkeypatch.setattr(pipeline, "download_imagenette", offline)
+    out = tmp_path / "out"
+    assert quickstart.main(["--output", str(out), "--cache-dir", str(tmp_path / "cache")]) == 1
+    assert "cannot download" in capsys.readouterr().err
+    (tmp_path / "flat" / "a").mkdir(parents=True)
+    assert quickstart.main(["--data", str(tmp_path / "flat"), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "train/ and val/" in err and "other settings" not in err
+    assert [p.name for p in out.iterdir()] == ["quickstart.json"]
+
+    data = synthetic_tree(tmp_path / "data", per_class=1)
+    corrected = pipeline.QuickstartConfig(output=str(out), data=str(data))
+    pipeline._claim_output(corrected)  # what run_quickstart does first, then stage 1
+    assert json.loads((out / "quickstart.json").read_text())["data"] == str(data)
+    subset = pipeline._prepare_data(corrected)
+    with pytest.raises(pipeline.QuickstartError, match="holds a quickstart with other settings"):
+        pipeline._claim_output(pipeline.QuickstartConfig(output=str(out), data=str(data), seed=1))
+    assert (subset / "subset.json").is_file() and json.loads((out / "quickstart.json").read_text())["seed"] == 0
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_output_under_a_file_is_one_line(tmp_path: Path, below: str, capsys: pytest.CaptureFixture[str]) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("keep")
+    output = plain / below if below else plain
+    data = synthetic_tree(tmp_path / "data", per_class=1)
+    assert quickstart.main(["--data", str(data), "--output", str(output)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("quickstart: error: ") and f"--output {output}" in err and err.count("\n") == 1, err
+    assert "Traceback" not in err and plain.read_text() == "keep"
+
+
+def test_the_held_out_draw_leaves_every_class_a_training_image(tmp_path: Path) -> None:
+    """The training jobs refuse held-out images that take a class's every image (pipelines.train_data): the
+    quickstart draws fewer then, none when even one would (one image per class)."""
+    from anchornet.image_folder import holdout_indices, scan_image_folder
+    from pipelines.train_data import scan_splits
+
+    classes = tuple(f"c{k}" for k in range(10))
+    default = png_tree(tmp_path / "default", train=20, val=1, classes=classes)  # the default subset's shape
+    assert pipeline._holdout_size(default, 40, seed=0) == 40
+    one_each = png_tree(tmp_path / "one", train=1, val=1, classes=classes)  # --train-per-class 1
+    assert pipeline._holdout_size(one_each, 2, seed=0) == 0
+    two_each = png_tree(tmp_path / "two", train=2, val=1, classes=classes[:5])
+    index = scan_image_folder(two_each / "train")
+    # a seed whose draw of 2 takes both images of a class: the quickstart holds out 1 image, which leaves it one
+    seed = next(s for s in range(100) if len({index.items[i][1] for i in holdout_indices(index, 2, s)}) == 1)
+    with pytest.raises(ValueError, match="holds out every train/ image"):
+        scan_splits(str(two_each), holdout_size=2, holdout_seed=seed)
+    assert pipeline._holdout_size(two_each, 2, seed) == 1
+    scan_splits(str(two_each), holdout_size=1, holdout_seed=seed)
 
 
 @pytest.mark.ray
