@@ -97,6 +97,7 @@ from anchornet.preprocessing import DEFAULT_MAX_ASPECT_RATIO, to_float
 from pipelines.onnx_runtime import CamAndLogits, OnnxRuntimeModel, Runtime, require_onnxruntime
 from pipelines.serve_http import (
     ApiError,
+    are_confidences,
     install_error_handlers,
     jsonable,
     model_response,
@@ -530,7 +531,7 @@ def _inline_thresholds(name: str, rho: Any) -> ExitThresholds:
             raise ValueError(f"budget {name!r}: log-odds thresholds must not be NaN, got {list(log_odds)}")
         return ExitThresholds(log_odds)
     confidences = [float(r) for r in rho]
-    if any(not (0.0 <= r <= 1.0 or r == math.inf) for r in confidences):  # 5 or -3: a mistake (percent?)
+    if not are_confidences(confidences):
         raise ValueError(f"budget {name!r}: thresholds are confidences in [0, 1] (or inf: no one exits), got {rho}")
     return ExitThresholds.from_confidences(confidences)
 

@@ -15,7 +15,7 @@ import email.errors
 import email.policy
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from email.parser import BytesParser
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "RAW_CONTENT_TYPES",
     "ApiError",
     "JsonServerErrors",
+    "are_confidences",
     "install_error_handlers",
     "json_float",
     "model_response",
@@ -238,6 +239,12 @@ def parse_thresholds(text: str, count: int, hint: Callable[[int], str | None] | 
     return values
 
 
+def are_confidences(values: Sequence[float]) -> bool:
+    """Whether every value is a confidence threshold: in [0, 1], or ``inf`` (no one exits). 5 or -3 are a mistake
+    (percent?), not a budget, and NaN is no threshold."""
+    return all(0.0 <= v <= 1.0 or v == math.inf for v in values)
+
+
 def resolve_thresholds(
     budgets: Mapping[str, ExitThresholds],
     default_budget: str,
@@ -256,7 +263,7 @@ def resolve_thresholds(
         raise ApiError(400, "bad_budget", "pass one of budget, thresholds or log_odds, not several")
     if thresholds is not None:
         rho = parse_thresholds(thresholds, count, hint)
-        if any(not (0.0 <= r <= 1.0 or r == math.inf) for r in rho):  # 5 or -3: a mistake (percent?), not a budget
+        if not are_confidences(rho):
             raise ApiError(
                 400,
                 "bad_thresholds",
